@@ -1,0 +1,1 @@
+"""Kernels for engram-jax. One folder per op; each has `reference.py` (the spec) and `api.py`."""
