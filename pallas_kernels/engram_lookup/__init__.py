@@ -1,4 +1,8 @@
-"""Fused multi-head Engram row lookup."""
+"""Fused multi-head Engram row lookup, dense and row-sparse."""
 from pallas_kernels.engram_lookup.api import engram_lookup
+from pallas_kernels.engram_lookup.row_sparse import (PrefetchedRows, RowSparse, densify,
+                                                     expand_rows, gather_rows, prefetch_rows,
+                                                     row_sparse_grad, unique_rows)
 
-__all__ = ["engram_lookup"]
+__all__ = ["engram_lookup", "PrefetchedRows", "RowSparse", "densify", "expand_rows",
+           "gather_rows", "prefetch_rows", "row_sparse_grad", "unique_rows"]
