@@ -1,0 +1,183 @@
+"""The Engram layer of one block: memory lookup, per-stream gate, shared value, ShortConv.
+
+Maths (official demo, REFERENCE.md section 1 steps 6-8), for every residual stream m:
+  e      = memory(ids)                               flattened rows, width F = d_mem
+  k_m    = RMSNorm1_m(e W_K,m + b_K,m)               one key projection per stream
+  q_m    = RMSNorm2_m(h_m)
+  s_m    = <k_m, q_m> / sqrt(D);  s_m = sign(s_m) sqrt(max(|s_m|, 1e-6))  (signed_sqrt_gate)
+  alpha_m = sigmoid(s_m)
+  v_m    = alpha_m (e W_V + b_V)                     one value projection shared by all streams
+  y      = v + SiLU(conv(RMSNorm_m(v)))              depthwise causal dilated conv over M*D
+The caller adds `y` to the residual streams.
+
+Precision: matmuls take compute-dtype inputs and accumulate in float32; norms, the gate, the
+conv and the SiLU run in float32; only the output is cast back to the compute dtype.
+
+Initialisation: RMSNorm scales 1; key/value kernels lecun-normal over their input width with
+zero biases (Flax's Dense default, not torch's uniform); the conv kernel is zero when
+`config.zero_init_conv` (the paper: y == v at step 0), else torch's Conv1d default,
+U(-1/sqrt(K), 1/sqrt(K)) (kaiming-uniform with a=sqrt(5) and fan_in = kernel_size, as each
+depthwise channel sees K inputs).
+
+Dimension legend: B batch, T sequence length, M residual streams (hc_mult), D hidden size,
+F = d_mem memory width, K conv kernel size, H hash heads.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from engram_jax.config import EngramConfig
+from engram_jax.memory import EngramInput, MultiHeadMemory
+
+# Floor of |s| in the signed square root, as in the demo (keeps the sqrt's gradient finite).
+GATE_ABS_FLOOR = 1e-6
+
+
+def torch_conv1d_default_init(kernel_size: int):
+  """torch.nn.Conv1d's default for a depthwise kernel: U(-1/sqrt(K), 1/sqrt(K))."""
+  bound = 1.0 / math.sqrt(kernel_size)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class StreamRMSNorm(nn.Module):
+  """M independent RMSNorms over the last axis of `x_...xMxD`; returns float32."""
+
+  eps: float
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_NxMxD: jax.Array) -> jax.Array:
+    m, d = x_NxMxD.shape[-2:]
+    scale_MxD = self.param(
+        "scale", nn.with_logical_partitioning(nn.initializers.ones, ("streams", "embed")),
+        (m, d), self.param_dtype)
+    x32 = x_NxMxD.astype(jnp.float32)
+    inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return x32 * inv_rms * scale_MxD.astype(jnp.float32)
+
+
+class ShortConv(nn.Module):
+  """`SiLU(conv(RMSNorm_m(x)))`: depthwise, causal, dilated conv over the M*D channels.
+
+  Causal means output t sees inputs t - j*dilation, j = 0..K-1 (left zero padding of
+  (K-1)*dilation, the demo's symmetric padding followed by keeping the first T outputs).
+  Returns float32 `[B, T, M, D]`.
+  """
+
+  config: EngramConfig
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxTxMxD: jax.Array) -> jax.Array:
+    cfg = self.config
+    k, dil = cfg.kernel_size, cfg.dilation
+    _, t, m, d = x_BxTxMxD.shape
+    init = (nn.initializers.zeros if cfg.zero_init_conv else torch_conv1d_default_init(k))
+    # Tap j of kernel_KxMxD multiplies the input (K-1-j)*dilation steps back, as in torch's
+    # cross-correlation; the kernel width axis is tiny and never sharded.
+    kernel_KxMxD = self.param("kernel", nn.with_logical_partitioning(init, (None, "streams", "embed")),
+                              (k, m, d), self.param_dtype).astype(jnp.float32)
+    xn_BxTxMxD = StreamRMSNorm(cfg.conv_norm_eps, self.param_dtype, name="norm")(x_BxTxMxD)
+    pad = (k - 1) * dil
+    xp_BxPxMxD = jnp.pad(xn_BxTxMxD, ((0, 0), (pad, 0), (0, 0), (0, 0)))
+    # K shifted multiply-adds: XLA fuses them into one pass, no im2col buffer.
+    y_BxTxMxD = sum(xp_BxPxMxD[:, j * dil:j * dil + t] * kernel_KxMxD[j] for j in range(k))
+    return jax.nn.silu(y_BxTxMxD)
+
+
+class Engram(nn.Module):
+  """The full Engram layer of one block: `y = Engram(h, ids)`, to be added to `h`.
+
+  Attributes:
+    config: Engram hyper-parameters (hidden_size, hc_mult, kernel, eps, gate variant, init).
+    head_sizes: H per-head table sizes of this layer (`NgramHashMapping.head_sizes(layer_id)`).
+    table_placement: 'param' or 'external' (see `MultiHeadMemory`).
+    dtype: compute dtype (e.g. bfloat16) of the matmul inputs and of the output.
+    param_dtype: dtype of all parameters (float32).
+
+  `__call__(hidden_BxTxMxD, engram_input)`: `engram_input` is int ids `[B, T, H]` ('param') or a
+  `PrefetchedRows` ('external'). Sows `intermediates/gate`, the float32 gate alpha `[B, T, M]`,
+  so the trainer can log its statistics (mask padding with the batch weights).
+  """
+
+  config: EngramConfig
+  head_sizes: tuple[int, ...]
+  table_placement: str = "param"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden_BxTxMxD: jax.Array, engram_input: EngramInput) -> jax.Array:
+    cfg = self.config
+    m, d, f = cfg.hc_mult, cfg.hidden_size, cfg.memory_dim
+    self._check_hidden(hidden_BxTxMxD)
+
+    e_BxTxF = MultiHeadMemory(cfg, tuple(self.head_sizes), self.table_placement, self.dtype,
+                              self.param_dtype, name="memory")(engram_input)
+    if e_BxTxF.shape[:2] != hidden_BxTxMxD.shape[:2]:
+      raise ValueError(f"engram_input gives [B, T]={e_BxTxF.shape[:2]} but hidden_BxTxMxD has "
+                       f"[B, T]={hidden_BxTxMxD.shape[:2]}")
+
+    dense_init = nn.initializers.lecun_normal(in_axis=-2, out_axis=-1)
+    value_kernel_FxD = self.param(
+        "value_kernel", nn.with_logical_partitioning(dense_init, ("engram_mem", "embed")),
+        (f, d), self.param_dtype)
+    value_bias_D = self.param(
+        "value_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        (d,), self.param_dtype)
+    # All M key projections in one einsum over a stacked kernel.
+    key_kernel_MxFxD = self.param(
+        "key_kernel",
+        nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,)),
+            ("streams", "engram_mem", "embed")),
+        (m, f, d), self.param_dtype)
+    key_bias_MxD = self.param(
+        "key_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("streams", "embed")),
+        (m, d), self.param_dtype)
+
+    value_BxTxD = jnp.einsum("btf,fd->btd", e_BxTxF, value_kernel_FxD.astype(self.dtype),
+                             preferred_element_type=jnp.float32)
+    value_BxTxD = value_BxTxD + value_bias_D.astype(jnp.float32)
+    key_BxTxMxD = jnp.einsum("btf,mfd->btmd", e_BxTxF, key_kernel_MxFxD.astype(self.dtype),
+                             preferred_element_type=jnp.float32)
+    key_BxTxMxD = key_BxTxMxD + key_bias_MxD.astype(jnp.float32)
+
+    k_BxTxMxD = StreamRMSNorm(cfg.norm_eps, self.param_dtype, name="key_norm")(key_BxTxMxD)
+    # The query norm sees the compute-dtype hidden states, as torch sees the autocast input.
+    q_BxTxMxD = StreamRMSNorm(cfg.norm_eps, self.param_dtype, name="query_norm")(
+        hidden_BxTxMxD.astype(self.dtype))
+    s_BxTxM = jnp.sum(k_BxTxMxD * q_BxTxMxD, axis=-1) / math.sqrt(d)
+    if cfg.signed_sqrt_gate:
+      s_BxTxM = jnp.sign(s_BxTxM) * jnp.sqrt(jnp.maximum(jnp.abs(s_BxTxM), GATE_ABS_FLOOR))
+    gate_BxTxM = jax.nn.sigmoid(s_BxTxM)
+    self.sow("intermediates", "gate", gate_BxTxM)
+
+    v_BxTxMxD = gate_BxTxM[..., None] * value_BxTxD[:, :, None, :]
+    y_BxTxMxD = v_BxTxMxD + ShortConv(cfg, self.param_dtype, name="short_conv")(v_BxTxMxD)
+    y_BxTxMxD = nn.with_logical_constraint(y_BxTxMxD, ("batch", "length", "streams", "embed"))
+    return y_BxTxMxD.astype(self.dtype)
+
+  def _check_hidden(self, hidden) -> None:
+    cfg = self.config
+    if getattr(hidden, "ndim", None) != 4:
+      raise ValueError("hidden_BxTxMxD must have rank 4 [B, T, M, D], got shape "
+                       f"{getattr(hidden, 'shape', type(hidden).__name__)}")
+    if hidden.shape[2] != cfg.hc_mult:
+      raise ValueError(f"hidden_BxTxMxD has {hidden.shape[2]} streams (axis 2) but "
+                       f"config.hc_mult={cfg.hc_mult}")
+    if hidden.shape[3] != cfg.hidden_size:
+      raise ValueError(f"hidden_BxTxMxD has D={hidden.shape[3]} (axis 3) but "
+                       f"config.hidden_size={cfg.hidden_size}")
+    if not jnp.issubdtype(hidden.dtype, jnp.floating):
+      raise ValueError(f"hidden_BxTxMxD must be floating point, got {hidden.dtype}")
