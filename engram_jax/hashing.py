@@ -242,10 +242,12 @@ class NgramHashMapping:
     shifted = [ids_BxT]
     for k in range(1, self.max_ngram_size):
       tok_BxT = np.full_like(ids_BxT, self.pad_id)
-      tok_BxT[:, k:] = ids_BxT[:, :T - k]
+      if k < T:  # otherwise every position looks past the start and sees only padding
+        tok_BxT[:, k:] = ids_BxT[:, :T - k]
       if seg_BxT is not None:
         same_BxT = np.zeros(ids_BxT.shape, dtype=bool)
-        same_BxT[:, k:] = seg_BxT[:, k:] == seg_BxT[:, :T - k]
+        if k < T:
+          same_BxT[:, k:] = seg_BxT[:, k:] == seg_BxT[:, :T - k]
         tok_BxT = np.where(same_BxT, tok_BxT, self.pad_id)
       shifted.append(tok_BxT)
     out = {}

@@ -99,6 +99,18 @@ def test_matches_python_integer_reference(name):
     np.testing.assert_array_equal(host[layer], expected[layer])
 
 
+@pytest.mark.parametrize("T", [1, 2, 3])
+def test_sequences_shorter_than_the_ngram(T):
+  mapping = _mapping("4gram_shared_search")
+  ids = _edge_ids(mapping.tokenizer_vocab_size, (2, T), seed=T)
+  seg = np.arange(2 * T).reshape(2, T) // 2
+  expected = ref.reference_hashes_scalar(ids, seg, **_ref_kwargs(mapping))
+  host, device = mapping.hash_numpy(ids, seg), mapping.hash(ids.astype(np.int32), seg)
+  for layer in mapping.layer_ids:
+    np.testing.assert_array_equal(host[layer], expected[layer])
+    np.testing.assert_array_equal(np.asarray(device[layer]), expected[layer])
+
+
 def test_uint32_emulation_of_int64_arithmetic():
   rng = np.random.default_rng(0)
   x = rng.integers(0, 2**32, size=512, dtype=np.uint64)
