@@ -9,13 +9,14 @@ Every document is tokenised once per process (`encode_batch`, cached in memory p
 tokenizer) with `<eos>` appended. Documents are the unit of shuffling and of sharding across
 processes. Rows are filled by concat-then-split packing (`grain.experimental.ConcatThenSplitIterDataset`):
 documents are laid end to end and cut every T tokens, so training rows carry no padding; a document
-cut at a row end continues in the next row (its positions continue too).
+cut at a row end continues in the next row as a new piece (a new segment whose positions restart
+at 0: every row is a self-contained sequence for attention and position encodings).
 
 Batch contract (DESIGN.md), all [B, T]:
   inputs       int32  token ids
   targets      int32  the next token of the same document (0 where there is none)
   segment_ids  int32  1, 2, ... per document piece within a row; 0 = padding
-  positions    int32  position within the document (0 at a document start)
+  positions    int32  position within the piece (0 at every document start and row start)
   weights      f32    1 where the target is a real next token of the same document; 0 for padding,
                       for the last token of every piece (its next token is another document or
                       lies in the next row) and therefore for every `<eos>`
