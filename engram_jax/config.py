@@ -148,3 +148,204 @@ class EngramConfig:
 
   def replace(self, **changes) -> "EngramConfig":
     return dataclasses.replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backbone: the language model that carries the Engram layers.
+# ----------------------------------------------------------------------------------------------
+
+DTypeName = Literal["float32", "bfloat16"]
+RematPolicy = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                      "nothing_saveable"]
+_REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                   "nothing_saveable")
+
+
+def _model_err(cls: str, field: str, msg: str) -> ValueError:
+  return ValueError(f"{cls}.{field}: {msg}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Mixture-of-experts FFN (DeepSeek-V3 style: shared experts plus top-k routed experts).
+
+  Attributes:
+    num_experts: routed experts per MoE layer.
+    num_shared_experts: experts every token goes through; fused into one SwiGLU of width
+      `num_shared_experts * expert_hidden_size`.
+    top_k: routed experts per token.
+    expert_hidden_size: SwiGLU width of one expert.
+    score_func: 'sigmoid' (V3: independent affinities) or 'softmax' over the routed experts.
+    routing: 'aux_free' selects with `affinity + bias`, where the per-expert bias lives in the
+      non-trainable 'moe_stats' collection and moves by `bias_update_rate * sign(mean load -
+      load)` whenever the model is applied with `mutable=['moe_stats']` and
+      deterministic=False; 'plain' selects by affinity alone (no bias variable).
+    aux_loss_coef: weight of the batch-level balance loss `E * sum_e f_e P_e` (0 disables it;
+      V3 uses a tiny sequence-level one next to the bias).
+    bias_update_rate: gamma of the aux-free bias update.
+    routed_scaling_factor: multiplies the normalised routing weights (V3 uses 2.5 at scale).
+    Capacity: dispatch is dropless. Token-expert pairs are sorted by expert and fed to
+      `jax.lax.ragged_dot`, so no token is dropped and no [tokens, experts, capacity] tensor
+      exists; the cost is a data-dependent load per expert (reported in aux).
+  """
+
+  num_experts: int = 8
+  num_shared_experts: int = 1
+  top_k: int = 2
+  expert_hidden_size: int = 256
+  score_func: Literal["sigmoid", "softmax"] = "sigmoid"
+  routing: Literal["aux_free", "plain"] = "aux_free"
+  aux_loss_coef: float = 0.0
+  bias_update_rate: float = 1e-3
+  routed_scaling_factor: float = 1.0
+
+  def __post_init__(self):
+    e = lambda f, m: _model_err("MoEConfig", f, m)  # noqa: E731
+    if self.num_experts < 1:
+      raise e("num_experts", f"must be >= 1, got {self.num_experts}")
+    if self.num_shared_experts < 0:
+      raise e("num_shared_experts", f"must be >= 0, got {self.num_shared_experts}")
+    if not 1 <= self.top_k <= self.num_experts:
+      raise e("top_k", f"must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+    if self.expert_hidden_size < 1:
+      raise e("expert_hidden_size", f"must be >= 1, got {self.expert_hidden_size}")
+    if self.score_func not in ("sigmoid", "softmax"):
+      raise e("score_func", f"must be 'sigmoid' or 'softmax', got {self.score_func!r}")
+    if self.routing not in ("aux_free", "plain"):
+      raise e("routing", f"must be 'aux_free' or 'plain', got {self.routing!r}")
+    if self.aux_loss_coef < 0:
+      raise e("aux_loss_coef", f"must be >= 0, got {self.aux_loss_coef}")
+    if self.bias_update_rate < 0:
+      raise e("bias_update_rate", f"must be >= 0, got {self.bias_update_rate}")
+    if self.routed_scaling_factor <= 0:
+      raise e("routed_scaling_factor", f"must be > 0, got {self.routed_scaling_factor}")
+
+  def replace(self, **changes) -> "MoEConfig":
+    return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Decoder-only backbone: embedding, [Engram +] attention + FFN/MoE blocks, mHC residual.
+
+  Attributes:
+    vocab_size: V, tokenizer vocabulary (raw ids, not the compressed Engram vocabulary).
+    num_layers: L blocks.
+    hidden_size: D.
+    num_heads / num_kv_heads / head_dim: grouped-query attention (num_heads % num_kv_heads == 0).
+    ffn_hidden_size: SwiGLU width of the dense FFN layers.
+    num_dense_layers: leading blocks with a dense FFN; the rest use `moe` (all dense if None).
+    moe: MoEConfig or None.
+    hc_mult: M residual streams (1 = plain pre-norm residual, no hyper-connection params).
+    sinkhorn_iters: Sinkhorn-Knopp iterations of the mHC residual mixing matrix.
+    engram: EngramConfig or None; its hidden_size and hc_mult must equal the model's and its
+      layer_ids must be < num_layers.
+    engram_head_sizes: one tuple of H table sizes per Engram layer, in `engram.layer_ids`
+      order; filled by `engram_jax.model.with_engram_head_sizes` (or by hand). Empty tuple
+      means "not resolved yet": the model refuses to build, counters approximate.
+    rope_theta: RoPE base.
+    norm_eps: RMSNorm epsilon of the backbone norms.
+    dtype: compute dtype; param_dtype: storage dtype of the parameters.
+    scan_layers: run runs of identical blocks with nn.scan (compile time flat in depth).
+    remat_policy: 'none' or a rematerialisation policy applied per block.
+    tie_embeddings: reuse the token embedding as the output projection.
+    attention_impl: None, 'xla' or 'cudnn' for `jax.nn.dot_product_attention`.
+    engram_table_placement: 'param' (tables in the param tree) or 'external' (PrefetchedRows).
+  """
+
+  vocab_size: int = 32000
+  num_layers: int = 4
+  hidden_size: int = 256
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 64
+  ffn_hidden_size: int = 1024
+  num_dense_layers: int = 1
+  moe: Optional[MoEConfig] = None
+  hc_mult: int = 1
+  sinkhorn_iters: int = 20
+  engram: Optional[EngramConfig] = None
+  engram_head_sizes: tuple[tuple[int, ...], ...] = ()
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  dtype: DTypeName = "float32"
+  param_dtype: DTypeName = "float32"
+  scan_layers: bool = True
+  remat_policy: RematPolicy = "none"
+  tie_embeddings: bool = False
+  attention_impl: Optional[Literal["xla", "cudnn"]] = None
+  engram_table_placement: Literal["param", "external"] = "param"
+
+  def __post_init__(self):
+    e = lambda f, m: _model_err("ModelConfig", f, m)  # noqa: E731
+    object.__setattr__(self, "engram_head_sizes",
+                       tuple(tuple(int(s) for s in hs) for hs in self.engram_head_sizes))
+    for name in ("vocab_size", "num_layers", "hidden_size", "num_heads", "num_kv_heads",
+                 "head_dim", "ffn_hidden_size", "hc_mult", "sinkhorn_iters"):
+      if getattr(self, name) < 1:
+        raise e(name, f"must be >= 1, got {getattr(self, name)}")
+    if self.num_heads % self.num_kv_heads:
+      raise e("num_kv_heads", f"must divide num_heads={self.num_heads}, got {self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise e("head_dim", f"must be even for RoPE, got {self.head_dim}")
+    if not 0 <= self.num_dense_layers <= self.num_layers:
+      raise e("num_dense_layers", f"must be in [0, num_layers={self.num_layers}], got "
+              f"{self.num_dense_layers}")
+    if self.moe is not None and not isinstance(self.moe, MoEConfig):
+      raise e("moe", f"must be a MoEConfig or None, got {type(self.moe).__name__}")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in ("float32", "bfloat16"):
+        raise e(name, f"must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")
+    if self.remat_policy not in _REMAT_POLICIES:
+      raise e("remat_policy", f"must be one of {_REMAT_POLICIES}, got {self.remat_policy!r}")
+    if self.attention_impl not in (None, "xla", "cudnn"):
+      raise e("attention_impl", f"must be None, 'xla' or 'cudnn', got {self.attention_impl!r}")
+    if self.engram_table_placement not in ("param", "external"):
+      raise e("engram_table_placement",
+              f"must be 'param' or 'external', got {self.engram_table_placement!r}")
+    if self.rope_theta <= 0 or self.norm_eps <= 0:
+      raise e("rope_theta", "rope_theta and norm_eps must be > 0")
+    if self.engram is None:
+      if self.engram_head_sizes:
+        raise e("engram_head_sizes", "given but engram is None")
+      return
+    if not isinstance(self.engram, EngramConfig):
+      raise e("engram", f"must be an EngramConfig or None, got {type(self.engram).__name__}")
+    if self.engram.hidden_size != self.hidden_size:
+      raise e("engram", f"engram.hidden_size={self.engram.hidden_size} != hidden_size="
+              f"{self.hidden_size}")
+    if self.engram.hc_mult != self.hc_mult:
+      raise e("engram", f"engram.hc_mult={self.engram.hc_mult} != hc_mult={self.hc_mult}")
+    if max(self.engram.layer_ids) >= self.num_layers:
+      raise e("engram", f"engram.layer_ids={self.engram.layer_ids} must be < num_layers="
+              f"{self.num_layers}")
+    if self.engram_head_sizes:
+      if len(self.engram_head_sizes) != len(self.engram.layer_ids):
+        raise e("engram_head_sizes", f"needs one tuple per Engram layer "
+                f"({len(self.engram.layer_ids)}), got {len(self.engram_head_sizes)}")
+      for hs in self.engram_head_sizes:
+        if len(hs) != self.engram.num_heads or min(hs) < 1:
+          raise e("engram_head_sizes", f"each tuple needs H={self.engram.num_heads} positive "
+                  f"sizes, got {hs}")
+
+  @property
+  def moe_layer_ids(self) -> tuple[int, ...]:
+    """Blocks whose FFN is the MoE (empty when moe is None)."""
+    if self.moe is None:
+      return ()
+    return tuple(range(self.num_dense_layers, self.num_layers))
+
+  @property
+  def engram_layer_ids(self) -> tuple[int, ...]:
+    return () if self.engram is None else self.engram.layer_ids
+
+  def engram_head_sizes_for(self, layer_id: int) -> tuple[int, ...]:
+    """Table sizes of the Engram layer at block `layer_id`; raises if not resolved."""
+    if not self.engram_head_sizes:
+      raise ValueError("ModelConfig.engram_head_sizes is empty: fill it with "
+                       "engram_jax.model.with_engram_head_sizes(cfg, tokenizer_vocab_size, "
+                       "compressed_pad_id) before building the model")
+    return self.engram_head_sizes[self.engram.layer_ids.index(layer_id)]
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
