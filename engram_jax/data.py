@@ -224,11 +224,14 @@ def _pad_rows(packed: Mapping[str, np.ndarray], batch_size: int) -> dict:
 
 def make_dataset(corpus: TokenizedCorpus, *, seq_len: int, batch_size: int, seed: int = 0,
                  train: bool = True, process_index: int = 0, process_count: int = 1,
-                 engram_hash_fn: Optional[EngramHashFn] = None) -> grain.IterDataset:
+                 engram_hash_fn: Optional[EngramHashFn] = None,
+                 prefetch: int = 0) -> grain.IterDataset:
   """A grain IterDataset of batches (per process) over `corpus`.
 
   train=True: documents shuffled by `seed`, reshuffled every epoch, repeated forever.
   train=False: one ordered pass; the last batch is padded with rows of weight 0.
+  prefetch > 0: that many batches are prepared ahead on a background thread (packing and the
+  hash hook overlap the train step); the iterator state still records the consumer's position.
   """
   if seq_len < 2:
     raise ValueError(f"seq_len must be >= 2, got {seq_len}")
@@ -244,13 +247,16 @@ def make_dataset(corpus: TokenizedCorpus, *, seq_len: int, batch_size: int, seed
   it = it.batch(batch_size, drop_remainder=train)
   if not train:
     it = it.map(functools.partial(_pad_rows, batch_size=batch_size))
-  return it.map(functools.partial(finalize_batch, engram_hash_fn=engram_hash_fn))
+  it = it.map(functools.partial(finalize_batch, engram_hash_fn=engram_hash_fn))
+  if prefetch > 0:
+    it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch)
+  return it
 
 
 def make_datasets(train_paths: Sequence[str], eval_paths: Sequence[str], *, tokenizer_path: str,
                   seq_len: int, batch_size: int, seed: int = 0,
                   process_index: Optional[int] = None, process_count: Optional[int] = None,
-                  engram_hash_fn: Optional[EngramHashFn] = None,
+                  engram_hash_fn: Optional[EngramHashFn] = None, prefetch: int = 2,
                   ) -> tuple[grain.DatasetIterator, Callable[[], Iterator[dict]]]:
   """What the trainer calls: (train iterator with get_state/set_state, eval_batches_fn).
 
@@ -264,6 +270,6 @@ def make_datasets(train_paths: Sequence[str], eval_paths: Sequence[str], *, toke
   common = dict(seq_len=seq_len, batch_size=batch_size, process_index=process_index,
                 process_count=process_count, engram_hash_fn=engram_hash_fn)
   train_ds = make_dataset(TokenizedCorpus(train_paths, tokenizer_path), seed=seed, train=True,
-                          **common)
+                          prefetch=prefetch, **common)
   eval_ds = make_dataset(TokenizedCorpus(eval_paths, tokenizer_path), train=False, **common)
   return iter(train_ds), lambda: iter(eval_ds)
