@@ -11,6 +11,7 @@ import pytest
 from engram_jax.config import EngramConfig
 from engram_jax.convert import from_torch_state_dict, to_torch_state_dict
 from engram_jax.fusion import Engram
+from pallas_kernels.engram_lookup import prefetch_rows
 from tests import numpy_layer_reference as ref
 
 HEAD_SIZES = (11, 13, 17, 19)  # H = 2 orders x 2 heads, distinct small primes
@@ -214,3 +215,16 @@ def test_wrong_number_of_head_sizes_raises():
   hidden, ids = random_inputs(cfg)
   with pytest.raises(ValueError, match="head_sizes"):
     Engram(cfg, HEAD_SIZES[:3]).init(jax.random.key(0), hidden, ids[..., :3])
+
+
+def test_external_placement_under_jit_matches_param_placement():
+  cfg = tiny_config()
+  hidden, ids = random_inputs(cfg)
+  params = from_torch_state_dict(random_sd(cfg), cfg, HEAD_SIZES)
+  offsets = np.concatenate([[0], np.cumsum(HEAD_SIZES)[:-1]])
+  pre = prefetch_rows(jnp.asarray(params["memory"]["table"]), ids, offsets)
+  ext_params = {k: v for k, v in params.items() if k != "memory"}
+  ext = jax.jit(Engram(cfg, HEAD_SIZES, table_placement="external").apply)(
+      {"params": ext_params}, hidden, pre)
+  dense = jax.jit(Engram(cfg, HEAD_SIZES).apply)({"params": params}, hidden, ids)
+  np.testing.assert_array_equal(np.asarray(ext), np.asarray(dense))
