@@ -85,8 +85,9 @@ class ShortConv(nn.Module):
     init = (nn.initializers.zeros if cfg.zero_init_conv else torch_conv1d_default_init(k))
     # Tap j of kernel_KxMxD multiplies the input (K-1-j)*dilation steps back, as in torch's
     # cross-correlation; the kernel width axis is tiny and never sharded.
-    kernel_KxMxD = self.param("kernel", nn.with_logical_partitioning(init, (None, "streams", "embed")),
-                              (k, m, d), self.param_dtype).astype(jnp.float32)
+    kernel_KxMxD = self.param(
+        "kernel", nn.with_logical_partitioning(init, (None, "streams", "embed")),
+        (k, m, d), self.param_dtype).astype(jnp.float32)
     xn_BxTxMxD = StreamRMSNorm(cfg.conv_norm_eps, self.param_dtype, name="norm")(x_BxTxMxD)
     pad = (k - 1) * dil
     xp_BxPxMxD = jnp.pad(xn_BxTxMxD, ((0, 0), (pad, 0), (0, 0), (0, 0)))
