@@ -63,7 +63,8 @@ def test_layout_of_linear_and_conv_weights():
   # Encode (channel, tap) in the conv weight and (out, in) in the key projection of stream 1.
   sd["short_conv.conv.weight"] = (np.arange(m * d)[:, None, None] * 10
                                   + np.arange(k)[None, None, :]).astype(np.float32)
-  sd["key_projs.1.weight"] = (np.arange(d)[:, None] * 100 + np.arange(f)[None, :]).astype(np.float32)
+  sd["key_projs.1.weight"] = (np.arange(d)[:, None] * 100
+                              + np.arange(f)[None, :]).astype(np.float32)
   p = from_torch_state_dict(sd, cfg, HEAD_SIZES)
   for stream, feat, tap in [(0, 0, 0), (2, 5, 3), (1, 3, 2)]:
     # torch channel c = stream * D + feature (the demo concatenates streams along features).

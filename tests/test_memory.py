@@ -84,7 +84,8 @@ def test_external_rows_match_param_lookup_and_give_row_sparse_grad():
     return jnp.sum(ext_mem.apply({}, pre._replace(rows_UxE=rows_UxE)) * cot)
 
   pre = prefetch_rows(table, ids, ext_mem.offsets)
-  np.testing.assert_array_equal(ext_mem.apply({}, pre), param_mem.apply({"params": {"table": table}}, ids))
+  np.testing.assert_array_equal(ext_mem.apply({}, pre),
+                                param_mem.apply({"params": {"table": table}}, ids))
   dense_grad = jax.grad(dense_loss)(table)
   rows_grad = jax.grad(sparse_loss)(pre.rows_UxE, pre)
   np.testing.assert_allclose(densify(row_sparse_grad(pre, rows_grad), table.shape[0]),
