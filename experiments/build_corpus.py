@@ -7,14 +7,14 @@ npm) and unpacked with `dpkg-deb -x`. Sources, all checked against each package'
 
   package (Debian bookworm)        work                                        licence
   sword-text-web 426.0-1           World English Bible (2015, with Deuterocanon) public domain
-  sword-text-kjv 14.3-1            King James Version (1769)                    public domain
+  sword-text-kjv 14.3-1            King James Version (1769)                    public domain (UK: Crown patent)
   sword-comm-mhcc 2.0-1            Matthew Henry's Concise Commentary (1706)    public domain
   sword-comm-tdavid 2.1-1          C. H. Spurgeon, The Treasury of David (1885) public domain
   sword-comm-scofield 2.1-1        Scofield Reference Notes (1917)              public domain
   sword-dict-naves 3.0-1           Nave's Topical Bible (1896)                  public domain
   dict-devil 1.0-13.1              Ambrose Bierce, The Devil's Dictionary (1911) public domain
   dict-jargon 4.4.7-3.1            The Jargon File 4.4.7                        public domain
-  dict-gcide 0.48.5+nmu2           GNU Collaborative International Dictionary  GPL-3+
+  dict-gcide 0.48.5+nmu2           GNU Collaborative International Dictionary  GPL-2+
                                    of English (Webster's 1913 + additions)
 
 Presets:
@@ -38,7 +38,6 @@ The embedded preset rebuilds the shipped files byte for byte. Not run in CI (nee
 
 from __future__ import annotations
 
-import base64
 import gzip
 import html
 import json
@@ -255,13 +254,12 @@ def _write(path: str, docs: list[tuple[str, str]]) -> int:
   else:
     payload = "\n\n".join(t for _, t in docs) + "\n"
   data = payload.encode("utf-8")
-  opener = gzip.open if path.endswith(".gz") else open
-  # mtime=0 keeps the shipped .gz files byte-identical across rebuilds.
   if path.endswith(".gz"):
+    # mtime=0 keeps the shipped .gz files byte-identical across rebuilds.
     with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
       f.write(data)
   else:
-    with opener(path, "wb") as f:
+    with open(path, "wb") as f:
       f.write(data)
   return len(data)
 
