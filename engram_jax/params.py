@@ -1,0 +1,193 @@
+"""Analytic parameter and FLOP counts, and iso-parameter variants of a model config.
+
+Definitions (per token, all counts in parameters):
+  total      every parameter of `EngramLM(cfg).init`, Engram tables included (also when they
+             live outside the param tree, `engram_table_placement='external'`).
+  sparse     routed-expert weights (all experts) + Engram tables.
+  engram     Engram tables; `engram_dense` is the rest of the Engram layers (key/value
+             projections, norms, conv), which every token uses.
+  activated  what one token touches: total - input-embedding table - Engram tables - the
+             (E - top_k) unused routed experts of every MoE layer, plus the rows actually read
+             (one embedding row of D when the embedding is not tied, H*E per Engram layer; both
+             negligible). A tied embedding counts in full, as the output projection. The
+             paper's Dense-4B (4.1B total, 3.8B active) follows the same convention.
+  rho        routed-expert params / sparse params (the paper's allocation ratio; 1.0 without
+             Engram, None without any sparse params).
+`flops_per_token(cfg, T)` = 6 * (activated - rows read) + 12 * L * num_heads * head_dim * T:
+the PaLM convention (matmul params x 6 for forward + backward, attention scores and values
+counted as non-causal), the usual denominator of MFU.
+
+Engram table sizes come from `cfg.engram_head_sizes` when filled; otherwise they are
+approximated by K * sum(engram_vocab_size) rows per layer (each prime lies just above its
+start, so the relative error is ~1e-5 at the paper's sizes) and `engram_rows_exact` is False.
+
+Variants keep the total (and, as far as the architecture allows, the activated) count:
+  moe_baseline(cfg)       Engram removed, its whole budget moved into more routed experts.
+  dense_baseline(cfg)     no MoE, no Engram; ffn_hidden_size chosen to match activated params.
+  engram_at_rho(cfg, rho) the sparse budget of cfg split rho : (1 - rho) between routed experts
+                          and Engram tables (num_experts and engram_vocab_size adjusted).
+`iso_param_report(a, b)` gives the residual mismatch of two configs.
+
+Dimension legend: V vocab, D hidden, L layers, M streams, E routed experts, Fe expert width,
+H Engram heads, F_mem Engram memory width.
+"""
+
+from __future__ import annotations
+
+from engram_jax.config import ModelConfig
+
+
+def _engram_rows_per_layer(cfg: ModelConfig) -> tuple[list[int], bool]:
+  eng = cfg.engram
+  if cfg.engram_head_sizes:
+    return [sum(hs) for hs in cfg.engram_head_sizes], True
+  approx = eng.n_head_per_ngram * sum(eng.engram_vocab_size)
+  return [approx] * len(eng.layer_ids), False
+
+
+def _hc_params(cfg: ModelConfig) -> int:
+  m, d = cfg.hc_mult, cfg.hidden_size
+  if m == 1:
+    return 0
+  # norm scale, phi_pre, phi_post, phi_res, three gates, b_pre, b_post, b_res
+  return m * d + 2 * m * d * m + m * d * m * m + 3 + 2 * m + m * m
+
+
+def count_params(cfg: ModelConfig) -> dict:
+  """Analytic parameter counts (see the module docstring for the definitions)."""
+  v, d, n_layers, m = cfg.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.hc_mult
+  embedding = v * d
+  lm_head = 0 if cfg.tie_embeddings else d * v
+  attention = (d * cfg.num_heads * cfg.head_dim * 2 + d * cfg.num_kv_heads * cfg.head_dim * 2)
+  per_block_common = attention + 2 * d + 2 * _hc_params(cfg)
+  n_moe = len(cfg.moe_layer_ids)
+  dense_ffn = (n_layers - n_moe) * 3 * d * cfg.ffn_hidden_size
+
+  routed = router = shared = routed_active = 0
+  if cfg.moe is not None and n_moe:
+    mo = cfg.moe
+    per_expert = 3 * d * mo.expert_hidden_size
+    routed = n_moe * mo.num_experts * per_expert
+    routed_active = n_moe * mo.top_k * per_expert
+    router = n_moe * d * mo.num_experts
+    shared = n_moe * mo.num_shared_experts * per_expert
+
+  engram_tables = engram_dense = rows_read = 0
+  rows_exact = True
+  if cfg.engram is not None:
+    eng = cfg.engram
+    rows, rows_exact = _engram_rows_per_layer(cfg)
+    engram_tables = sum(rows) * eng.head_dim
+    f = eng.memory_dim
+    # value (F*D + D), M keys (M*F*D + M*D), key/query norms (2*M*D), conv kernel + norm.
+    per_layer = f * d + d + m * f * d + m * d + 2 * m * d + eng.kernel_size * m * d + m * d
+    engram_dense = len(eng.layer_ids) * per_layer
+    rows_read = len(eng.layer_ids) * eng.num_heads * eng.head_dim
+
+  total = (embedding + lm_head + d + n_layers * per_block_common + dense_ffn + routed + router
+           + shared + engram_tables + engram_dense)
+  embed_row = 0 if cfg.tie_embeddings else d
+  activated = (total - (0 if cfg.tie_embeddings else embedding) - engram_tables
+               - (routed - routed_active) + embed_row + rows_read)
+  sparse = routed + engram_tables
+  return {
+      "total": total,
+      "activated": activated,
+      "sparse": sparse,
+      "routed_experts": routed,
+      "engram": engram_tables,
+      "engram_dense": engram_dense,
+      "rho": (routed / sparse) if sparse else None,
+      "embedding": embedding,
+      "lm_head": lm_head,
+      "attention": n_layers * attention,
+      "hyper_connections": n_layers * 2 * _hc_params(cfg),
+      "dense_ffn": dense_ffn,
+      "shared_experts": shared,
+      "router": router,
+      "rows_read_per_token": embed_row + rows_read,
+      "engram_rows_exact": rows_exact,
+  }
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token (forward + backward), PaLM convention; see module docstring."""
+  c = count_params(cfg)
+  matmul_params = c["activated"] - c["rows_read_per_token"]
+  attn = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+  return 6.0 * matmul_params + attn
+
+
+def _per_expert_budget(cfg: ModelConfig) -> int:
+  return len(cfg.moe_layer_ids) * 3 * cfg.hidden_size * cfg.moe.expert_hidden_size
+
+
+def _require_moe_engram(cfg: ModelConfig, what: str) -> None:
+  if cfg.moe is None or not cfg.moe_layer_ids:
+    raise ValueError(f"{what}: the config has no MoE layers (moe is None or all layers dense)")
+  if cfg.engram is None:
+    raise ValueError(f"{what}: the config has no Engram layers (engram is None)")
+
+
+def moe_baseline(cfg: ModelConfig) -> ModelConfig:
+  """Iso-total MoE: Engram removed, its parameters (tables and dense part) become experts."""
+  _require_moe_engram(cfg, "moe_baseline")
+  c = count_params(cfg)
+  extra = round((c["engram"] + c["engram_dense"]) / _per_expert_budget(cfg))
+  return cfg.replace(engram=None, engram_head_sizes=(),
+                     moe=cfg.moe.replace(num_experts=cfg.moe.num_experts + extra))
+
+
+def dense_baseline(cfg: ModelConfig, multiple_of: int = 1) -> ModelConfig:
+  """Dense model with cfg's activated parameter count (all FFNs dense, no Engram)."""
+  target = count_params(cfg)["activated"]
+  base = cfg.replace(moe=None, engram=None, engram_head_sizes=(), num_dense_layers=cfg.num_layers)
+  act0 = count_params(base)["activated"]
+  per_unit = 3 * cfg.hidden_size * cfg.num_layers
+  f = base.ffn_hidden_size + (target - act0) / per_unit
+  f = max(multiple_of, int(round(f / multiple_of)) * multiple_of)
+  return base.replace(ffn_hidden_size=f)
+
+
+def engram_at_rho(cfg: ModelConfig, rho: float) -> ModelConfig:
+  """Splits cfg's sparse budget: rho to routed experts, 1 - rho to Engram tables.
+
+  The returned config has `engram_head_sizes=()`: refill it (model.with_engram_head_sizes)
+  before building the model. rho == 1 removes Engram (its dense part becomes experts too,
+  as in `moe_baseline`).
+  """
+  _require_moe_engram(cfg, "engram_at_rho")
+  if not 0.0 < rho <= 1.0:
+    raise ValueError(f"engram_at_rho: rho must be in (0, 1], got {rho}")
+  if rho == 1.0:
+    return moe_baseline(cfg)
+  c = count_params(cfg)
+  per_expert_all_layers = _per_expert_budget(cfg)
+  num_experts = max(cfg.moe.top_k, round(rho * c["sparse"] / per_expert_all_layers))
+  table_budget = c["sparse"] - num_experts * per_expert_all_layers
+  eng = cfg.engram
+  rows_per_layer = table_budget / (len(eng.layer_ids) * eng.head_dim)
+  per_head = int(round(rows_per_layer / (eng.n_head_per_ngram * eng.num_orders)))
+  if per_head < 2:
+    raise ValueError(f"engram_at_rho: rho={rho} leaves {table_budget} table parameters, too "
+                     "few for one row per head")
+  return cfg.replace(
+      moe=cfg.moe.replace(num_experts=num_experts), engram_head_sizes=(),
+      engram=eng.replace(engram_vocab_size=(per_head,) * eng.num_orders))
+
+
+def iso_param_report(ref: ModelConfig, other: ModelConfig) -> dict:
+  """Relative mismatch of `other` against `ref` in total and activated parameters."""
+  a, b = count_params(ref), count_params(other)
+  rel = lambda k: (b[k] - a[k]) / a[k]  # noqa: E731
+  return {"total_ref": a["total"], "total": b["total"], "total_rel_diff": rel("total"),
+          "activated_ref": a["activated"], "activated": b["activated"],
+          "activated_rel_diff": rel("activated"), "rho_ref": a["rho"], "rho": b["rho"]}
+
+
+def tree_param_count(tree) -> int:
+  """Number of scalars in a (possibly boxed) parameter tree or its ShapeDtypeStructs."""
+  import flax.linen as nn
+  import jax
+  import numpy as np
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.unbox(tree))))

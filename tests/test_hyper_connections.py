@@ -1,0 +1,74 @@
+"""mHC: Sinkhorn projection, conservation of the residual, and M=4 at init == plain residual."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from engram_jax.config import ModelConfig
+from engram_jax.hyper_connections import (HyperConnection, contract_streams, expand_streams,
+                                          hc_combine, sinkhorn_knopp)
+from engram_jax.model import EngramLM
+
+
+@pytest.mark.parametrize("scale,iters", [(0.1, 20), (1.0, 20), (3.0, 300)])
+def test_sinkhorn_is_doubly_stochastic(scale, iters):
+  # Peaked matrices (large logits) converge slowly: the paper's 20 iterations suit the
+  # near-identity logits of a trained mHC, not arbitrary ones.
+  logits = scale * jax.random.normal(jax.random.key(0), (16, 4, 4))
+  p = np.asarray(sinkhorn_knopp(logits, iters))
+  assert (p > 0).all()
+  np.testing.assert_allclose(p.sum(-2), 1.0, atol=1e-6)  # last step normalises columns
+  np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-3)
+
+
+def test_sinkhorn_fewer_iterations_are_further_from_doubly_stochastic():
+  logits = 3.0 * jax.random.normal(jax.random.key(1), (64, 4, 4))
+  err = lambda it: float(jnp.abs(sinkhorn_knopp(logits, it).sum(-1) - 1).max())  # noqa: E731
+  assert err(20) < err(1)
+  assert err(1) > 1e-2  # so the check above is not vacuous
+
+
+def test_residual_part_conserves_the_stream_sum():
+  """Columns of H_res sum to 1, so sum_i (H_res x)_i = sum_j x_j for every token."""
+  x = jax.random.normal(jax.random.key(2), (2, 3, 4, 8))
+  hc = HyperConnection(sinkhorn_iters=20)
+  params = jax.jit(hc.init)(jax.random.key(3), x)
+  # Make the dynamic part large so that H_res is far from the identity.
+  params = nn.unbox(params)
+  for name in ("alpha_pre", "alpha_post", "alpha_res"):
+    params["params"][name] = jnp.asarray(5.0)
+  layer_in, (post, res) = jax.jit(hc.apply)(params, x)
+  assert layer_in.shape == (2, 3, 8) and post.shape == (2, 3, 4) and res.shape == (2, 3, 4, 4)
+  assert float(jnp.abs(res - jnp.eye(4)).max()) > 0.05
+  out = jax.random.normal(jax.random.key(4), (2, 3, 8))
+  new = hc_combine(x, out, (post, res))
+  residual = new - post[..., None] * out[:, :, None, :]
+  np.testing.assert_allclose(residual.sum(2), x.sum(2), rtol=1e-5, atol=1e-5)
+  assert ((post > 0) & (post < 2)).all()
+
+
+def test_expand_contract_roundtrip():
+  x = jax.random.normal(jax.random.key(5), (2, 3, 8))
+  np.testing.assert_allclose(contract_streams(expand_streams(x, 4)), x, rtol=1e-6)
+
+
+def test_four_streams_with_zero_gates_equal_plain_residual():
+  """Static init: pre = stream mean, post = 1, H_res doubly stochastic on identical streams."""
+  base = dict(vocab_size=32, num_layers=2, hidden_size=16, num_heads=2, num_kv_heads=1,
+              head_dim=8, ffn_hidden_size=32, num_dense_layers=2, scan_layers=False)
+  cfg1, cfg4 = ModelConfig(hc_mult=1, **base), ModelConfig(hc_mult=4, **base)
+  x = jax.random.randint(jax.random.key(6), (2, 6), 0, 32)
+  p4 = nn.unbox(jax.jit(EngramLM(cfg4).init)(jax.random.key(7), x))["params"]
+  p1 = {}
+  for k, v in p4.items():
+    if k.startswith("layer_"):
+      v = {n: s for n, s in v.items() if not n.startswith("hc_")}
+      for n in ("hc_attn", "hc_ffn"):
+        for g in ("alpha_pre", "alpha_post", "alpha_res"):
+          p4[k][n][g] = jnp.zeros(())
+    p1[k] = v
+  l4, _ = jax.jit(EngramLM(cfg4).apply)({"params": p4}, x)
+  l1, _ = jax.jit(EngramLM(cfg1).apply)({"params": p1}, x)
+  np.testing.assert_allclose(l4, l1, rtol=1e-4, atol=1e-4)
