@@ -1,0 +1,80 @@
+"""Held-out evaluation: token-weighted loss and perplexity, in training and from a workdir.
+
+`evaluate` runs a compiled eval step over batches, summing the loss and the target-token count
+on device and syncing once at the end. Padding (weight 0, including the rows that pad the last
+batch) contributes nothing, so the result is the exact mean over every real target token.
+
+`evaluate_workdir` is what `python -m experiments.eval` calls: it reads the run's config
+(`workdir/config.json`), rebuilds the model, restores the latest checkpoint (the Engram hash
+fingerprint is checked as in training) and evaluates any text/JSONL files.
+
+Dimension legend: B batch, T sequence length.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from typing import Callable, Iterable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+
+def evaluate(eval_step: Callable, state, batches: Iterable[dict], put_batch: Callable,
+             num_batches: int = 0) -> dict:
+  """Mean loss and perplexity over `batches` (all of them when num_batches is 0)."""
+  if num_batches:
+    batches = itertools.islice(batches, num_batches)
+  loss_sum = jnp.zeros((), jnp.float32)
+  num_tokens = jnp.zeros((), jnp.float32)
+  count = 0
+  start = time.perf_counter()
+  for batch in batches:
+    out = eval_step(state, put_batch(batch))
+    loss_sum, num_tokens = loss_sum + out["loss_sum"], num_tokens + out["num_tokens"]
+    count += 1
+  if count == 0:
+    raise ValueError("evaluation got no batches (is the held-out set empty?)")
+  loss_sum, num_tokens = float(loss_sum), float(num_tokens)
+  if num_tokens == 0:
+    raise ValueError("evaluation batches contain no target tokens")
+  loss = loss_sum / num_tokens
+  return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0))),
+          "eval_tokens": int(num_tokens), "eval_batches": count,
+          "eval_seconds": time.perf_counter() - start}
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no config.json in workdir {workdir!r}: is it a training workdir "
+                            "(python -m experiments.train ... --workdir=DIR)?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def evaluate_workdir(workdir: str, files: Sequence[str], *, batch_size: Optional[int] = None,
+                     num_batches: int = 0) -> dict:
+  """Evaluates the latest checkpoint of a training workdir on `files`."""
+  from engram_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+
+  files = [files] if isinstance(files, str) else list(files)
+  if not files:
+    raise ValueError("evaluate_workdir: no data files given")
+  missing = [f for f in files if not os.path.isfile(f)]
+  if missing:
+    raise FileNotFoundError(f"data file(s) not found: {missing}")
+  config = load_workdir_config(workdir)
+  if batch_size:
+    config.data.batch_size = int(batch_size)
+  config.data.eval_files = tuple(files)
+  trainer, state, step = train_lib.restore_for_eval(config, workdir)
+  eval_step, put = trainer.eval_fn
+  metrics = evaluate(eval_step, state, trainer.eval_batches(files), put, num_batches)
+  metrics["step"] = step
+  return metrics

@@ -1,0 +1,191 @@
+"""ml_collections experiment config -> the frozen dataclasses the library consumes (one place).
+
+`resolve(config)` loads the tokenizer, builds the compression table and the n-gram hash mapping,
+and returns an `Experiment`: ModelConfig (with MoEConfig, EngramConfig and the resolved Engram
+table sizes), OptimConfig, TableOptimizerConfig, and the hashing objects whose fingerprints go
+into every checkpoint. Layers never see the ConfigDict.
+
+Conventions of the ConfigDict (experiments/configs/base.py): '' and 0 stand for "automatic"
+where a dataclass field is Optional (attention_impl, lookup_implementation, conv_dilation,
+vocab_size, file lists).
+
+Dimension legend: V tokenizer vocabulary, V' compressed vocabulary, H hash heads, R table rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Optional
+
+import ml_collections
+
+from engram_jax import data as data_lib
+from engram_jax import tokenizer as tokenizer_lib
+from engram_jax.compression import CompressedTokenizer
+from engram_jax.config import EngramConfig, ModelConfig, MoEConfig
+from engram_jax.hashing import NgramHashMapping
+from engram_jax.optim import OptimConfig
+from engram_jax.table_optim import SPARSE_KINDS, TableOptimizerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """Everything `train_and_evaluate` derives from a config before touching a device.
+
+  model: the backbone with `engram_head_sizes` filled; `engram_table_placement` is 'external'
+    for the sparse table optimisers (tables live in the train state, not in the params).
+  table_optim: None when the model has no Engram layer.
+  hashing / compressor: None without Engram.
+  """
+
+  model: ModelConfig
+  optim: OptimConfig
+  table_optim: Optional[TableOptimizerConfig]
+  hashing: Optional[NgramHashMapping]
+  compressor: Optional[CompressedTokenizer]
+  tokenizer_path: str
+  train_files: tuple[str, ...]
+  eval_files: tuple[str, ...]
+
+  @property
+  def sparse_tables(self) -> bool:
+    return self.table_optim is not None and self.table_optim.kind in SPARSE_KINDS
+
+  def fingerprint(self) -> dict:
+    """What fixes every Engram row id: stored with each checkpoint and checked on restore."""
+    if self.hashing is None:
+      return {"engram": False}
+    return {"engram": True, "hash": self.hashing.fingerprint(),
+            "compression": self.compressor.fingerprint()}
+
+
+def _none_if_empty(x):
+  return None if x in ("", 0, None) else x
+
+
+def _check_files(paths, what: str) -> tuple[str, ...]:
+  paths = (paths,) if isinstance(paths, str) else tuple(paths)
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing:
+    raise FileNotFoundError(f"config.data.{what}: file(s) not found: {missing}")
+  return paths
+
+
+@functools.lru_cache(maxsize=8)
+def _compressor(tokenizer_path: str, mtime_ns: int) -> CompressedTokenizer:
+  del mtime_ns  # part of the cache key only
+  return CompressedTokenizer.from_file(tokenizer_path)
+
+
+def load_compressor(tokenizer_path: str) -> CompressedTokenizer:
+  """The compression table of a tokenizer file (cached: building it decodes every token)."""
+  return _compressor(os.path.abspath(tokenizer_path), os.stat(tokenizer_path).st_mtime_ns)
+
+
+def engram_config(config: ml_collections.ConfigDict) -> Optional[EngramConfig]:
+  e, m = config.engram, config.model
+  if not e.enabled:
+    return None
+  return EngramConfig(
+      engram_vocab_size=tuple(e.engram_vocab_size), max_ngram_size=e.max_ngram_size,
+      n_embed_per_ngram=e.n_embed_per_ngram, n_head_per_ngram=e.n_head_per_ngram,
+      layer_ids=tuple(e.layer_ids), pad_id=e.pad_id, seed=e.seed, kernel_size=e.kernel_size,
+      hidden_size=m.hidden_size, hc_mult=m.hc_mult, signed_sqrt_gate=e.signed_sqrt_gate,
+      zero_init_conv=e.zero_init_conv, conv_dilation=_none_if_empty(e.conv_dilation),
+      table_init_std=e.table_init_std, segment_reset=e.segment_reset,
+      lookup_implementation=_none_if_empty(e.lookup_implementation))
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int,
+                 table_placement: str = "param") -> ModelConfig:
+  """The backbone without resolved Engram table sizes (see `resolve`)."""
+  m = config.model
+  moe = None
+  if m.moe.enabled:
+    moe = MoEConfig(num_experts=m.moe.num_experts, num_shared_experts=m.moe.num_shared_experts,
+                    top_k=m.moe.top_k, expert_hidden_size=m.moe.expert_hidden_size,
+                    score_func=m.moe.score_func, routing=m.moe.routing,
+                    aux_loss_coef=m.moe.aux_loss_coef, bias_update_rate=m.moe.bias_update_rate,
+                    routed_scaling_factor=m.moe.routed_scaling_factor)
+  return ModelConfig(
+      vocab_size=m.vocab_size or vocab_size, num_layers=m.num_layers, hidden_size=m.hidden_size,
+      num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
+      ffn_hidden_size=m.ffn_hidden_size, num_dense_layers=m.num_dense_layers, moe=moe,
+      hc_mult=m.hc_mult, sinkhorn_iters=m.sinkhorn_iters, engram=engram_config(config),
+      rope_theta=m.rope_theta, norm_eps=m.norm_eps, dtype=m.dtype, param_dtype=m.param_dtype,
+      scan_layers=m.scan_layers, remat_policy=m.remat_policy, tie_embeddings=m.tie_embeddings,
+      attention_impl=_none_if_empty(m.attention_impl), engram_table_placement=table_placement)
+
+
+def optim_config(config: ml_collections.ConfigDict) -> OptimConfig:
+  o = config.optim
+  return OptimConfig(
+      kind=o.kind, learning_rate=o.learning_rate, warmup_steps=o.warmup_steps,
+      schedule=o.schedule, decay_boundaries=tuple(o.decay_boundaries),
+      decay_factor=o.decay_factor, min_lr_ratio=o.min_lr_ratio, b1=o.b1, b2=o.b2, eps=o.eps,
+      weight_decay=o.weight_decay, grad_clip_norm=o.grad_clip_norm,
+      num_steps=config.train.num_steps)
+
+
+def table_optim_config(config: ml_collections.ConfigDict) -> TableOptimizerConfig:
+  t = config.table_optim
+  return TableOptimizerConfig(kind=t.kind, lr_multiplier=t.lr_multiplier, b1=t.b1, b2=t.b2,
+                              eps=t.eps, weight_decay=t.weight_decay,
+                              moment_dtype=t.moment_dtype, bias_correction=t.bias_correction)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Cross-field invariants that the dataclasses cannot see; raises ValueError."""
+  err = lambda m: ValueError(f"config {config.name!r}: {m}")  # noqa: E731
+  if config.data.seq_len < 2 or config.data.batch_size < 1:
+    raise err("data.seq_len must be >= 2 and data.batch_size >= 1")
+  if config.engram.enabled and max(config.engram.layer_ids) >= config.model.num_layers:
+    raise err(f"engram.layer_ids {tuple(config.engram.layer_ids)} must be < model.num_layers "
+              f"({config.model.num_layers})")
+  if config.model.moe.enabled and config.model.num_dense_layers >= config.model.num_layers:
+    raise err("model.moe.enabled but num_dense_layers >= num_layers leaves no MoE layer")
+  if config.train.num_steps < 1:
+    raise err("train.num_steps must be >= 1")
+  for name in ("log_every", "checkpoint_every"):
+    if config.train[name] < 1:
+      raise err(f"train.{name} must be >= 1")
+  if config.train.data_parallel == 0 or config.train.data_parallel < -1:
+    raise err("train.data_parallel must be >= 1, or -1 for all devices")
+  if config.train.data_parallel > 0 and config.data.batch_size % config.train.data_parallel:
+    raise err(f"data.batch_size={config.data.batch_size} must be divisible by "
+              f"train.data_parallel={config.train.data_parallel}")
+
+
+def resolve(config: ml_collections.ConfigDict, *, check_data: bool = True) -> Experiment:
+  """Validates `config` and builds the typed pieces; every error names the field."""
+  check_config(config)
+  tokenizer_path = config.data.tokenizer_path or tokenizer_lib.default_tokenizer_path()
+  if not os.path.isfile(tokenizer_path):
+    raise FileNotFoundError(f"config.data.tokenizer_path: no tokenizer file at "
+                            f"{tokenizer_path!r}")
+  defaults = data_lib.default_corpus_paths()
+  train_files = tuple(config.data.train_files) or tuple(defaults["train"])
+  eval_files = tuple(config.data.eval_files) or tuple(defaults["valid"])
+  if check_data:
+    train_files = _check_files(train_files, "train_files")
+    eval_files = _check_files(eval_files, "eval_files")
+  vocab_size = tokenizer_lib.load_tokenizer(tokenizer_path).get_vocab_size(with_added_tokens=True)
+  if config.model.vocab_size and config.model.vocab_size < vocab_size:
+    raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
+                     f"tokenizer's vocabulary ({vocab_size})")
+
+  table_cfg = table_optim_config(config) if config.engram.enabled else None
+  sparse = table_cfg is not None and table_cfg.kind in SPARSE_KINDS
+  model = model_config(config, vocab_size, "external" if sparse else "param")
+  hashing = compressor = None
+  if model.engram is not None:
+    compressor = load_compressor(tokenizer_path)
+    hashing = NgramHashMapping.from_config(model.engram, len(compressor),
+                                           compressor.compress_pad_id(model.engram.pad_id))
+    model = model.replace(engram_head_sizes=tuple(
+        tuple(int(s) for s in hashing.head_sizes(l)) for l in model.engram.layer_ids))
+  return Experiment(model=model, optim=optim_config(config), table_optim=table_cfg,
+                    hashing=hashing, compressor=compressor, tokenizer_path=tokenizer_path,
+                    train_files=train_files, eval_files=eval_files)

@@ -1,0 +1,133 @@
+"""Base experiment config: every field an experiment can set, with the paper's recipe as default.
+
+Not meant to be trained as is (it is a mid-sized CPU-unfriendly model); the named configs derive
+from it with `base.get_config()` and override what differs. Run any of them with
+
+  python -m experiments.train --config=experiments/configs/<name>.py --workdir=/tmp/run \
+      [--config.train.num_steps=100 ...]
+
+Sections (converted into frozen dataclasses by `engram_jax.experiment_config.resolve`):
+  data         files (empty = the embedded corpus), tokenizer ('' = the shipped one), T, B
+  model        backbone (ModelConfig); `model.moe` the MoE FFN (`moe.enabled`)
+  engram       EngramConfig (+ `enabled`, `hash_on_device`); hidden_size / hc_mult come from model
+  optim        dense optimiser and schedule (engram_jax.optim.OptimConfig)
+  table_optim  Engram-table optimiser (engram_jax.table_optim.TableOptimizerConfig); 'dense_adam'
+               keeps tables in the optax chain, 'lazy_adam' / 'adagrad' update touched rows only
+  train        steps, logging, evaluation, checkpointing, mesh, peak FLOP/s override
+"""
+
+import ml_collections
+
+from engram_jax import experiment_config
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+  c.name = "base"
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train_files = ()        # () -> engram_jax.data.default_corpus_paths()['train']
+  c.data.eval_files = ()         # () -> default_corpus_paths()['valid']
+  c.data.tokenizer_path = ""     # '' -> engram_jax.tokenizer.default_tokenizer_path()
+  c.data.seq_len = 512
+  c.data.batch_size = 32         # global batch (split over the mesh's data axis)
+  c.data.shuffle_seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = 0         # 0 -> the tokenizer's vocabulary size
+  c.model.num_layers = 8
+  c.model.hidden_size = 512
+  c.model.num_heads = 8
+  c.model.num_kv_heads = 4
+  c.model.head_dim = 64
+  c.model.ffn_hidden_size = 1536
+  c.model.num_dense_layers = 1
+  c.model.hc_mult = 4
+  c.model.sinkhorn_iters = 20
+  c.model.rope_theta = 10000.0
+  c.model.norm_eps = 1e-6
+  c.model.dtype = "float32"
+  c.model.param_dtype = "float32"
+  c.model.scan_layers = True
+  c.model.remat_policy = "none"
+  c.model.tie_embeddings = False
+  c.model.attention_impl = ""   # '' -> automatic (None)
+
+  c.model.moe = ml_collections.ConfigDict()
+  c.model.moe.enabled = True
+  c.model.moe.num_experts = 16
+  c.model.moe.num_shared_experts = 1
+  c.model.moe.top_k = 2
+  c.model.moe.expert_hidden_size = 256
+  c.model.moe.score_func = "sigmoid"
+  c.model.moe.routing = "aux_free"
+  c.model.moe.aux_loss_coef = 0.0
+  c.model.moe.bias_update_rate = 1e-3
+  c.model.moe.routed_scaling_factor = 1.0
+
+  c.engram = ml_collections.ConfigDict()
+  c.engram.enabled = True
+  c.engram.engram_vocab_size = (40_000, 40_000)
+  c.engram.max_ngram_size = 3
+  c.engram.n_embed_per_ngram = 128
+  c.engram.n_head_per_ngram = 4
+  c.engram.layer_ids = (1,)
+  c.engram.pad_id = 0            # raw <pad> of the shipped tokenizer (tokenizer.PAD_ID)
+  c.engram.seed = 0
+  c.engram.kernel_size = 4
+  c.engram.signed_sqrt_gate = True
+  c.engram.zero_init_conv = True  # paper
+  c.engram.conv_dilation = 0      # 0 -> max_ngram_size (demo)
+  c.engram.table_init_std = 1.0
+  c.engram.segment_reset = True   # packed documents hash independently
+  c.engram.lookup_implementation = ""  # '' -> automatic
+  c.engram.hash_on_device = False  # False: hash ids computed in the grain pipeline
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.kind = "adamw"
+  c.optim.learning_rate = 3e-3
+  c.optim.warmup_steps = 100
+  c.optim.schedule = "step"
+  c.optim.decay_boundaries = (0.8, 0.9)
+  c.optim.decay_factor = 0.316
+  c.optim.min_lr_ratio = 0.1
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.1
+  c.optim.grad_clip_norm = 1.0
+
+  c.table_optim = ml_collections.ConfigDict()
+  c.table_optim.kind = "lazy_adam"
+  c.table_optim.lr_multiplier = 5.0   # paper: 5x the base LR
+  c.table_optim.b1 = 0.9
+  c.table_optim.b2 = 0.999
+  c.table_optim.eps = 1e-8
+  c.table_optim.weight_decay = 0.0    # paper: no decay on tables
+  c.table_optim.moment_dtype = "float32"
+  c.table_optim.bias_correction = "per_row"
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 1000
+  c.train.log_every = 50
+  c.train.eval_every = 500       # 0 disables intermediate evaluation (the final one always runs)
+  c.train.num_eval_batches = 0   # 0 -> the whole held-out set
+  c.train.checkpoint_every = 500
+  c.train.keep_checkpoints = 2
+  c.train.async_checkpoint = True
+  c.train.data_parallel = 1      # devices on the mesh's data axis; -1 = all devices
+  c.train.peak_flops = 0.0       # 0 -> from the device kind (engram_jax.train.PEAK_FLOPS)
+  # Test hook: the loss is multiplied by NaN from this step on (0 = never); exercises the
+  # divergence stop without a numerically fragile config.
+  c.train.inject_nan_at_step = 0
+
+  return lock(c)
+
+
+def lock(config):
+  """Checks invariants, then locks (no new fields; typos in overrides fail loudly)."""
+  experiment_config.check_config(config)
+  config.lock()
+  return config
