@@ -1,27 +1,188 @@
-"""Public entry point of the Engram lookup: validation and dispatch.
+"""Public entry point of the Engram lookup: validation, dispatch and the custom VJP.
 
-The model calls only `engram_lookup`; implementations are chosen here.
+The model calls only this module. `engram_lookup(table, ids, offsets)` returns
+`table[clip(ids + offsets)]` flattened over heads to `[B, T, H*E]`:
+
+  implementation=None      'pallas' on GPU and TPU, 'xla' on CPU (and for unsupported shapes
+                           on accelerators the call raises instead of falling back silently).
+  implementation='xla'     `reference.engram_lookup_reference` (jnp.take).
+  implementation='pallas'  the Triton gather (gpu.py) on GPU, the DMA gather (tpu.py) on TPU;
+                           on CPU pass `interpret=True` (and `pallas_backend='gpu'|'tpu'` to pick
+                           which kernel to interpret; the TPU kernel interprets with
+                           `pltpu.InterpretParams()`).
+
+Out-of-range rows are clamped into `[0, R)` in every implementation (the reference's rule):
+a wrong id reads (and, in the backward, writes the gradient of) the first or last row, never
+memory outside the table.
+
+Gradient: every implementation is wrapped in one `jax.custom_vjp`. The table cotangent is built
+row-sparse first (lookups sorted by row, f32 segment sums per distinct row, segment_sum.py),
+then scattered once into a dense `[R, E]` zero table in the table dtype; each row is written
+once, so the result is deterministic. `backward='pallas'` (default on GPU when E % 16 == 0)
+sums segments with the atomic-free Triton kernel; 'xla' uses XLA's sorted segment_sum. For
+large tables use `row_sparse.prefetch_rows` + `expand_rows`, whose gradient stays `[U, E]`.
+
+Dimension legend: B batch, T time, H hash heads, E row width, R table rows, N = B*T*H.
 """
 
-from typing import Optional
+import dataclasses
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.engram_lookup import reference
+from pallas_kernels.engram_lookup import gpu, reference, segment_sum, tpu
+from pallas_kernels.engram_lookup.configs import GpuLookupConfig, TpuLookupConfig
+
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_MAX_ROWS = 2**31 - 1
 
 
-def engram_lookup(table_RxE: jax.Array, ids_BxTxH: jax.Array, offsets_H: jax.Array, *,
-                  implementation: Optional[str] = None) -> jax.Array:
-  """Gathers one row per (token, head) and concatenates heads: returns `[B, T, H*E]`."""
+@dataclasses.dataclass(frozen=True)
+class LookupPlan:
+  """Static choices of one lookup call (hashable: a nondiff argument of the custom VJP)."""
+  forward: str  # 'xla', 'gpu' or 'tpu'
+  backward: str  # 'xla' or 'pallas'
+  interpret: Any = False
+  gpu_config: GpuLookupConfig = GpuLookupConfig()
+  tpu_config: TpuLookupConfig = TpuLookupConfig()
+
+
+def current_platform() -> str:
+  """'cpu', 'gpu' or 'tpu' for the default backend."""
+  platform = jax.default_backend()
+  return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
+
+
+def resolve_plan(width: int, *, implementation: Optional[str] = None, interpret: Any = False,
+                 pallas_backend: Optional[str] = None, backward: Optional[str] = None,
+                 gpu_config: Optional[GpuLookupConfig] = None,
+                 tpu_config: Optional[TpuLookupConfig] = None) -> LookupPlan:
+  """Turns the user's options into a `LookupPlan`, raising on impossible combinations."""
+  platform = current_platform()
+  if implementation is None:
+    implementation = "pallas" if platform in ("gpu", "tpu") and not interpret else "xla"
+  if implementation not in ("xla", "pallas"):
+    raise ValueError(f"implementation must be None, 'xla' or 'pallas', got {implementation!r}")
+  if implementation == "xla":
+    forward = "xla"
+  else:
+    forward = pallas_backend or platform
+    if forward not in ("gpu", "tpu"):
+      raise ValueError(f"implementation='pallas' on {platform} needs interpret=True and "
+                       "pallas_backend='gpu' or 'tpu' to choose the kernel to interpret")
+    if forward != platform and not interpret:
+      raise ValueError(f"the {forward} kernel cannot run on {platform}; pass interpret=True")
+    if width % 8:
+      raise ValueError(f"the Pallas lookup needs E % 8 == 0 (16-byte rows), got E={width}; "
+                       "use implementation='xla'")
+  if backward is None:
+    on_gpu = forward == "gpu" or (forward == "xla" and platform == "gpu")
+    backward = "pallas" if on_gpu and width % 16 == 0 else "xla"
+  if backward not in ("xla", "pallas"):
+    raise ValueError(f"backward must be None, 'xla' or 'pallas', got {backward!r}")
+  if backward == "pallas" and platform != "gpu" and not interpret:
+    raise ValueError("backward='pallas' is the Triton segment-sum: GPU only, or interpret=True")
+  if backward == "pallas" and width % 16:
+    raise ValueError(f"backward='pallas' needs E % 16 == 0, got E={width}")
+  return LookupPlan(forward, backward, interpret, gpu_config or GpuLookupConfig(),
+                    tpu_config or TpuLookupConfig())
+
+
+def validate(table_RxE: jax.Array, ids_BxTxH: jax.Array, offsets_H: jax.Array):
+  """Raises a clear error for wrong ranks, dtypes and shapes."""
   if table_RxE.ndim != 2:
     raise ValueError(f"table must be [rows, E], got shape {table_RxE.shape}")
+  if jnp.dtype(table_RxE.dtype) not in SUPPORTED_DTYPES:
+    raise TypeError(f"table dtype must be one of {[str(d) for d in SUPPORTED_DTYPES]}, got "
+                    f"{table_RxE.dtype}")
+  if table_RxE.shape[0] > _MAX_ROWS or table_RxE.shape[0] == 0:
+    raise ValueError(f"table rows must be in [1, 2^31), got {table_RxE.shape[0]}")
   if ids_BxTxH.ndim != 3:
     raise ValueError(f"ids must be [B, T, H], got shape {ids_BxTxH.shape}")
   if not jnp.issubdtype(ids_BxTxH.dtype, jnp.integer):
     raise TypeError(f"ids must be integers, got {ids_BxTxH.dtype}")
   if offsets_H.shape != (ids_BxTxH.shape[-1],):
     raise ValueError(f"offsets must be [H]={ids_BxTxH.shape[-1]}, got {offsets_H.shape}")
-  if implementation not in (None, "xla"):
-    raise NotImplementedError(f"implementation={implementation!r} is not available yet")
-  return reference.engram_lookup_reference(table_RxE, ids_BxTxH, offsets_H)
+  if not jnp.issubdtype(offsets_H.dtype, jnp.integer):
+    raise TypeError(f"offsets must be integers, got {offsets_H.dtype}")
+
+
+def gather_flat(table_RxE: jax.Array, ids_N: jax.Array, offsets_H: jax.Array,
+                plan: LookupPlan) -> jax.Array:
+  """Forward only: `[N, E]` rows of `clip(ids_N + offsets[n % H])`, no custom VJP."""
+  if plan.forward == "gpu":
+    return gpu.gather(table_RxE, ids_N, offsets_H, config=plan.gpu_config,
+                      interpret=bool(plan.interpret))
+  if plan.forward == "tpu":
+    interpret = plan.interpret
+    if interpret is True:
+      from jax.experimental.pallas import tpu as pltpu  # Only needed to interpret on CPU.
+      interpret = pltpu.InterpretParams()
+    return tpu.gather(table_RxE, ids_N, offsets_H, config=plan.tpu_config, interpret=interpret)
+  h = offsets_H.shape[0]
+  return reference.engram_lookup_reference(table_RxE, ids_N.reshape(1, -1, h),
+                                           offsets_H).reshape(-1, table_RxE.shape[1])
+
+
+def global_rows_N(ids_BxTxH: jax.Array, offsets_H: jax.Array, num_rows: int) -> jax.Array:
+  """Flattened clamped global rows, the rows every implementation reads."""
+  rows = ids_BxTxH.astype(jnp.int32) + offsets_H.astype(jnp.int32)
+  return jnp.clip(rows, 0, num_rows - 1).reshape(-1)
+
+
+def dense_table_grad(g_NxE: jax.Array, rows_N: jax.Array, num_rows: int, dtype,
+                     backward: str, interpret: Any = False) -> jax.Array:
+  """Sorted f32 segment sums per distinct row, written once each into a zero `[R, E]`."""
+  plan = segment_sum.sort_segments(rows_N, fill=num_rows)
+  sums_UxE = segment_sum.segment_sum(g_NxE, plan, implementation=backward,
+                                     interpret=bool(interpret))
+  zeros_RxE = jnp.zeros((num_rows, g_NxE.shape[1]), dtype)
+  return zeros_RxE.at[plan.keys_U].set(sums_UxE.astype(dtype), mode="drop")
+
+
+def _lookup_impl(plan, table_RxE, ids_BxTxH, offsets_H):
+  b, t, h = ids_BxTxH.shape
+  out_NxE = gather_flat(table_RxE, ids_BxTxH.reshape(-1).astype(jnp.int32), offsets_H, plan)
+  return out_NxE.reshape(b, t, h * table_RxE.shape[1])
+
+
+def _lookup_fwd(plan, table_RxE, ids_BxTxH, offsets_H):
+  # The table itself is not a residual: only its shape and dtype, through an empty witness.
+  witness_Rx0 = jnp.zeros((table_RxE.shape[0], 0), table_RxE.dtype)
+  out = _lookup_impl(plan, table_RxE, ids_BxTxH, offsets_H)
+  return out, (witness_Rx0, ids_BxTxH, offsets_H)
+
+
+def _lookup_bwd(plan, res, g_BxTxHE):
+  witness_Rx0, ids_BxTxH, offsets_H = res
+  num_rows = witness_Rx0.shape[0]
+  width = g_BxTxHE.shape[-1] // ids_BxTxH.shape[-1]
+  rows_N = global_rows_N(ids_BxTxH, offsets_H, num_rows)
+  grad_RxE = dense_table_grad(g_BxTxHE.reshape(-1, width), rows_N, num_rows,
+                              witness_Rx0.dtype, plan.backward, plan.interpret)
+  return (grad_RxE, jnp.zeros(ids_BxTxH.shape, jax.dtypes.float0),
+          jnp.zeros(offsets_H.shape, jax.dtypes.float0))
+
+
+_lookup = jax.custom_vjp(_lookup_impl, nondiff_argnums=(0,))
+_lookup.defvjp(_lookup_fwd, _lookup_bwd)
+
+
+def engram_lookup(table_RxE: jax.Array, ids_BxTxH: jax.Array, offsets_H: jax.Array, *,
+                  implementation: Optional[str] = None, interpret: Any = False,
+                  pallas_backend: Optional[str] = None, backward: Optional[str] = None,
+                  gpu_config: Optional[GpuLookupConfig] = None,
+                  tpu_config: Optional[TpuLookupConfig] = None) -> jax.Array:
+  """Gathers one row per (token, head) and concatenates heads: returns `[B, T, H*E]`.
+
+  `ids_BxTxH` are per-head local row ids, `offsets_H` each head's first table row; global rows
+  are clamped into `[0, R)`. Differentiable w.r.t. the table (dense `[R, E]` cotangent).
+  See the module docstring for the options.
+  """
+  offsets_H = jnp.asarray(offsets_H)
+  validate(table_RxE, ids_BxTxH, offsets_H)
+  plan = resolve_plan(table_RxE.shape[1], implementation=implementation, interpret=interpret,
+                      pallas_backend=pallas_backend, backward=backward, gpu_config=gpu_config,
+                      tpu_config=tpu_config)
+  return _lookup(plan, table_RxE, ids_BxTxH, offsets_H)

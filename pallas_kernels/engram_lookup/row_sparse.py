@@ -10,6 +10,8 @@ step splits the lookup in two:
   2. `expand_rows(rows_UxE, inverse_BxTxH)` -> `[B, T, H*E]`, a `custom_vjp` whose backward is a
      sorted segment-sum in float32: the gradient w.r.t. `rows_UxE` is the summed gradient of
      every unique row, i.e. the row-sparse table gradient `RowSparse(row_ids_U, values_UxE)`.
+     The sums are deterministic: each unique row adds its lookups in batch order (a stable
+     sort); on GPU the Triton segment-sum of segment_sum.py does it without atomics.
 
 U is static (= B*T*H) so everything jits. Unused slots at the end of `row_ids_U` hold
 `num_rows` (one past the last row): gathers fill them with zeros and optimiser scatters must use
@@ -19,10 +21,12 @@ the same rule as the dense reference lookup.
 Dimension legend: B batch, T time, H hash heads, E row width, U = B*T*H lookup slots, R rows.
 """
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.engram_lookup import api, segment_sum
 
 
 class RowSparse(NamedTuple):
@@ -57,9 +61,11 @@ def unique_rows(ids_BxTxH: jax.Array, offsets_H: jax.Array,
                 num_rows: int) -> tuple[jax.Array, jax.Array]:
   """Returns `(row_ids_U, inverse_BxTxH)`: sorted unique global rows and the inverse index."""
   rows_N = global_rows(ids_BxTxH, offsets_H, num_rows).reshape(-1)
-  row_ids_U, inverse_N = jnp.unique(rows_N, return_inverse=True, size=rows_N.shape[0],
-                                    fill_value=num_rows)
-  return row_ids_U.astype(jnp.int32), inverse_N.reshape(ids_BxTxH.shape).astype(jnp.int32)
+  plan = segment_sum.sort_segments(rows_N, fill=num_rows)
+  # order_N is a permutation, so this scatter writes every slot exactly once.
+  inverse_N = jnp.zeros_like(rows_N).at[plan.order_N].set(plan.segment_N,
+                                                          unique_indices=True)
+  return plan.keys_U, inverse_N.reshape(ids_BxTxH.shape)
 
 
 def gather_rows(table_RxE: jax.Array, row_ids_U: jax.Array) -> jax.Array:
@@ -74,41 +80,63 @@ def prefetch_rows(table_RxE: jax.Array, ids_BxTxH: jax.Array,
   return PrefetchedRows(gather_rows(table_RxE, row_ids_U), inverse_BxTxH, row_ids_U)
 
 
-def _expand(rows_UxE, inverse_BxTxH):
+def _default_backward(width: int) -> str:
+  return "pallas" if api.current_platform() == "gpu" and width % 16 == 0 else "xla"
+
+
+def _expand(backward, rows_UxE, inverse_BxTxH):
   b, t, h = inverse_BxTxH.shape
-  return rows_UxE[inverse_BxTxH].reshape(b, t, h * rows_UxE.shape[-1])
+  del backward
+  # The inverse index is always in range; the forward is the same gather as the dense lookup
+  # (the Pallas kernel on GPU) with zero offsets.
+  width = rows_UxE.shape[-1]
+  plan = api.resolve_plan(width, implementation=None if width % 8 == 0 else "xla",
+                          backward="xla")
+  out_NxE = api.gather_flat(rows_UxE, inverse_BxTxH.reshape(-1), jnp.zeros((h,), jnp.int32),
+                            plan)
+  return out_NxE.reshape(b, t, h * rows_UxE.shape[-1])
 
 
-@jax.custom_vjp
-def expand_rows(rows_UxE: jax.Array, inverse_BxTxH: jax.Array) -> jax.Array:
-  """`rows[inverse]` flattened over heads to `[B, T, H*E]` (step 2 above)."""
-  return _expand(rows_UxE, inverse_BxTxH)
-
-
-def _expand_fwd(rows_UxE, inverse_BxTxH):
+def _expand_fwd(backward, rows_UxE, inverse_BxTxH):
   # Residuals: the inverse index and an empty [U, 0] witness of the rows' count and dtype.
   witness_Ux0 = jnp.zeros((rows_UxE.shape[0], 0), rows_UxE.dtype)
-  return _expand(rows_UxE, inverse_BxTxH), (inverse_BxTxH, witness_Ux0)
+  return _expand(backward, rows_UxE, inverse_BxTxH), (inverse_BxTxH, witness_Ux0)
 
 
-def segment_sum_sorted(g_NxE: jax.Array, inverse_N: jax.Array, num_segments: int) -> jax.Array:
-  """Sums rows of `g` per segment id in float32, visiting ids in sorted order."""
-  order_N = jnp.argsort(inverse_N, stable=True)
-  return jax.ops.segment_sum(g_NxE.astype(jnp.float32)[order_N], inverse_N[order_N],
-                             num_segments=num_segments, indices_are_sorted=True)
+def segment_sum_sorted(g_NxE: jax.Array, inverse_N: jax.Array, num_segments: int, *,
+                       backward: str = "xla", interpret: bool = False) -> jax.Array:
+  """Sums rows of `g` per segment id in float32, each segment in lookup order."""
+  plan = segment_sum.segments_of_sorted_ids(inverse_N.astype(jnp.int32), num_segments)
+  return segment_sum.segment_sum(g_NxE, plan, implementation=backward, interpret=interpret)
 
 
-def _expand_bwd(res, g_BxTxHE):
+def _expand_bwd(backward, res, g_BxTxHE):
   inverse_BxTxH, witness_Ux0 = res
   e = g_BxTxHE.shape[-1] // inverse_BxTxH.shape[-1]
   g_NxE = g_BxTxHE.reshape(-1, e)
-  summed_UxE = segment_sum_sorted(g_NxE, inverse_BxTxH.reshape(-1), witness_Ux0.shape[0])
+  summed_UxE = segment_sum_sorted(g_NxE, inverse_BxTxH.reshape(-1), witness_Ux0.shape[0],
+                                  backward=backward)
   # Integer inputs take a float0 cotangent.
   zero_inv = jnp.zeros(inverse_BxTxH.shape, dtype=jax.dtypes.float0)
   return summed_UxE.astype(witness_Ux0.dtype), zero_inv
 
 
-expand_rows.defvjp(_expand_fwd, _expand_bwd)
+_expand_rows = jax.custom_vjp(_expand, nondiff_argnums=(0,))
+_expand_rows.defvjp(_expand_fwd, _expand_bwd)
+
+
+def expand_rows(rows_UxE: jax.Array, inverse_BxTxH: jax.Array, *,
+                backward: Optional[str] = None) -> jax.Array:
+  """`rows[inverse]` flattened over heads to `[B, T, H*E]` (step 2 above).
+
+  Its gradient w.r.t. `rows_UxE` is the f32 sorted segment-sum of the lookups' cotangents,
+  cast to the rows' dtype (prefetch f32 rows to keep f32 sums). `backward`: 'pallas' (Triton,
+  atomic-free, default on GPU when E % 16 == 0) or 'xla' (sorted segment_sum).
+  """
+  backward = backward or _default_backward(rows_UxE.shape[-1])
+  if backward not in ("xla", "pallas"):
+    raise ValueError(f"backward must be None, 'xla' or 'pallas', got {backward!r}")
+  return _expand_rows(backward, rows_UxE, inverse_BxTxH)
 
 
 def row_sparse_grad(prefetched: PrefetchedRows, grad_rows_UxE: jax.Array) -> RowSparse:

@@ -1,0 +1,69 @@
+"""Block sizes of the Engram lookup kernels, one frozen config per backend.
+
+The defaults come from `experiments/bench_lookup.py` on one H200 (the sweep it prints picks
+them); TPU defaults are chosen from the tiling rules only, since no TPU was available.
+
+Dimension legend: N = B*T*H lookups, E row width, U unique-row slots.
+"""
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuLookupConfig:
+  """Pallas-Triton gather: each program copies `block_rows` lookups (rows) of width E.
+
+  block_rows: lookups per program; more rows per program keep more 16-byte loads in flight.
+  num_warps, num_stages: Triton launch parameters.
+  """
+  block_rows: int = 256
+  num_warps: int = 4
+  num_stages: int = 1
+
+  def __post_init__(self):
+    _check_pow2("block_rows", self.block_rows)
+    _check_pow2("num_warps", self.num_warps)
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuSegmentSumConfig:
+  """Pallas-Triton sorted segment-sum: each program owns `block_segments` output rows and
+  walks the sorted lookups that fall into them `block_lookups` at a time."""
+  block_segments: int = 64
+  block_lookups: int = 64
+  num_warps: int = 4
+
+  def __post_init__(self):
+    _check_pow2("block_segments", self.block_segments)
+    _check_pow2("block_lookups", self.block_lookups)
+    if self.block_segments < 16 or self.block_lookups < 16:
+      raise ValueError("Triton dots need block_segments and block_lookups >= 16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuLookupConfig:
+  """Mosaic-TPU gather: a grid step fills one `[block_rows, E]` VMEM block with `block_rows`
+  row DMAs in flight; at most `max_rows_per_call` row ids sit in SMEM (scalar prefetch) per
+  pallas_call, larger batches are split into several calls writing one aliased output.
+
+  block_rows must be a multiple of 16 so bf16 blocks fill whole packed (16, 128) tiles.
+  """
+  block_rows: int = 256
+  max_rows_per_call: int = 65536
+
+  def __post_init__(self):
+    if self.block_rows % 16:
+      raise ValueError(f"block_rows must be a multiple of 16, got {self.block_rows}")
+    if self.max_rows_per_call % self.block_rows:
+      raise ValueError("max_rows_per_call must be a multiple of block_rows, got "
+                       f"{self.max_rows_per_call} and {self.block_rows}")
+
+
+def _check_pow2(name: str, value: int):
+  if value <= 0 or value & (value - 1):
+    raise ValueError(f"{name} must be a positive power of two, got {value}")
+
+
+def padded_width(e: int) -> int:
+  """Triton blocks need power-of-two extents: E=80 is read as a masked 128-wide block."""
+  return 1 << max(0, (e - 1).bit_length())

@@ -1,0 +1,99 @@
+"""Shared base for kernel tests: one body of checks, run by reference / interpret / GPU classes.
+
+A subclass sets `lookup_kwargs` (how `engram_lookup` is called) and the shapes it can afford:
+interpret-mode grids are slow on CPU, so they use tiny tables and few lookups.
+
+Tolerances are keyed by dtype and never loosened to make a test pass. Forward gathers are exact
+copies (tolerance 0); gradients sum f32 values in a different order from the reference, and bf16
+gradients are rounded once from f32 sums where the reference rounds after every addition.
+
+Dimension legend: B batch, T time, H heads, E row width, R table rows.
+"""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+GRAD_TOLERANCE = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 2e-2,
+                  jnp.dtype(jnp.float16): 2e-3}
+
+
+def random_case(seed: int, rows_per_head: int, width: int, dtype, batch: int = 2,
+                length: int = 8, heads: int = 4):
+  """A table, ids with duplicates and the first/last row of every head, and offsets."""
+  k_table, k_ids = jax.random.split(jax.random.key(seed))
+  offsets_H = jnp.arange(heads, dtype=jnp.int32) * rows_per_head
+  table_RxE = jax.random.normal(k_table, (heads * rows_per_head, width), jnp.float32)
+  table_RxE = table_RxE.astype(dtype)
+  # A small id range forces duplicates; then plant each head's first and last row.
+  ids_BxTxH = jax.random.randint(k_ids, (batch, length, heads), 0, min(4, rows_per_head))
+  ids_BxTxH = ids_BxTxH.at[0, 0, :].set(0).at[-1, -1, :].set(rows_per_head - 1)
+  return table_RxE, ids_BxTxH, offsets_H
+
+
+def reference_lookup(table_RxE, ids_BxTxH, offsets_H):
+  """NumPy oracle: clamped global rows, heads concatenated."""
+  table = np.asarray(table_RxE.astype(jnp.float32))
+  rows = np.clip(np.asarray(ids_BxTxH) + np.asarray(offsets_H), 0, table.shape[0] - 1)
+  b, t, h = rows.shape
+  return table[rows].reshape(b, t, h * table.shape[1])
+
+
+class LookupTestBase:
+  """Forward, clamping, gradient and error checks of `engram_lookup`."""
+
+  lookup_kwargs: dict = {}
+  widths = (64, 80, 128)
+  dtypes = (jnp.float32, jnp.bfloat16)
+  rows_per_head = 24
+  grad_widths = (64, 80)
+
+  def lookup(self, table_RxE, ids_BxTxH, offsets_H):
+    from pallas_kernels.engram_lookup import engram_lookup
+    return engram_lookup(table_RxE, ids_BxTxH, offsets_H, **self.lookup_kwargs)
+
+  def test_forward_matches_reference_exactly(self):
+    for width in self.widths:
+      for dtype in self.dtypes:
+        table, ids, offsets = random_case(width, self.rows_per_head, width, dtype)
+        out = self.lookup(table, ids, offsets)
+        assert out.shape == (*ids.shape[:2], ids.shape[2] * width)
+        assert out.dtype == table.dtype
+        np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)),
+                                      reference_lookup(table, ids, offsets),
+                                      err_msg=f"E={width} {jnp.dtype(dtype).name}")
+
+  def test_out_of_range_ids_are_clamped(self):
+    table, ids, offsets = random_case(1, self.rows_per_head, 64, jnp.float32)
+    num_rows = table.shape[0]
+    ids = ids.at[0, 1, 0].set(-5).at[1, 2, -1].set(10 * num_rows)
+    out = np.asarray(self.lookup(table, ids, offsets))
+    np.testing.assert_array_equal(out[0, 1, :64], np.asarray(table[0]))
+    np.testing.assert_array_equal(out[1, 2, -64:], np.asarray(table[num_rows - 1]))
+
+  def test_grad_matches_grad_of_reference(self):
+    from pallas_kernels.engram_lookup import reference
+    for width in self.grad_widths:
+      for dtype in self.dtypes:
+        table, ids, offsets = random_case(7 + width, self.rows_per_head, width, dtype)
+        ids = ids.at[1, 3, 2].set(-1)  # A clamped id's gradient lands on the clamped row.
+        cot = jax.random.normal(jax.random.key(3), (*ids.shape[:2], ids.shape[2] * width))
+        loss = lambda t: jnp.vdot(self.lookup(t, ids, offsets).astype(jnp.float32), cot)
+        loss_ref = lambda t: jnp.vdot(
+            reference.engram_lookup_reference(t.astype(jnp.float32), ids, offsets), cot)
+        grad = jax.grad(loss)(table)
+        assert grad.shape == table.shape and grad.dtype == table.dtype
+        want = np.asarray(jax.grad(loss_ref)(table))
+        tol = GRAD_TOLERANCE[jnp.dtype(dtype)]
+        np.testing.assert_allclose(np.asarray(grad.astype(jnp.float32)), want, rtol=tol,
+                                   atol=tol, err_msg=f"E={width} {jnp.dtype(dtype).name}")
+        # Rows no lookup reads get exactly zero.
+        touched = np.zeros(table.shape[0], bool)
+        touched[np.clip(np.asarray(ids + offsets), 0, table.shape[0] - 1).ravel()] = True
+        assert not np.asarray(grad.astype(jnp.float32))[~touched].any()
+
+  def test_grad_is_deterministic(self):
+    table, ids, offsets = random_case(5, self.rows_per_head, 64, jnp.float32)
+    cot = jax.random.normal(jax.random.key(4), (*ids.shape[:2], ids.shape[2] * 64))
+    grad_fn = jax.jit(jax.grad(lambda t: jnp.vdot(self.lookup(t, ids, offsets), cot)))
+    np.testing.assert_array_equal(np.asarray(grad_fn(table)), np.asarray(grad_fn(table)))
