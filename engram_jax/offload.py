@@ -1,0 +1,430 @@
+"""Engram tables in pinned host memory: placement, deterministic prefetch, row-sparse updates.
+
+Engram addresses depend only on input tokens, so the rows a step reads are known as soon as its
+batch exists. A table (and its row-sparse optimiser state) can therefore live in host memory
+(`memory_kind='pinned_host'`) and only the rows of a batch cross PCIe.
+
+Placement, per Engram layer: 'device' (HBM) or 'pinned_host'. `create_table` allocates a table
+directly in its memory and fills it in row chunks, so a table larger than HBM never passes
+through the device; `check_host_allocation` refuses a request larger than the host can give
+(MemAvailable, and on GPU the pinned pool, 64 GiB unless `XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB`
+raises it) with a ValueError *before* anything is allocated.
+
+Training (`HostTableTrainer`), one step s:
+
+  handle = trainer.prefetch(ids of step s+1)   # host: unique rows (NumPy), host gather -> HBM
+  rows   = trainer.rows(handle of step s)      # {layer: PrefetchedRows} on the device
+  ... model step on `rows`, gradient w.r.t. rows_UxE == RowSparse ...
+  trainer.apply_grad(handle of step s, grads, lr)
+
+`prefetch` gathers the U touched rows of the table *and of its optimiser state* inside one jit
+whose operands are the pinned_host arrays and host row ids (`arr.at[ids].get(mode=
+'promise_in_bounds')`; XLA's host offloader runs the gather on the CPU) and whose outputs are
+device arrays (an async copy-start/copy-done). `apply_grad` runs the optimiser of
+`engram_jax.table_optim` on the device over the U gathered rows (a "mini table" of U rows: the
+arithmetic is exactly the HBM placement's), then scatters the new rows back into the host arrays
+in a second jit with those arrays donated (`set(mode='drop')` under host compute, in place).
+Neither a table nor its state ever leaves host memory as a whole: only U rows move each way.
+
+Why the optimiser arithmetic runs on the device: in jax 0.11.2 a gather with mode='fill' (what
+table_optim uses for padding) needs device-resident bound constants and fails on host operands,
+`compute_on('device_host')` gathers/scatters measured 30-200x slower than the host offloader's
+plain gather/scatter on the H200, and the U-row arithmetic is free on the GPU. The rows already
+travel to the device for the forward, so only the moments' rows are extra traffic.
+
+Coherence: `prefetch(s+1)` is dispatched before `apply_grad(s)`, so its rows may predate step s's
+update. `apply_grad` patches every outstanding handle with the rows it just updated (sorted-id
+`searchsorted` on the device), so the rows step s+1 reads equal the table after step s exactly,
+as with the HBM placement (tests/test_offload.py checks losses and updated rows step by step).
+
+Overlap: all of the above is asynchronous dispatch; the NumPy `unique` of step s+1 runs on the
+Python thread while the device executes step s. On the H200 with jax 0.11.2 the programs
+themselves execute in order on the device's stream: the host gather and the host scatter are
+*not* overlapped with the model's kernels (measured: a 48 ms matmul program followed by a 3 ms
+host gather takes 50.8 ms), so their time is added to the step. experiments/bench_offload.py
+measures that cost.
+
+Dimension legend: B batch, T time, H hash heads, E row width, R table rows, U = B*T*H row slots
+(sorted unique rows of a batch, padded with R), L Engram layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import SingleDeviceSharding
+
+from engram_jax import table_optim
+from pallas_kernels.engram_lookup.row_sparse import PrefetchedRows, RowSparse
+
+PLACEMENTS = ("device", "pinned_host")
+_MEMORY_KIND = {"device": "device", "pinned_host": "pinned_host"}
+GPU_PINNED_POOL_DEFAULT_GB = 64
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+# ---- host memory accounting ---------------------------------------------------------------------
+
+def mem_available_bytes() -> int:
+  """MemAvailable of /proc/meminfo (what can be allocated without swapping)."""
+  with open("/proc/meminfo") as f:
+    for line in f:
+      if line.startswith("MemAvailable:"):
+        return int(line.split()[1]) * 1024
+  raise RuntimeError("/proc/meminfo has no MemAvailable line")
+
+
+def host_memory_limit_bytes(device: Optional[jax.Device] = None) -> tuple[int, str]:
+  """The most pinned host memory one more allocation may take, and why."""
+  device = device or jax.devices()[0]
+  avail = mem_available_bytes()
+  limit, why = avail, f"MemAvailable {avail / 2**30:.1f} GiB"
+  if device.platform == "gpu":
+    gb = float(os.environ.get("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", GPU_PINNED_POOL_DEFAULT_GB))
+    pool = int(gb * 2**30)
+    if pool < limit:
+      limit, why = pool, (f"the GPU pinned host pool of {gb:g} GiB "
+                          "(raise XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB before jax starts)")
+  return limit, why
+
+
+def check_host_allocation(nbytes: int, *, what: str = "host allocation",
+                          already_allocated: int = 0,
+                          device: Optional[jax.Device] = None) -> None:
+  """Raises ValueError if `nbytes` more pinned host bytes cannot be had; allocates nothing.
+
+  `already_allocated` counts pinned bytes this process holds (they are inside the GPU pool cap
+  but no longer in MemAvailable, so they only count against the pool).
+  """
+  limit, why = host_memory_limit_bytes(device)
+  is_pool = "pool" in why
+  need = nbytes + (already_allocated if is_pool else 0)
+  if need > limit:
+    raise ValueError(f"{what}: needs {nbytes / 2**30:.2f} GiB of pinned host memory"
+                     f"{f' (+{already_allocated / 2**30:.2f} GiB held)' if is_pool else ''} "
+                     f"but the limit is {why}; use a smaller table, fewer layers on the host, "
+                     "bfloat16 moments, or a machine with more memory")
+
+
+# ---- placement and creation ---------------------------------------------------------------------
+
+def placement_sharding(placement: str, device: Optional[jax.Device] = None
+                       ) -> SingleDeviceSharding:
+  """The sharding of a table with this placement (one device; see module docstring)."""
+  if placement not in PLACEMENTS:
+    raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+  return SingleDeviceSharding(device or jax.devices()[0], memory_kind=_MEMORY_KIND[placement])
+
+
+def placement_of(x: jax.Array) -> str:
+  kind = x.sharding.memory_kind
+  for p, k in _MEMORY_KIND.items():
+    if kind == k:
+      return p
+  raise ValueError(f"array has memory kind {kind!r}, not one of {PLACEMENTS}")
+
+
+def _space(placement: str):
+  return jax.memory.Space.Host if placement == "pinned_host" else jax.memory.Space.Device
+
+
+def zeros(shape, dtype, placement: str, device: Optional[jax.Device] = None) -> jax.Array:
+  """A zero array allocated directly in `placement`'s memory.
+
+  Host: a calloc'd NumPy buffer (untouched pages read as the shared zero page, so it costs no
+  memory) is copied into a pinned buffer; nothing goes through HBM. The request is checked
+  against `check_host_allocation` first.
+  """
+  shape, dtype = tuple(int(s) for s in shape), np.dtype(dtype)
+  sharding = placement_sharding(placement, device)
+  if placement == "pinned_host":
+    check_host_allocation(int(np.prod(shape)) * dtype.itemsize, what=f"zeros{shape} {dtype}",
+                          device=sharding._device)
+    return jax.device_put(np.zeros(shape, dtype), sharding)
+  return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+
+def chunk_rows_for(row_bytes: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+  return max(1, chunk_bytes // max(1, row_bytes))
+
+
+def _fill_chunk_fn(placement: str, chunk_rows: int):
+  space = _space(placement)
+
+  def fill(table_RxE, key, chunk_index, start, std):
+    chunk = std * jax.random.normal(jax.random.fold_in(key, chunk_index),
+                                    (chunk_rows, table_RxE.shape[1]), jnp.float32)
+    # Drawn on the device (one chunk of HBM), written into the table where it lives.
+    chunk = jax.device_put(chunk.astype(table_RxE.dtype), space)
+    return jax.lax.dynamic_update_slice(table_RxE, chunk, (start, 0))
+  return fill
+
+
+def create_table(num_rows: int, width: int, dtype, placement: str, *, std: float = 1.0,
+                 seed: int = 0, chunk_rows: int = 65536,
+                 device: Optional[jax.Device] = None) -> jax.Array:
+  """An `[R, E]` table ~ N(0, std^2), allocated in `placement` and filled chunk by chunk.
+
+  Chunk c (rows [c*chunk_rows, ...)) is drawn on the device from `fold_in(key(seed), c)` and
+  written in place (donated dynamic_update_slice), so HBM holds one chunk at a time and the
+  values depend on (seed, chunk_rows) but not on the placement: a host table equals the device
+  table made with the same arguments. The last chunk is drawn in full and clipped by starting it
+  at R - chunk_rows (its overlap is overwritten with the same-chunk values' tail, so it is
+  deterministic too).
+  """
+  if num_rows < 1 or width < 1:
+    raise ValueError(f"create_table: need num_rows, width >= 1, got {num_rows}, {width}")
+  chunk_rows = int(min(chunk_rows, num_rows))
+  table = zeros((num_rows, width), dtype, placement, device)
+  sharding = placement_sharding(placement, device)
+  fill_jit = jax.jit(_fill_chunk_fn(placement, chunk_rows), donate_argnums=0,
+                     out_shardings=sharding)
+  key = jax.random.key(seed)
+  for c, start in enumerate(range(0, num_rows, chunk_rows)):
+    start = min(start, num_rows - chunk_rows)
+    table = fill_jit(table, key, np.int32(c), np.int32(start), np.float32(std))
+  return table
+
+
+def place_state(state: table_optim.TableOptState, placement: str,
+                device: Optional[jax.Device] = None) -> table_optim.TableOptState:
+  """Zero optimiser state in `placement` (shapes from `state`, usually init_table_state_shapes)."""
+  return jax.tree.map(lambda s: zeros(s[0], s[1], placement, device), state,
+                      is_leaf=lambda s: isinstance(s, tuple) and len(s) == 2
+                      and isinstance(s[1], np.dtype))
+
+
+def init_state(cfg: table_optim.TableOptimizerConfig, table_RxE: jax.Array
+               ) -> table_optim.TableOptState:
+  """`table_optim.init_table_state`, allocated directly where `table_RxE` lives."""
+  shapes = table_optim.init_table_state_shapes(cfg, *table_RxE.shape)
+  return place_state(shapes, placement_of(table_RxE), table_RxE.sharding._device)
+
+
+# ---- unique rows on the host --------------------------------------------------------------------
+
+def unique_rows_numpy(ids_BxTxH: np.ndarray, offsets_H: np.ndarray,
+                      num_rows: int) -> tuple[np.ndarray, np.ndarray, int]:
+  """NumPy twin of `row_sparse.unique_rows`: (row_ids_U int32 padded with R, inverse, count)."""
+  ids = np.asarray(ids_BxTxH)
+  if ids.ndim != 3 or ids.shape[-1] != len(offsets_H):
+    raise ValueError(f"ids must be [B, T, H={len(offsets_H)}], got shape {ids.shape}")
+  rows_N = np.clip(ids.astype(np.int64) + np.asarray(offsets_H, np.int64), 0, num_rows - 1)
+  uniq, inverse = np.unique(rows_N.reshape(-1), return_inverse=True)
+  row_ids_U = np.full(rows_N.size, num_rows, np.int32)
+  row_ids_U[:uniq.size] = uniq
+  return row_ids_U, inverse.reshape(ids.shape).astype(np.int32), int(uniq.size)
+
+
+# ---- the trainer ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class PrefetchHandle:
+  """Rows (and optimiser-state rows) of one step, on the device, for every layer.
+
+  leaves: {layer: (table rows, state rows...)} device arrays, U rows each (padding slots hold
+    row R-1 or stale values: they are masked in `rows` and dropped by every scatter).
+  row_ids: {layer: int32[U] device}; row_ids_home: {layer: int32[U]} in the table's memory
+    (host ids for host tables: host gathers and scatters need every operand in host memory).
+  inverse: {layer: int32[B, T, H] device}.
+  """
+  leaves: dict
+  row_ids: dict
+  row_ids_home: dict
+  inverse: dict
+  consumed: bool = False
+
+
+class HostTableTrainer:
+  """Owns the Engram tables (any mix of 'device' and 'pinned_host') and their row-sparse state.
+
+  Args:
+    cfg: a sparse `TableOptimizerConfig` ('lazy_adam' or 'adagrad').
+    tables: {layer_id: [R, E] array}; each table's memory kind is its placement.
+    offsets: {layer_id: int[H] per-head first rows} (`NgramHashMapping.offsets`).
+    states: optional {layer_id: TableOptState} in the same memory as the table (zeros if None).
+  """
+
+  def __init__(self, cfg: table_optim.TableOptimizerConfig, tables: Mapping[int, jax.Array],
+               offsets: Mapping[int, Any], states: Optional[Mapping] = None):
+    if cfg.kind not in table_optim.SPARSE_KINDS:
+      raise ValueError(f"HostTableTrainer needs a sparse optimiser kind "
+                       f"{table_optim.SPARSE_KINDS}, got {cfg.kind!r}")
+    self.cfg = cfg
+    self.layers = tuple(sorted(tables))
+    if set(offsets) != set(self.layers):
+      raise ValueError(f"offsets layers {sorted(offsets)} != tables layers {list(self.layers)}")
+    self.tables = dict(tables)
+    self.offsets = {l: np.asarray(offsets[l], np.int64) for l in self.layers}
+    self.placements = {l: placement_of(self.tables[l]) for l in self.layers}
+    self.states = dict(states) if states is not None else {
+        l: init_state(cfg, self.tables[l]) for l in self.layers}
+    for l in self.layers:
+      for leaf in jax.tree.leaves(self.states[l]):
+        if placement_of(leaf) != self.placements[l]:
+          raise ValueError(f"layer {l}: optimiser state in {placement_of(leaf)} but table in "
+                           f"{self.placements[l]}; state must live with its table")
+    self._outstanding: list[PrefetchHandle] = []
+    self._gather = jax.jit(self._gather_fn)
+    self._update = jax.jit(self._update_fn, static_argnames=("has_step",))
+    self._scatter = jax.jit(self._scatter_fn, donate_argnums=0)
+    self._device = next(iter(self.tables.values())).sharding._device
+
+  # -- arrays ---------------------------------------------------------------------------------------
+
+  def _arrays(self, l):
+    return (self.tables[l],) + tuple(x for x in self.states[l] if x is not None)
+
+  def _set_arrays(self, l, arrays):
+    self.tables[l] = arrays[0]
+    it = iter(arrays[1:])
+    self.states[l] = table_optim.TableOptState(
+        *[None if x is None else next(it) for x in self.states[l]])
+
+  # -- prefetch ------------------------------------------------------------------------------------
+
+  @staticmethod
+  def _gather_fn(arrays, gather_ids):
+    """Device copies of `arr[ids]` for every array; host gathers run as host compute."""
+    out = {}
+    for l, arrs in arrays.items():
+      ids = gather_ids[l]
+      out[l] = tuple(jax.device_put(a.at[ids].get(mode="promise_in_bounds"),
+                                    jax.memory.Space.Device) for a in arrs)
+    return out
+
+  def prefetch(self, ids: Mapping[int, np.ndarray]) -> PrefetchHandle:
+    """Starts fetching the rows a batch will read; `ids` are host hash ids {layer: [B, T, H]}.
+
+    Everything here is dispatched asynchronously: call it for step s+1 before dispatching step s.
+    """
+    if set(ids) != set(self.layers):
+      raise ValueError(f"prefetch: ids for layers {sorted(ids)}, trainer has {list(self.layers)}")
+    dev = placement_sharding("device", self._device)
+    gather_ids, row_ids, row_ids_home, inverse = {}, {}, {}, {}
+    for l in self.layers:
+      if isinstance(ids[l], jax.Array):
+        raise ValueError("prefetch: pass the batch's hash ids as NumPy (the pipeline's host "
+                         "copy); rows are deduplicated on the host while the device computes")
+      num_rows = self.tables[l].shape[0]
+      rid, inv, _ = unique_rows_numpy(ids[l], self.offsets[l], num_rows)
+      home = placement_sharding(self.placements[l], self._device)
+      # The gather reads in-bounds ids (padding -> R-1); scatters use `rid` (padding R, dropped).
+      gather_ids[l] = jax.device_put(np.minimum(rid, num_rows - 1), home)
+      row_ids_home[l] = jax.device_put(rid, home)
+      row_ids[l] = jax.device_put(rid, dev)
+      inverse[l] = jax.device_put(inv, dev)
+    leaves = self._gather({l: self._arrays(l) for l in self.layers}, gather_ids)
+    handle = PrefetchHandle(leaves, row_ids, row_ids_home, inverse)
+    self._outstanding.append(handle)
+    return handle
+
+  def rows(self, handle: PrefetchHandle) -> dict[int, PrefetchedRows]:
+    """{layer: PrefetchedRows} on the device (padding slots zero), for the model."""
+    out = {}
+    for l in self.layers:
+      out[l] = _masked_rows(handle.leaves[l][0], handle.row_ids[l], handle.inverse[l],
+                            num_rows=self.tables[l].shape[0])
+    return out
+
+  # -- update --------------------------------------------------------------------------------------
+
+  def _update_fn(self, leaves, row_ids, grads, pending, lr, step, has_step):
+    """Optimiser on the U gathered rows of every layer; patches `pending` handles' leaves."""
+    new_leaves, patched = {}, [{} for _ in pending]
+    for l in self.layers:
+      num_rows = self.tables[l].shape[0]
+      w_UxE, *state_rows = leaves[l]
+      rid = row_ids[l]
+      u = rid.shape[0]
+      local_U = jnp.where(rid < num_rows, jnp.arange(u, dtype=jnp.int32), u)
+      it = iter(state_rows)
+      mini_state = table_optim.TableOptState(
+          *[None if x is None else next(it) for x in self.states[l]])
+      g = grads[l]
+      new_w, new_state = table_optim.apply_row_sparse_update(
+          self.cfg, w_UxE, mini_state, RowSparse(local_U, g), lr,
+          step=step if has_step else None)
+      new_leaves[l] = (new_w,) + tuple(x for x in new_state if x is not None)
+      for p, out in zip(pending, patched):
+        p_rid, p_leaves = p[l]
+        out[l] = _patch(p_rid, p_leaves, rid, new_leaves[l], num_rows)
+    return new_leaves, patched
+
+  @staticmethod
+  def _scatter_fn(arrays, row_ids_home, new_leaves):
+    """`arr[rid] = new` for every array, in place (donated); padding ids (R) are dropped."""
+    out = {}
+    for l, arrs in arrays.items():
+      rid = row_ids_home[l]
+      space = jax.typeof(arrs[0]).memory_space
+      out[l] = tuple(a.at[rid].set(jax.device_put(v.astype(a.dtype), space), mode="drop")
+                     for a, v in zip(arrs, new_leaves[l]))
+    return out
+
+  def apply_grad(self, handle: PrefetchHandle, grads: Mapping[int, Any], learning_rate,
+                 step=None) -> None:
+    """Applies the row-sparse gradient of `handle`'s step; tables/state update in place.
+
+    `grads`: {layer: RowSparse (row ids must be handle's) or the f32 [U, E] gradient w.r.t.
+    `rows(handle)[layer].rows_UxE`}. Outstanding handles (prefetched before this call) are
+    patched with the new rows.
+    """
+    if handle.consumed:
+      raise ValueError("apply_grad: this handle's gradient was already applied")
+    if handle not in self._outstanding:
+      raise ValueError("apply_grad: handle was not produced by this trainer's prefetch")
+    g = {}
+    for l in self.layers:
+      x = grads[l]
+      g[l] = (x.values_UxE if isinstance(x, RowSparse) else x).astype(jnp.float32)
+    self._outstanding.remove(handle)
+    handle.consumed = True
+    pending = [{l: (p.row_ids[l], p.leaves[l]) for l in self.layers} for p in self._outstanding]
+    dev = placement_sharding("device", self._device)
+    # Explicit puts: scalars from Python would be implicit transfers (transfer_guard).
+    lr = jax.device_put(np.float32(learning_rate), dev) if not isinstance(
+        learning_rate, jax.Array) else learning_rate
+    step_arr = step if isinstance(step, jax.Array) else jax.device_put(
+        np.int32(0 if step is None else step), dev)
+    new_leaves, patched = self._update(handle.leaves, handle.row_ids, g, pending,
+                                       lr.astype(jnp.float32), step_arr,
+                                       has_step=step is not None)
+    for p, leaves in zip(self._outstanding, patched):
+      p.leaves = leaves
+    arrays = {l: self._arrays(l) for l in self.layers}
+    out = self._scatter(arrays, handle.row_ids_home, new_leaves)
+    for l in self.layers:
+      self._set_arrays(l, out[l])
+
+  def compiled_texts(self, handle: PrefetchHandle, grads) -> dict[str, str]:
+    """Optimised HLO of the gather and scatter programs (tests look for table-sized copies)."""
+    arrays = {l: self._arrays(l) for l in self.layers}
+    gather_ids = {l: handle.row_ids_home[l] for l in self.layers}
+    new_leaves = {l: handle.leaves[l] for l in self.layers}
+    return {"gather": self._gather.lower(arrays, gather_ids).compile().as_text(),
+            "scatter": self._scatter.lower(arrays, handle.row_ids_home,
+                                           new_leaves).compile().as_text()}
+
+
+@jax.jit(static_argnames="num_rows")
+def _masked_rows(w_UxE, row_ids_U, inverse_BxTxH, num_rows):
+  valid_U1 = (row_ids_U < num_rows)[:, None]
+  return PrefetchedRows(jnp.where(valid_U1, w_UxE, 0).astype(w_UxE.dtype), inverse_BxTxH,
+                        row_ids_U)
+
+
+def _patch(row_ids_V, leaves_V, row_ids_U, new_leaves_U, num_rows):
+  """Replaces rows of a prefetched handle (ids V) that an update (ids U, sorted) just changed."""
+  pos_V = jnp.clip(jnp.searchsorted(row_ids_U, row_ids_V), 0, row_ids_U.shape[0] - 1)
+  hit_V = (row_ids_U[pos_V] == row_ids_V) & (row_ids_V < num_rows)
+  out = []
+  for old, new in zip(leaves_V, new_leaves_U):
+    hit = hit_V.reshape(hit_V.shape + (1,) * (old.ndim - 1))
+    out.append(jnp.where(hit, new[pos_V].astype(old.dtype), old))
+  return tuple(out)
