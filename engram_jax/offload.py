@@ -51,6 +51,7 @@ Dimension legend: B batch, T time, H hash heads, E row width, R table rows, U = 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Mapping, Optional
 
@@ -428,3 +429,113 @@ def _patch(row_ids_V, leaves_V, row_ids_U, new_leaves_U, num_rows):
     hit = hit_V.reshape(hit_V.shape + (1,) * (old.ndim - 1))
     out.append(jnp.where(hit, new[pos_V].astype(old.dtype), old))
   return tuple(out)
+
+
+# ---- checkpoints that stream row chunks -----------------------------------------------------------
+#
+# orbax copies every array to host before writing (a second full copy of a host table). Here a
+# table is written chunk by chunk: a dynamic_slice of `chunk_rows` rows is copied to the device
+# (the host offloader's supported DS-from-host pattern; one chunk of HBM), fetched into NumPy and
+# written into a memory-mapped .npy. Peak extra memory of a save: one chunk in HBM + one chunk of
+# NumPy host memory (DEFAULT_CHUNK_BYTES = 256 MiB), plus the kernel's reclaimable page cache;
+# the table itself is never copied. A restore allocates the destination (one table, checked by
+# `check_host_allocation`) and fills it chunk by chunk from the memmap in place (donated
+# dynamic_update_slice): peak = table + one chunk on the host + one chunk in HBM.
+
+_MANIFEST = "manifest.json"
+
+
+def _raw_dtype(dtype: np.dtype) -> np.dtype:
+  # .npy cannot describe bfloat16; store the bits as unsigned ints of the same width.
+  return np.dtype(f"u{np.dtype(dtype).itemsize}")
+
+
+def _rows_chunk(x_shape, itemsize, chunk_bytes):
+  row_bytes = int(np.prod(x_shape[1:], dtype=np.int64)) * itemsize if len(x_shape) > 1 \
+      else itemsize
+  return int(min(x_shape[0], chunk_rows_for(row_bytes, chunk_bytes)))
+
+
+def save_arrays(directory: str, arrays: Mapping[str, jax.Array], *,
+                chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+  """Writes `{name: [R, ...] array}` (any placement) as `<name>.npy` + a manifest, in row chunks."""
+  os.makedirs(directory, exist_ok=True)
+  manifest = {}
+  dev = jax.memory.Space.Device
+  for name, x in arrays.items():
+    if "/" in name or name == _MANIFEST:
+      raise ValueError(f"save_arrays: bad array name {name!r}")
+    dtype = np.dtype(x.dtype)
+    chunk = _rows_chunk(x.shape, dtype.itemsize, chunk_bytes)
+    out = np.lib.format.open_memmap(os.path.join(directory, f"{name}.npy"), mode="w+",
+                                    dtype=_raw_dtype(dtype), shape=tuple(x.shape))
+    take = jax.jit(lambda a, start, c=chunk: jax.device_put(
+        jax.lax.dynamic_slice_in_dim(a, start, c, axis=0), dev))
+    for start in range(0, x.shape[0], chunk):
+      start = min(start, x.shape[0] - chunk)
+      part = np.asarray(jax.device_get(take(x, np.int32(start))))
+      out[start:start + chunk] = part.view(_raw_dtype(dtype))
+    out.flush()
+    del out
+    manifest[name] = {"shape": list(x.shape), "dtype": dtype.name}
+  with open(os.path.join(directory, _MANIFEST), "w") as f:
+    json.dump(manifest, f, indent=1)
+
+
+def restore_arrays(directory: str, placement: str = "pinned_host", *,
+                   names: Optional[list] = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                   device: Optional[jax.Device] = None) -> dict[str, jax.Array]:
+  """Reads arrays written by `save_arrays` into `placement`, chunk by chunk."""
+  with open(os.path.join(directory, _MANIFEST)) as f:
+    manifest = json.load(f)
+  names = list(manifest) if names is None else names
+  sharding = placement_sharding(placement, device)
+  dev = placement_sharding("device", device)
+  space = _space(placement)
+  out = {}
+  for name in names:
+    if name not in manifest:
+      raise ValueError(f"restore_arrays: {name!r} not in {directory} (has {sorted(manifest)})")
+    shape, dtype = tuple(manifest[name]["shape"]), jnp.dtype(manifest[name]["dtype"])
+    src = np.load(os.path.join(directory, f"{name}.npy"), mmap_mode="r")
+    if src.shape != shape:
+      raise ValueError(f"restore_arrays: {name}.npy has shape {src.shape}, manifest {shape}")
+    x = zeros(shape, dtype, placement, device)
+    chunk = _rows_chunk(shape, dtype.itemsize, chunk_bytes)
+    put = jax.jit(lambda a, c, start: jax.lax.dynamic_update_slice_in_dim(
+        a, jax.device_put(c, space), start, axis=0), donate_argnums=0, out_shardings=sharding)
+    for start in range(0, shape[0], chunk):
+      start = min(start, shape[0] - chunk)
+      part = np.ascontiguousarray(src[start:start + chunk]).view(dtype)
+      x = put(x, jax.device_put(part, dev), np.int32(start))
+    out[name] = x
+  return out
+
+
+def _state_names(l, state):
+  return {f"layer{l}.{k}": v for k, v in state._asdict().items() if v is not None}
+
+
+def save_trainer(directory: str, trainer: HostTableTrainer, **kw) -> None:
+  """Tables and optimiser states of every layer (no outstanding prefetch is saved)."""
+  arrays = {}
+  for l in trainer.layers:
+    arrays[f"layer{l}.table"] = trainer.tables[l]
+    arrays.update(_state_names(l, trainer.states[l]))
+  save_arrays(directory, arrays, **kw)
+
+
+def restore_trainer(directory: str, cfg: table_optim.TableOptimizerConfig,
+                    offsets: Mapping[int, Any], placements: Mapping[int, str],
+                    **kw) -> HostTableTrainer:
+  """A `HostTableTrainer` whose tables/states are read from `directory` into `placements`."""
+  tables, states = {}, {}
+  for l, placement in placements.items():
+    table = restore_arrays(directory, placement, names=[f"layer{l}.table"], **kw)
+    tables[l] = table[f"layer{l}.table"]
+    shapes = table_optim.init_table_state_shapes(cfg, *tables[l].shape)
+    names = [f"layer{l}.{k}" for k, v in shapes._asdict().items() if v is not None]
+    got = restore_arrays(directory, placement, names=names, **kw)
+    states[l] = table_optim.TableOptState(
+        **{k: got.get(f"layer{l}.{k}") for k in shapes._asdict()})
+  return HostTableTrainer(cfg, tables, offsets, states)

@@ -233,3 +233,26 @@ def test_apply_grad_twice_is_an_error():
   trainer.apply_grad(h, g, LR)
   with pytest.raises(ValueError, match="already applied"):
     trainer.apply_grad(h, g, LR)
+
+
+@pytest.mark.parametrize("moment_dtype", ["float32", "bfloat16"])
+def test_checkpoint_round_trip_of_host_tables(tmp_path, moment_dtype):
+  cfg = table_optim.TableOptimizerConfig(moment_dtype=moment_dtype)
+  batches = _batches(3, seed=4)
+  trainer = offload.HostTableTrainer(cfg, _tables("pinned_host"), {l: _offsets(l) for l in LAYERS})
+  for ids, _ in batches:
+    h = trainer.prefetch(ids)
+    g = {l: jnp.ones(h.leaves[l][0].shape, jnp.float32) for l in LAYERS}
+    trainer.apply_grad(h, g, LR)
+  # 40-byte chunks: several chunks per table and a clipped last one.
+  offload.save_trainer(str(tmp_path), trainer, chunk_bytes=40)
+  back = offload.restore_trainer(str(tmp_path), cfg, {l: _offsets(l) for l in LAYERS},
+                                 {l: "pinned_host" for l in LAYERS}, chunk_bytes=40)
+  for l in LAYERS:
+    assert back.tables[l].sharding.memory_kind == "pinned_host"
+    for a, b in zip(jax.tree.leaves((trainer.tables[l], trainer.states[l])),
+                    jax.tree.leaves((back.tables[l], back.states[l]))):
+      assert a.dtype == b.dtype and b.sharding.memory_kind == "pinned_host"
+      np.testing.assert_array_equal(_host_to_numpy(a).astype(np.float32),
+                                    _host_to_numpy(b).astype(np.float32))
+    assert np.abs(_host_to_numpy(back.states[l].mu_RxE).astype(np.float32)).max() > 0
