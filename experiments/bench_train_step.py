@@ -6,7 +6,15 @@ Question: does a training step's cost stay flat as the table grows when only the
 updated (engram_jax/table_optim.py), while dense Adam grows with the table? Goal (issue 5): on an
 H200 the sparse step grows <= 5% from a 1M-row table to the largest that fits in HBM.
 
-`--step=standalone` (default; no grain / ml_collections needed): one Engram-sized step of our
+`--step=trainer --config=experiments/configs/small_gpu.py`: the real jitted train step of
+engram_jax/train.py (`Trainer.compile`) on synthetic batches, with `table_optim.kind` switched
+between 'dense_adam' and the sparse kinds and `engram.engram_vocab_size` set so every Engram
+table has the requested rows. Needs ml_collections and grain (engram_jax.train imports them; on
+the GPU image carry them as wheels). Dense parameters are initialised once by the trainer at a
+tiny table; for each measured size the tables are filled by pattern and their optimiser state is
+zero (a random table init needs table-sized temporaries; values do not change the step's work).
+
+`--step=standalone` (no grain / ml_collections needed): one Engram-sized step of our
 own -- hashed ids [B, T, H] -> `prefetch_rows` (unique rows, gathered outside the gradient) ->
 `expand_rows` -> [B, T, H*E] -> a dense layer to d -> squared-error loss. 'dense' differentiates
 w.r.t. the whole table (table-sized gradient) and applies optax Adam to the whole table; the
@@ -58,7 +66,7 @@ def _loss_from_rows(rows_UxE, inverse_BxTxH, w_KxD, target_BxTxD):
 def _make_step(kind: str, offsets_H, base_lr: float):
   """Returns (init_opt(table, w), step(table, opt, w, ids, target) -> (table, opt, w, loss))."""
   dense_tx = optax.adam(base_lr)
-  if kind == 'dense':
+  if kind == 'dense_adam':
     table_tx = optax.adam(base_lr * 5.0, b1=0.9, b2=0.999, eps=1e-8)
 
     def init_opt(table, w):
@@ -125,6 +133,78 @@ def _time_step(kind, num_rows, args):
   return float(np.median(runs))
 
 
+def _load_config(path: str, kind: str, rows_per_table: int):
+  import importlib.util  # the config module needs ml_collections: only on the trainer path
+  spec = importlib.util.spec_from_file_location('bench_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  orders = config.engram.max_ngram_size - 1
+  per_head = max(rows_per_table // (orders * config.engram.n_head_per_ngram), 2)
+  config.engram.engram_vocab_size = (per_head,) * orders
+  config.table_optim.kind = kind
+  return config
+
+
+def _filled_state(small_state, abstract):
+  """`abstract`'s state: leaves whose shape matches `small_state` come from it; tables (under
+  'tables', or a 'table' param) are pattern-filled; other resized leaves (moments) are zeros."""
+  def leaf(path, small, want):
+    if small.shape == want.shape:
+      return small
+    name = jax.tree_util.keystr(path)
+    is_table = name.startswith('.tables') or (name.startswith('.params') and "'table'" in name)
+
+    def make():
+      if is_table:
+        rows = jax.lax.broadcasted_iota(jnp.int32, want.shape, 0)
+        return (((rows * 31) % 977).astype(jnp.float32) * 1e-3 - 0.488).astype(want.dtype)
+      return jnp.zeros(want.shape, want.dtype)
+    return jax.jit(make, out_shardings=want.sharding)()
+  return jax.tree_util.tree_map_with_path(leaf, small_state, abstract)
+
+
+def _time_trainer_step(kind, rows_per_table, args, small_states):
+  from engram_jax import train as train_lib  # needs ml_collections + grain
+  config = _load_config(args.config, kind, rows_per_table)
+  exp, trainer, abstract = train_lib.setup(config, check_data=False)
+  if kind not in small_states:
+    _, small_trainer, _ = train_lib.setup(_load_config(args.config, kind, 4096), check_data=False)
+    small_states[kind] = jax.device_get(small_trainer.init_state())
+  state = _filled_state(small_states[kind], abstract)
+  train_c, _, batch_sh = trainer.compile(abstract, trainer.shapes)
+  b, t = config.data.batch_size, config.data.seq_len
+  rng = np.random.default_rng(0)
+  vocab = exp.model.vocab_size
+  batches = []
+  for _ in range(4):
+    batch = {'inputs': rng.integers(0, vocab, (b, t)), 'targets': rng.integers(0, vocab, (b, t)),
+             'segment_ids': np.ones((b, t)), 'positions': np.broadcast_to(np.arange(t), (b, t)),
+             'weights': np.ones((b, t), np.float32)}
+    batch = {k: np.asarray(v, np.float32 if k == 'weights' else np.int32) for k, v in batch.items()}
+    if 'engram_ids' in trainer.shapes:
+      batch['engram_ids'] = {
+          l: np.stack([rng.integers(0, p, (b, t)) for p in exp.hashing.head_sizes(l)],
+                      -1).astype(np.int32) for l in trainer.shapes['engram_ids']}
+    batches.append(jax.device_put(batch, batch_sh))
+  table_rows = [exp.hashing.num_rows(l) for l in exp.model.engram.layer_ids]
+  for i in range(3):
+    state, metrics = train_c(state, batches[i % 4])
+  jax.block_until_ready(metrics['loss'])
+  runs = []
+  for _ in range(5):
+    start = time.perf_counter()
+    for i in range(10):
+      state, metrics = train_c(state, batches[i % 4])
+    jax.block_until_ready(metrics['loss'])
+    runs.append((time.perf_counter() - start) / 10 * 1e3)
+  if not np.isfinite(float(metrics['loss'])):
+    raise FloatingPointError(f'{kind} at {rows_per_table} rows: loss {float(metrics["loss"])}')
+  del state, metrics, batches
+  gc.collect()
+  return float(np.median(runs)), table_rows
+
+
 def _dense_bytes_per_param():
   # table + Adam mu + nu (f32) + the table-sized gradient + one table-sized update temporary.
   return table_optim.bytes_per_table_param(
@@ -133,65 +213,88 @@ def _dense_bytes_per_param():
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--step', default='standalone', choices=['standalone'])
-  parser.add_argument('--batch', type=int, default=16)
-  parser.add_argument('--seq_len', type=int, default=512)
-  parser.add_argument('--heads', type=int, default=8)
-  parser.add_argument('--row_width', type=int, default=32)
-  parser.add_argument('--model_dim', type=int, default=512)
-  parser.add_argument('--base_lr', type=float, default=4e-4)
+  parser.add_argument('--step', default='standalone', choices=['standalone', 'trainer'])
+  parser.add_argument('--config', default='experiments/configs/small_gpu.py',
+                      help='trainer step: config file (get_config())')
+  parser.add_argument('--batch', type=int, default=16, help='standalone step')
+  parser.add_argument('--seq_len', type=int, default=512, help='standalone step')
+  parser.add_argument('--heads', type=int, default=8, help='standalone step')
+  parser.add_argument('--row_width', type=int, default=32, help='standalone step')
+  parser.add_argument('--model_dim', type=int, default=512, help='standalone step')
+  parser.add_argument('--base_lr', type=float, default=4e-4, help='standalone step')
   parser.add_argument('--min_rows', type=int, default=1 << 20)
   parser.add_argument('--max_rows', type=int, default=0, help='0: the largest that fits')
-  parser.add_argument('--headroom_gb', type=float, default=8.0)
-  parser.add_argument('--kinds', default='dense,lazy_adam,adagrad')
+  parser.add_argument('--growth', type=int, default=4, help='ratio between measured sizes')
+  parser.add_argument('--headroom_gb', type=float, default=8.0,
+                      help='HBM kept free for activations, the dense params and the allocator')
+  parser.add_argument('--kinds', default='dense_adam,lazy_adam,adagrad')
   args = parser.parse_args()
   kinds = args.kinds.split(',')
+  for kind in kinds:
+    table_optim.TableOptimizerConfig(kind=kind)  # validates the name
+  if args.step == 'trainer':
+    config = _load_config(args.config, 'lazy_adam', args.min_rows)
+    width = config.engram.n_embed_per_ngram // config.engram.n_head_per_ngram
+    num_tables = len(config.engram.layer_ids)
+    what = (f'trainer step of {args.config}: B={config.data.batch_size} '
+            f'T={config.data.seq_len} E={width}, {num_tables} Engram table(s)')
+  else:
+    width, num_tables = args.row_width, 1
+    what = (f'standalone step: B={args.batch} T={args.seq_len} H={args.heads} E={width} '
+            f'D={args.model_dim}')
   device = jax.devices()[0]
-  stats = device.memory_stats() or {}
-  limit = stats.get('bytes_limit')
+  limit = (device.memory_stats() or {}).get('bytes_limit')
   if limit is None and not args.max_rows:
     raise SystemExit(f'{device}: no memory_stats bytes_limit; pass --max_rows')
   budget = (limit or 0) - args.headroom_gb * _GB
-  per_param = {k: (_dense_bytes_per_param() if k == 'dense' else
+  per_param = {k: (_dense_bytes_per_param() if k == 'dense_adam' else
                    table_optim.bytes_per_table_param(table_optim.TableOptimizerConfig(kind=k),
-                                                     jnp.float32, row_width=args.row_width))
+                                                     jnp.float32, row_width=width))
                for k in kinds}
-  fits = {k: int(budget // (per_param[k] * args.row_width)) for k in kinds}
-  largest = args.max_rows or max(fits[k] for k in kinds if k != 'dense')
-  largest -= largest % args.heads
-  sizes = []
-  rows = args.min_rows
+  fits = {k: int(budget // (per_param[k] * width * num_tables)) for k in kinds}
+  sparse = [k for k in kinds if k != 'dense_adam']
+  largest = args.max_rows or max(fits[k] for k in (sparse or kinds))
+  sizes, rows = [], args.min_rows
   while rows < largest:
     sizes.append(rows)
-    rows *= 4
+    rows *= args.growth
   sizes.append(largest)
-  print(f'device: {device.device_kind}; memory limit {limit / _GB if limit else float("nan"):.1f} '
-        f'GB, budget {budget / _GB:.1f} GB; B={args.batch} T={args.seq_len} H={args.heads} '
-        f'E={args.row_width} D={args.model_dim}; bytes/param: '
+  print(f'device: {device.device_kind}; memory limit '
+        f'{limit / _GB if limit else float("nan"):.1f} GB, table budget {budget / _GB:.1f} GB; '
+        f'{what}; bytes/param (f32 table): '
         + ', '.join(f'{k} {v:.3f}' for k, v in per_param.items()), flush=True)
-  results = {}
+  results, small_states = {}, {}
   for num_rows in sizes:
     for kind in kinds:
       if not args.max_rows and num_rows > fits[kind]:
-        results[num_rows, kind] = None
+        results[num_rows, kind] = 'no fit'
         continue
-      results[num_rows, kind] = _time_step(kind, num_rows, args)
-      print(f'  rows={num_rows:,} {kind}: {results[num_rows, kind]:.3f} ms', flush=True)
-  header = (f'{"rows":>13} {"table GB":>9} ' + ' '.join(f'{k + " ms":>13}' for k in kinds)
-            + ' ' + ' '.join(f'{k + " growth":>17}' for k in kinds if k != 'dense'))
-  print(header)
+      try:
+        if args.step == 'trainer':
+          ms, actual = _time_trainer_step(kind, num_rows, args, small_states)
+        else:
+          ms, actual = _time_step(kind, num_rows, args), [num_rows]
+      except jax.errors.JaxRuntimeError as e:  # an OOM is a result, reported in the table
+        if 'RESOURCE_EXHAUSTED' not in str(e):
+          raise
+        results[num_rows, kind] = 'OOM'
+        print(f'  rows={num_rows:,} {kind}: OOM', flush=True)
+        gc.collect()
+        continue
+      results[num_rows, kind] = ms
+      print(f'  rows={num_rows:,} {kind}: {ms:.3f} ms (table rows {actual})', flush=True)
+  print(' '.join([f'{"rows/table":>13}', f'{"GB/table":>9}'] + [f'{k + " ms":>13}' for k in kinds]
+                 + [f'{k + " growth":>17}' for k in sparse]))
   for num_rows in sizes:
-    cells = [f'{num_rows:>13,}', f'{num_rows * args.row_width * 4 / _GB:>9.2f}']
+    cells = [f'{num_rows:>13,}', f'{num_rows * width * 4 / _GB:>9.2f}']
     for kind in kinds:
       ms = results[num_rows, kind]
-      cells.append(f'{ms:>13.3f}' if ms is not None else f'{"no fit":>13}')
-    for kind in kinds:
-      if kind == 'dense':
-        continue
+      cells.append(f'{ms:>13.3f}' if isinstance(ms, float) else f'{ms:>13}')
+    for kind in sparse:
       ms, base = results[num_rows, kind], results[sizes[0], kind]
-      cells.append(f'{(ms / base - 1) * 100:>+16.1f}%' if ms is not None and base else
-                   f'{"-":>17}')
-    print(' '.join(cells))
+      ok = isinstance(ms, float) and isinstance(base, float)
+      cells.append(f'{(ms / base - 1) * 100:>+16.1f}%' if ok else f'{"-":>17}')
+    print(' '.join(cells), flush=True)
 
 
 if __name__ == '__main__':
