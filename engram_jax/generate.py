@@ -1,0 +1,178 @@
+"""Token-by-token generation with Engram rows fetched (from host or HBM tables) as tokens appear.
+
+The n-gram ids of position t+1 depend only on the compressed tokens t+2-N .. t+1, so the rows
+position t+1 reads are known the moment its token is sampled. `generate` keeps, per sequence, a
+rolling history of the last N compressed tokens on the device; after sampling token t+1 it
+hashes the history (`NgramHashMapping.hash` on an [B, N] window, last position), turns the H
+per-head ids into global rows and fetches exactly those B*H rows per layer: for a pinned_host
+table the ids are copied to the host (an explicit async device_put of B*H int32) and gathered
+there by the host offloader into a device array. Every step is asynchronous dispatch; nothing
+waits for the host until the tokens are read at the end.
+
+Rows already fetched are kept on the device in a per-layer buffer rows_BxTmaxxHxE, and the model
+sees them as `PrefetchedRows(rows = buffer, inverse = identity)`: the prefix is never fetched
+again.
+
+The model has no KV cache (EngramLM exposes none), so every step recomputes the forward over a
+fixed [B, T_max] window (static shapes: one compilation) and reads the logits of position t;
+`logits_fn` must be causal, which makes positions > t irrelevant. This is O(T_max) work per
+token: correct and simple, not fast. With a KV cache the same fetch would serve a one-token
+forward, and the fetch of t+1 could overlap the blocks before the first Engram layer; neither
+is done here.
+
+Sampling: temperature 0 is greedy (argmax); otherwise `categorical(logits / temperature)` with
+a key folded per position.
+
+Dimension legend: B batch, P prompt length, T_max prompt + new tokens, N max n-gram order,
+H hash heads, E row width, V vocab, L Engram layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engram_jax import offload
+from engram_jax.hashing import NgramHashMapping
+from pallas_kernels.engram_lookup.row_sparse import PrefetchedRows
+
+LogitsFn = Callable[[jax.Array, Mapping[int, PrefetchedRows]], jax.Array]
+
+
+def buffer_rows(buffer_BxTxHxE: jax.Array) -> PrefetchedRows:
+  """The whole row buffer as PrefetchedRows with the identity inverse (one slot per lookup)."""
+  b, t, h, e = buffer_BxTxHxE.shape
+  inverse = jnp.arange(b * t * h, dtype=jnp.int32).reshape(b, t, h)
+  return PrefetchedRows(buffer_BxTxHxE.reshape(b * t * h, e), inverse,
+                        jnp.zeros((b * t * h,), jnp.int32))
+
+
+@jax.jit
+def _fetch(table_RxE, rows_N):
+  """Rows `table[rows_N]` into a device array; ids must live where the table lives (a host
+  table is gathered by host compute, then copied)."""
+  out = table_RxE.at[rows_N].get(mode="promise_in_bounds")
+  return jax.device_put(out, jax.memory.Space.Device)
+
+
+class Generator:
+  """Greedy / temperature sampling over `logits_fn` with Engram rows fetched per position.
+
+  Args:
+    logits_fn: `(inputs_BxT int32, {layer: PrefetchedRows}) -> logits_BxTxV`, causal.
+    tables: {layer: [R, E] table} in 'device' or 'pinned_host' memory.
+    mapping: the hash mapping (its layer_ids must cover `tables`).
+    compression: int[V] raw -> compressed id lookup (CompressedTokenizer.lookup_table), or None
+      if the inputs are already compressed-vocabulary ids.
+  """
+
+  def __init__(self, logits_fn: LogitsFn, tables: Mapping[int, jax.Array],
+               mapping: NgramHashMapping, compression: Optional[np.ndarray] = None):
+    missing = set(tables) - set(mapping.layer_ids)
+    if missing:
+      raise ValueError(f"tables for layers {sorted(missing)} the mapping does not hash")
+    self.logits_fn = logits_fn
+    self.tables = dict(tables)
+    self.layers = tuple(sorted(tables))
+    self.mapping = mapping
+    self.n = mapping.max_ngram_size
+    self.placements = {l: offload.placement_of(t) for l, t in tables.items()}
+    device = next(iter(tables.values())).sharding._device
+    self.dev = offload.placement_sharding("device", device)
+    self.home = {l: offload.placement_sharding(p, device) for l, p in self.placements.items()}
+    self.offsets = {l: jax.device_put(np.asarray(mapping.offsets(l), np.int32), self.dev)
+                    for l in self.layers}
+    for l in self.layers:
+      if tables[l].shape[0] != mapping.num_rows(l):
+        raise ValueError(f"layer {l}: table has {tables[l].shape[0]} rows, mapping "
+                         f"{mapping.num_rows(l)}")
+    self.compression = None if compression is None else jax.device_put(
+        np.asarray(compression, np.int32), self.dev)
+    self._step = jax.jit(self._step_fn, donate_argnums=(0, 2))  # tokens, history in place
+    self._write = jax.jit(self._write_fn, donate_argnums=0)
+
+  # -- pieces ----------------------------------------------------------------------------------------
+
+  def _compress(self, tokens):
+    return tokens if self.compression is None else self.compression[tokens]
+
+  def _global_rows(self, ids_BxTxH, l):
+    rows = ids_BxTxH + self.offsets[l]
+    return jnp.clip(rows, 0, self.tables[l].shape[0] - 1)
+
+  def _fetch_rows(self, rows_dev_BxTxH: dict) -> dict:
+    """Starts the fetch of `rows` for every layer (explicit puts; async)."""
+    out = {}
+    for l in self.layers:
+      shape = rows_dev_BxTxH[l].shape
+      ids_home = jax.device_put(rows_dev_BxTxH[l].reshape(-1), self.home[l])
+      rows = _fetch(self.tables[l], ids_home)
+      out[l] = rows.reshape(shape + (rows.shape[-1],))
+    return out
+
+  def _step_fn(self, tokens_BxT, t, hist_BxN, buffers, seed, temperature, greedy):
+    """Forward at the fixed window, sample token t+1, advance history, rows of t+1."""
+    pre = {l: buffer_rows(buffers[l]) for l in self.layers}
+    logits_BxTxV = self.logits_fn(tokens_BxT, pre)
+    logits_BxV = jax.lax.dynamic_index_in_dim(logits_BxTxV, t, axis=1, keepdims=False)
+    logits_BxV = logits_BxV.astype(jnp.float32)
+    key = jax.random.fold_in(jax.random.key(seed), t)
+    sampled = jax.random.categorical(key, logits_BxV / temperature)
+    tok_B = jnp.where(greedy, jnp.argmax(logits_BxV, -1), sampled).astype(jnp.int32)
+    tokens_BxT = jax.lax.dynamic_update_slice(tokens_BxT, tok_B[:, None], (0, t + 1))
+    hist_BxN = jnp.concatenate([hist_BxN[:, 1:], self._compress(tok_B)[:, None]], axis=1)
+    ids = self.mapping.hash(hist_BxN)
+    rows = {l: self._global_rows(ids[l][:, -1:, :], l) for l in self.layers}
+    return tokens_BxT, hist_BxN, rows
+
+  @staticmethod
+  def _write_fn(buffers, new_rows, t):
+    return {l: jax.lax.dynamic_update_slice(b, new_rows[l].astype(b.dtype), (0, t, 0, 0))
+            for l, b in buffers.items()}
+
+  # -- driver ----------------------------------------------------------------------------------------
+
+  def __call__(self, prompt_BxP: np.ndarray, max_new_tokens: int, *, temperature: float = 0.0,
+               seed: int = 0, pad_id: int = 0) -> np.ndarray:
+    """Returns int32[B, P + max_new_tokens]: the prompt followed by the sampled tokens."""
+    prompt = np.asarray(prompt_BxP, np.int32)
+    if prompt.ndim != 2 or prompt.shape[1] < 1:
+      raise ValueError(f"prompt must be int[B, P>=1], got shape {prompt.shape}")
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {temperature}")
+    b, p = prompt.shape
+    t_max = p + max_new_tokens
+    tokens = np.full((b, t_max), pad_id, np.int32)
+    tokens[:, :p] = prompt
+    tokens = jax.device_put(tokens, self.dev)
+    # Prompt: hash on the host, fetch all its rows at once.
+    comp = prompt if self.compression is None else np.asarray(
+        jax.device_get(self.compression))[prompt]
+    ids = self.mapping.hash_numpy(comp)
+    rows = {l: jax.device_put(np.clip(ids[l] + np.asarray(self.mapping.offsets(l)), 0,
+                                      self.tables[l].shape[0] - 1).astype(np.int32), self.dev)
+            for l in self.layers}
+    buffers = {l: jax.device_put(np.zeros((b, t_max, ids[l].shape[-1], self.tables[l].shape[1]),
+                                          self.tables[l].dtype), self.dev)
+               for l in self.layers}
+    buffers = self._write(buffers, self._fetch_rows(rows), jax.device_put(np.int32(0), self.dev))
+    # Rolling history: the last N compressed tokens (compressed pad left of the sequence).
+    hist = np.full((b, self.n), self.mapping.pad_id, np.int32)
+    k = min(self.n, p)
+    hist[:, self.n - k:] = comp[:, p - k:]
+    hist = jax.device_put(hist, self.dev)
+    seed_dev = jax.device_put(np.int32(seed), self.dev)
+    temp = jax.device_put(np.float32(max(temperature, 1e-6)), self.dev)
+    greedy = jax.device_put(np.bool_(temperature == 0), self.dev)
+    for t in range(p - 1, t_max - 1):
+      t_dev = jax.device_put(np.int32(t), self.dev)
+      tokens, hist, rows = self._step(tokens, t_dev, hist, buffers, seed_dev, temp, greedy)
+      # Token t+1 is known (on the device): fetch its rows now, before the next forward.
+      buffers = self._write(buffers, self._fetch_rows(rows),
+                            jax.device_put(np.int32(t + 1), self.dev))
+    return np.asarray(jax.device_get(tokens))
