@@ -1,0 +1,282 @@
+"""Engram tables in HBM vs in pinned host memory: training step time and decoding tokens/s.
+
+  XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=110 \
+    python -m experiments.bench_offload --sizes_gb=1,32,8
+
+Same model, same batches, same lazy-Adam table optimiser (f32 table, bf16 moments: 2x the table
+bytes of host memory per placement), one run, side by side per table size:
+
+  HBM   one fused jitted step: `prefetch_rows` from the HBM table, forward/backward on the rows,
+        SGD on the dense weights, `apply_row_sparse_update` on the whole table (donated).
+  host  `offload.HostTableTrainer`: the same model step on `PrefetchedRows`; rows of step s+1
+        deduplicated on the host (NumPy, overlapping step s) and gathered from the pinned_host
+        table and state by host compute; the optimiser runs on the U rows on the device and the
+        new rows are scattered back into the host arrays in place.
+
+The model is our own stand-in (no grain / ml_collections / EngramLM needed): token embedding,
+`--blocks` residual MLP blocks of width `--d` (bf16), two Engram layers whose rows are expanded
+and projected into the residual stream before blocks 1 and `blocks//2`, a vocabulary head and
+cross-entropy. Tokens are Zipf(1.1)-distributed over a 32k vocabulary and hashed with the real
+`NgramHashMapping` (N=3, K=8: H=16 heads, E=64) sized so the two tables hold the requested
+bytes. Decoding: `engram_jax.generate.Generator` (no KV cache: the forward recomputes a fixed
+window; each new position's rows are fetched as soon as its token is sampled).
+
+Timing: after 2 warm-up steps, `--steps` steps with one block_until_ready at the end; decoding:
+one warm-up call, then one timed call. The last table printed is the result; it also prints the
+host-side costs measured alone (prefetch = unique+gather+copy, apply = update+scatter).
+
+Dimension legend: B batch, T time, H hash heads, E row width, U = B*T*H row slots, D width.
+"""
+
+import argparse
+import gc
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engram_jax import offload, table_optim
+from engram_jax.generate import Generator
+from engram_jax.hashing import NgramHashMapping
+from pallas_kernels.engram_lookup.row_sparse import RowSparse, expand_rows, prefetch_rows
+
+VOCAB, N, K, E = 32768, 3, 8, 64
+H = (N - 1) * K
+LAYERS = (1, 2)      # hash layer ids; block index where each is injected is below
+CFG = table_optim.TableOptimizerConfig(moment_dtype="bfloat16")
+LR = 1e-3
+
+
+def parse():
+  p = argparse.ArgumentParser()
+  p.add_argument("--sizes_gb", default="1,32,8", help="total table GB (both layers)")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--seq", type=int, default=2048)
+  p.add_argument("--d", type=int, default=2048)
+  p.add_argument("--blocks", type=int, default=16)
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--gen_batch", type=int, default=64)
+  p.add_argument("--gen_prompt", type=int, default=112)
+  p.add_argument("--gen_new", type=int, default=16)
+  p.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+  return p.parse_args()
+
+
+def mapping_for(gb: float) -> NgramHashMapping:
+  rows_per_head = max(64, int(gb * 2**30 / (E * 4) / (len(LAYERS) * H)))
+  return NgramHashMapping((rows_per_head, rows_per_head), N, K, LAYERS, 0, 0, VOCAB)
+
+
+def batches(mapping, b, t, n=4, seed=0):
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    toks = (rng.zipf(1.1, size=(b, t + 1)) - 1) % VOCAB
+    toks = toks.astype(np.int32)
+    ids = mapping.hash_numpy(toks[:, :-1])
+    out.append((toks[:, :-1], toks[:, 1:], {l: v.astype(np.int32) for l, v in ids.items()}))
+  return out
+
+
+def init_params(args):
+  ks = jax.random.split(jax.random.key(0), 4 + 2 * args.blocks)
+  d, f = args.d, 4 * args.d
+  bf = jnp.bfloat16
+  p = {"emb": jax.random.normal(ks[0], (VOCAB, d), bf) * 0.02,
+       "out": jax.random.normal(ks[1], (d, VOCAB), bf) * d ** -0.5,
+       "eng": {l: jax.random.normal(ks[2 + i], (H * E, d), bf) * (H * E) ** -0.5
+               for i, l in enumerate(LAYERS)},
+       "w1": [jax.random.normal(ks[4 + 2 * i], (d, f), bf) * d ** -0.5
+              for i in range(args.blocks)],
+       "w2": [jax.random.normal(ks[5 + 2 * i], (f, d), bf) * f ** -0.5
+              for i in range(args.blocks)]}
+  return p
+
+
+def inject_at(args):
+  return {LAYERS[0]: 1, LAYERS[1]: args.blocks // 2}
+
+
+def forward(params, tokens_BxT, rows, inverses, args):
+  x = params["emb"][tokens_BxT]
+  at = inject_at(args)
+  for i in range(args.blocks):
+    for l in LAYERS:
+      if at[l] == i:
+        e = expand_rows(rows[l], inverses[l]).astype(jnp.bfloat16)
+        x = x + e @ params["eng"][l]
+    h = x * jax.lax.rsqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), -1, keepdims=True)
+                          + 1e-6).astype(x.dtype)
+    x = x + jax.nn.gelu(h @ params["w1"][i]) @ params["w2"][i]
+  return (x @ params["out"]).astype(jnp.float32)
+
+
+def loss_fn(params, rows, inverses, tokens, targets, args):
+  logits = forward(params, tokens, rows, inverses, args)
+  logp = jax.nn.log_softmax(logits)
+  return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], -1))
+
+
+def sgd(params, grads):
+  return jax.tree.map(lambda p, g: (p - 1e-3 * g).astype(p.dtype), params, grads)
+
+
+def make_hbm_step(args, offsets):
+  def step(params, tables, states, tokens, targets, ids):
+    pre = {l: prefetch_rows(tables[l], ids[l], offsets[l]) for l in LAYERS}
+    loss, (gp, grows) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
+        params, {l: p.rows_UxE for l, p in pre.items()},
+        {l: p.inverse_BxTxH for l, p in pre.items()}, tokens, targets, args)
+    tables, states = dict(tables), dict(states)
+    for l in LAYERS:
+      tables[l], states[l] = table_optim.apply_row_sparse_update(
+          CFG, tables[l], states[l], RowSparse(pre[l].row_ids_U, grows[l]), LR)
+    return sgd(params, gp), tables, states, loss
+  return jax.jit(step, donate_argnums=(0, 1, 2))
+
+
+def make_model_step(args):
+  def step(params, rows, inverses, tokens, targets):
+    loss, (gp, grows) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
+        params, rows, inverses, tokens, targets, args)
+    return sgd(params, gp), grows, loss
+  return jax.jit(step, donate_argnums=0)
+
+
+_MODEL_STEP = {}
+
+
+def put(x, dev):
+  return jax.tree.map(lambda a: jax.device_put(a, dev), x)
+
+
+def bench_hbm(args, params, tables, mapping, data, dev):
+  offsets = {l: jnp.asarray(mapping.offsets(l), jnp.int32) for l in LAYERS}
+  states = {l: offload.init_state(CFG, tables[l]) for l in LAYERS}
+  step = make_hbm_step(args, offsets)
+  dd = [put(b, dev) for b in data]
+  for s in range(2):
+    tok, tgt, ids = dd[s % len(dd)]
+    params, tables, states, loss = step(params, tables, states, tok, tgt, ids)
+  jax.block_until_ready(loss)
+  t0 = time.perf_counter()
+  for s in range(2, 2 + args.steps):     # the host run sees the same batch sequence
+    tok, tgt, ids = dd[s % len(dd)]
+    params, tables, states, loss = step(params, tables, states, tok, tgt, ids)
+  jax.block_until_ready((loss, tables))
+  ms = (time.perf_counter() - t0) / args.steps * 1e3
+  del states
+  return ms, float(loss), params, tables
+
+
+def bench_host(args, params, tables, mapping, data, dev):
+  trainer = offload.HostTableTrainer(CFG, tables, {l: mapping.offsets(l) for l in LAYERS})
+  step = _MODEL_STEP.setdefault("step", make_model_step(args))
+  dd = [(jax.device_put(tok, dev), jax.device_put(tgt, dev)) for tok, tgt, _ in data]
+
+  def run(n, handle, s0):
+    for s in range(s0, s0 + n):
+      tok, tgt = dd[s % len(dd)]
+      rows = trainer.rows(handle)
+      out = step(params_box[0], {l: r.rows_UxE for l, r in rows.items()},
+                 {l: r.inverse_BxTxH for l, r in rows.items()}, tok, tgt)
+      params_box[0], grows, loss = out
+      # Host work for s+1 (NumPy unique) runs while the device executes step s.
+      nxt = trainer.prefetch(data[(s + 1) % len(data)][2])
+      trainer.apply_grad(handle, grows, LR)
+      handle = nxt
+    return handle, loss
+
+  params_box = [params]
+  handle = trainer.prefetch(data[0][2])
+  handle, loss = run(2, handle, 0)
+  jax.block_until_ready((loss, trainer.tables))
+  t0 = time.perf_counter()
+  handle, loss = run(args.steps, handle, 2)
+  jax.block_until_ready((loss, trainer.tables, handle.leaves))
+  ms = (time.perf_counter() - t0) / args.steps * 1e3
+  # Host-side pieces alone (serialised), for the analysis; the 2nd round is timed.
+  g = {l: jnp.zeros(handle.leaves[l][0].shape, jnp.float32) for l in LAYERS}
+  trainer.apply_grad(handle, g, LR)
+  jax.block_until_ready(trainer.tables)
+  for s in range(2):
+    t0 = time.perf_counter()
+    h = trainer.prefetch(data[s % len(data)][2])
+    jax.block_until_ready(h.leaves)
+    t1 = time.perf_counter()
+    trainer.apply_grad(h, g, LR)
+    jax.block_until_ready(trainer.tables)
+    pre_ms, apply_ms = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
+  uniq = np.mean([offload.unique_rows_numpy(ids[l], mapping.offsets(l), mapping.num_rows(l))[2]
+                  for _, _, ids in data for l in LAYERS])
+  return ms, float(loss), params_box[0], pre_ms, apply_ms, uniq, trainer
+
+
+def bench_gen(args, params, tables, mapping):
+  def logits_fn(tokens, engram_inputs):
+    return forward(params, tokens, {l: r.rows_UxE for l, r in engram_inputs.items()},
+                   {l: r.inverse_BxTxH for l, r in engram_inputs.items()}, args)
+  gen = Generator(logits_fn, tables, mapping)
+  prompt = (np.random.default_rng(1).zipf(1.1, (args.gen_batch, args.gen_prompt)) - 1) % VOCAB
+  prompt = prompt.astype(np.int32)
+  out = gen(prompt, args.gen_new)       # warm-up / compile
+  t0 = time.perf_counter()
+  out2 = gen(prompt, args.gen_new)
+  dt = time.perf_counter() - t0
+  return args.gen_batch * args.gen_new / dt, out2
+
+
+def main():
+  args = parse()
+  dev = offload.placement_sharding("device")
+  print(f"jax {jax.__version__} {jax.devices()[0].device_kind}; model d={args.d} "
+        f"blocks={args.blocks} B={args.batch} T={args.seq} H={H} E={E}; host limit "
+        f"{offload.host_memory_limit_bytes()[1]}", flush=True)
+  rows_out = []
+  for gb in [float(s) for s in args.sizes_gb.split(",")]:
+    mapping = mapping_for(gb)
+    table_gb = sum(mapping.num_rows(l) for l in LAYERS) * E * 4 / 2**30
+    data = batches(mapping, args.batch, args.seq)
+    rec = {"table_gb": table_gb}
+    t0 = time.perf_counter()
+    tables = {l: offload.create_table(mapping.num_rows(l), E, jnp.float32, "device", seed=l,
+                                      chunk_rows=1 << 20) for l in LAYERS}
+    params = init_params(args)
+    rec["hbm_ms"], rec["hbm_loss"], params_h, tables = bench_hbm(args, params, tables, mapping,
+                                                                  data, dev)
+    rec["hbm_tok_s"], gen_hbm = bench_gen(args, init_params(args), tables, mapping)
+    del tables, params_h
+    gc.collect()
+    t1 = time.perf_counter()
+    tables = {l: offload.create_table(mapping.num_rows(l), E, jnp.float32, "pinned_host",
+                                      seed=l, chunk_rows=1 << 20) for l in LAYERS}
+    rec["host_create_s"] = time.perf_counter() - t1
+    (rec["host_ms"], rec["host_loss"], params_h, rec["prefetch_ms"], rec["apply_ms"],
+     rec["unique_rows"], trainer) = bench_host(args, init_params(args), tables, mapping, data,
+                                               dev)
+    rec["host_tok_s"], gen_host = bench_gen(args, init_params(args), trainer.tables, mapping)
+    rec["same_tokens"] = bool(np.array_equal(gen_hbm, gen_host))
+    del trainer, tables, params_h
+    gc.collect()
+    rec["total_s"] = time.perf_counter() - t0
+    rec["train_overhead_pct"] = 100 * (rec["host_ms"] / rec["hbm_ms"] - 1)
+    rec["gen_overhead_pct"] = 100 * (rec["hbm_tok_s"] / rec["host_tok_s"] - 1)
+    rows_out.append(rec)
+    print(json.dumps(rec), flush=True)
+    with open(os.path.join(args.out, "bench_offload.json"), "w") as f:
+      json.dump(rows_out, f, indent=1)
+  print(f"\n{'table GB':>9} {'HBM ms':>8} {'host ms':>8} {'ovh %':>6} | {'HBM tok/s':>9} "
+        f"{'host tok/s':>10} {'ovh %':>6} | {'uniq rows':>9} {'prefetch':>8} {'apply':>7} "
+        f"{'loss hbm/host':>14}")
+  for r in rows_out:
+    print(f"{r['table_gb']:9.2f} {r['hbm_ms']:8.2f} {r['host_ms']:8.2f} "
+          f"{r['train_overhead_pct']:6.1f} | {r['hbm_tok_s']:9.0f} {r['host_tok_s']:10.0f} "
+          f"{r['gen_overhead_pct']:6.1f} | {r['unique_rows']:9.0f} {r['prefetch_ms']:8.2f} "
+          f"{r['apply_ms']:7.2f} {r['hbm_loss']:.4f}/{r['host_loss']:.4f}")
+
+
+if __name__ == "__main__":
+  main()
