@@ -50,22 +50,6 @@ class TestGpuKernel(LookupTestBase):
                                             width, 1))
 
 
-def test_interpret_segment_sum_matches_xla_with_hot_row():
-  """One row read by most lookups makes its program loop many times."""
-  keys_N = jax.random.randint(jax.random.key(0), (96,), 0, 40)
-  keys_N = keys_N.at[::2].set(7)
-  g_NxE = jax.random.normal(jax.random.key(1), (96, 32))
-  plan = segment_sum.sort_segments(keys_N, fill=40)
-  got = segment_sum.segment_sum_pallas(g_NxE, plan, config=GpuSegmentSumConfig(16, 16),
-                                       interpret=True)
-  want = np.zeros((40, 32), np.float32)
-  np.add.at(want, np.asarray(keys_N), np.asarray(g_NxE))
-  dense = np.zeros((41, 32), np.float32)
-  dense[np.asarray(plan.keys_U)] = np.asarray(got)
-  np.testing.assert_allclose(dense[:40], want, rtol=1e-5, atol=1e-5)
-  assert not dense[40].any(), "padding slots must sum to zero"
-
-
 def test_padded_width_and_uneven_batch():
   assert padded_width(80) == 128 and padded_width(64) == 64
   table, ids, offsets = random_case(2, 20, 80, jnp.bfloat16, batch=1, length=5, heads=3)
@@ -95,3 +79,21 @@ def test_clear_errors(bad, error, match):
   args.update({k: v for k, v in bad.items() if k in args})
   with pytest.raises(error, match=match):
     engram_lookup(args["table"], args["ids"], args["offsets"], **kwargs)
+
+
+@pytest.mark.parametrize("method", ["onehot", "walk"])
+@pytest.mark.parametrize("width", [32, 80])
+def test_interpret_segment_sum_methods_match_numpy(method, width):
+  """Both Triton segment-sums, a hot row read by half the lookups, E with two column chunks."""
+  keys_N = jax.random.randint(jax.random.key(0), (96,), 0, 40)
+  keys_N = keys_N.at[::2].set(7)
+  g_NxE = jax.random.normal(jax.random.key(1), (96, width))
+  plan = segment_sum.sort_segments(keys_N, fill=40)
+  got = segment_sum.segment_sum_pallas(g_NxE, plan, interpret=True,
+                                       config=GpuSegmentSumConfig(method, 16, 16))
+  want = np.zeros((40, width), np.float32)
+  np.add.at(want, np.asarray(keys_N), np.asarray(g_NxE))
+  dense = np.zeros((41, width), np.float32)
+  dense[np.asarray(plan.keys_U)] = np.asarray(got)
+  np.testing.assert_allclose(dense[:40], want, rtol=1e-5, atol=1e-5)
+  assert not dense[40].any(), "padding slots must sum to zero"

@@ -27,13 +27,21 @@ class GpuLookupConfig:
 
 @dataclasses.dataclass(frozen=True)
 class GpuSegmentSumConfig:
-  """Pallas-Triton sorted segment-sum: each program owns `block_segments` output rows and
-  walks the sorted lookups that fall into them `block_lookups` at a time."""
+  """Pallas-Triton sorted segment-sum: each program owns `block_segments` output rows.
+
+  method 'onehot': walks the sorted lookups of its rows `block_lookups` at a time, adding a
+    one-hot [S, L] x [L, E] fp32 product (cost independent of how lookups spread over rows).
+  method 'walk': step j adds the j-th lookup of every owned row (a masked [S, E] gather);
+    as many steps as the longest segment among its rows.
+  """
+  method: str = "onehot"
   block_segments: int = 64
   block_lookups: int = 64
   num_warps: int = 4
 
   def __post_init__(self):
+    if self.method not in ("onehot", "walk"):
+      raise ValueError(f"method must be 'onehot' or 'walk', got {self.method!r}")
     _check_pow2("block_segments", self.block_segments)
     _check_pow2("block_lookups", self.block_lookups)
     if self.block_segments < 16 or self.block_lookups < 16:

@@ -11,11 +11,10 @@ Mosaic kernel would issue one bulk copy per row from a single thread; we did not
 numbers that decided it are in `experiments/bench_lookup.py`'s output (see the README): on one
 H200 this kernel against `jnp.take` and a device copy.
 
-Widths: Triton blocks need power-of-two extents. E is read as `E // C` column chunks of width
-C, the largest power of two dividing E (capped at 128): E=64 -> one chunk, E=80 -> five
-16-wide chunks (32 bytes of bf16 per row per chunk, still 16-byte vector loads). Every index
-stays in bounds, so no masks are needed; N is padded to a multiple of `block_rows` by the
-caller of `gather`.
+Widths: Triton blocks need power-of-two extents. E is read as power-of-two column chunks,
+widest first (at most 128): E=64 -> one chunk, E=80 -> 64 + 16 (five 16-wide chunks measured
+slower than jnp.take on the H200: 83.8 vs 76.0 us for 512k bf16 rows). Every index stays in
+bounds, so no masks are needed; `gather` pads N to a multiple of `block_rows`.
 
 Large tables: the Triton lowering switches to 64-bit pointer offsets when the table exceeds
 2^32 bytes, and offsets below that fit in int32 elements, so byte offsets never overflow.
@@ -33,9 +32,14 @@ from jax.experimental.pallas import triton as pl_triton
 from pallas_kernels.engram_lookup.configs import GpuLookupConfig
 
 
-def column_chunk(e: int) -> int:
-  """Largest power of two dividing E, at most 128."""
-  return min(e & -e, 128)
+def column_chunks(e: int) -> list[tuple[int, int]]:
+  """(start, width) power-of-two chunks covering E, widest first: 80 -> (0, 64), (64, 16)."""
+  chunks, start = [], 0
+  while start < e:
+    width = min(1 << ((e - start).bit_length() - 1), 128)
+    chunks.append((start, width))
+    start += width
+  return chunks
 
 
 def _gather_kernel(ids_ref, offsets_ref, table_ref, out_ref, *, num_heads: int,
@@ -45,12 +49,10 @@ def _gather_kernel(ids_ref, offsets_ref, table_ref, out_ref, *, num_heads: int,
   ids_R = ids_ref[pl.ds(first, block_rows)]
   offsets_R = offsets_ref[n_R % num_heads]
   rows_R = jnp.clip(ids_R + offsets_R, 0, num_rows - 1)
-  chunk = column_chunk(width)
-  cols_C = jax.lax.iota(jnp.int32, chunk)
   # One load per column chunk; each is [block_rows, C] and every thread keeps several 16-byte
   # loads in flight before its stores.
-  for j in range(width // chunk):
-    cols = j * chunk + cols_C[None, :]
+  for start, chunk in column_chunks(width):
+    cols = start + jax.lax.iota(jnp.int32, chunk)[None, :]
     out_ref[n_R[:, None], cols] = table_ref[rows_R[:, None], cols]
 
 

@@ -10,10 +10,14 @@ of distinct rows are padding.
 Two reductions over that plan, both in float32 and both summing each segment in sorted order:
   * 'xla': `jax.ops.segment_sum` on sorted ids. Deterministic on CPU and TPU; on GPU XLA lowers
     scatter-add to atomics, so the order of additions (and the last bits) may vary run to run.
-  * 'pallas' (GPU, Triton): owner-computes, no atomics. Program p owns slots
-    [p*S, (p+1)*S) and walks their sorted lookups L at a time, adding a one-hot [S, L] x
-    [L, C] product per column chunk (IEEE fp32 dot) into an f32 accumulator. Bit-for-bit reproducible. A row
-    read by many lookups makes its program walk longer (the loop has a dynamic trip count).
+  * 'pallas' (GPU, Triton): owner-computes, no atomics, bit-for-bit reproducible. Program p
+    owns slots [p*S, (p+1)*S). Method 'onehot' walks their sorted lookups L at a time, adding
+    a one-hot [S, L] x [L, C] product per column chunk (IEEE fp32 dot) into f32 accumulators;
+    method 'walk' adds, at step j, the j-th lookup of every owned slot (a masked [S, C]
+    gather), for as many steps as the longest segment among them. A row read by many lookups
+    makes its program loop longer in both (dynamic trip counts).
+  On the H200 (bench_lookup, N=262,144, E=64 bf16) XLA's atomic segment_sum was measured
+  non-reproducible bit for bit, the Pallas one reproducible.
 
 Dimension legend: N lookups, U = N segment slots, E row width, S segments per program, L
 lookups per loop step, C column chunk (as in gpu.py).
@@ -28,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from pallas_kernels.engram_lookup.configs import GpuSegmentSumConfig
-from pallas_kernels.engram_lookup.gpu import column_chunk
+from pallas_kernels.engram_lookup.gpu import column_chunks
 
 
 class SortedSegments(NamedTuple):
@@ -84,9 +88,8 @@ def _segment_sum_kernel(starts_ref, segment_ref, order_ref, g_ref, out_ref, *,
   begin = starts_ref[first_slot]
   end = starts_ref[first_slot + block_segments]
   slots_S = first_slot + jax.lax.iota(jnp.int32, block_segments)
-  chunk = column_chunk(width)
-  cols_C = jax.lax.iota(jnp.int32, chunk)
-  col_chunks = [j * chunk + cols_C[None, :] for j in range(width // chunk)]
+  col_chunks = [start + jax.lax.iota(jnp.int32, chunk)[None, :]
+                for start, chunk in column_chunks(width)]
   num_steps = pl.cdiv(end - begin, block_lookups)
 
   def step(i, accs_SxC):
@@ -102,8 +105,31 @@ def _segment_sum_kernel(starts_ref, segment_ref, order_ref, g_ref, out_ref, *,
                          allow_tf32=False)
         for acc_SxC, cols in zip(accs_SxC, col_chunks))
 
-  zeros = tuple(jnp.zeros((block_segments, chunk), jnp.float32) for _ in col_chunks)
+  zeros = tuple(jnp.zeros((block_segments, c.shape[1]), jnp.float32) for c in col_chunks)
   accs_SxC = jax.lax.fori_loop(0, num_steps, step, zeros)
+  for acc_SxC, cols in zip(accs_SxC, col_chunks):
+    out_ref[slots_S[:, None], cols] = acc_SxC
+
+
+def _segment_walk_kernel(starts_ref, order_ref, g_ref, out_ref, *, block_segments: int,
+                         width: int):
+  slots_S = pl.program_id(0) * block_segments + jax.lax.iota(jnp.int32, block_segments)
+  begin_S = starts_ref[slots_S]
+  end_S = starts_ref[slots_S + 1]
+  col_chunks = [start + jax.lax.iota(jnp.int32, chunk)[None, :]
+                for start, chunk in column_chunks(width)]
+
+  def step(j, accs_SxC):
+    pos_S = begin_S + j
+    valid_S = pos_S < end_S
+    source_S = order_ref[jnp.where(valid_S, pos_S, 0)]  # Position 0 exists: N >= 1.
+    return tuple(
+        acc_SxC + jnp.where(valid_S[:, None],
+                            g_ref[source_S[:, None], cols].astype(jnp.float32), 0.0)
+        for acc_SxC, cols in zip(accs_SxC, col_chunks))
+
+  zeros = tuple(jnp.zeros((block_segments, c.shape[1]), jnp.float32) for c in col_chunks)
+  accs_SxC = jax.lax.fori_loop(0, jnp.max(end_S - begin_S), step, zeros)
   for acc_SxC, cols in zip(accs_SxC, col_chunks):
     out_ref[slots_S[:, None], cols] = acc_SxC
 
@@ -113,14 +139,19 @@ def segment_sum_pallas(g_NxE: jax.Array, plan: SortedSegments, *,
                        interpret: bool = False) -> jax.Array:
   """Per-slot f32 sums `[U, E]`, deterministic (Pallas-Triton, no atomics)."""
   n, width = g_NxE.shape
-  if column_chunk(width) < 16:
+  if width % 16:
     raise NotImplementedError(f"the Pallas segment-sum needs E divisible by 16, got {width}")
   num_slots = plan.starts_U1.shape[0] - 1
   s = config.block_segments
   padded_slots = pl.cdiv(num_slots, s) * s
   starts = jnp.pad(plan.starts_U1, (0, padded_slots - num_slots), constant_values=n)
-  kernel = functools.partial(_segment_sum_kernel, block_segments=s,
-                             block_lookups=config.block_lookups, width=width)
+  if config.method == "onehot":
+    kernel = functools.partial(_segment_sum_kernel, block_segments=s,
+                               block_lookups=config.block_lookups, width=width)
+    operands = (starts, plan.segment_N, plan.order_N, g_NxE)
+  else:
+    kernel = functools.partial(_segment_walk_kernel, block_segments=s, width=width)
+    operands = (starts, plan.order_N, g_NxE)
   out_UxE = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((padded_slots, width), jnp.float32),
@@ -128,16 +159,17 @@ def segment_sum_pallas(g_NxE: jax.Array, plan: SortedSegments, *,
       compiler_params=pl_triton.CompilerParams(num_warps=config.num_warps, num_stages=1),
       interpret=interpret,
       name="engram_segment_sum",
-  )(starts, plan.segment_N, plan.order_N, g_NxE)
+  )(*operands)
   return out_UxE[:num_slots]
 
 
 def segment_sum(g_NxE: jax.Array, plan: SortedSegments, *, implementation: str = "xla",
-                interpret: bool = False) -> jax.Array:
+                interpret: bool = False,
+                config: GpuSegmentSumConfig = GpuSegmentSumConfig()) -> jax.Array:
   """Dispatches to `segment_sum_xla` or `segment_sum_pallas`."""
   if implementation == "xla":
     return segment_sum_xla(g_NxE, plan)
   if implementation == "pallas":
-    return segment_sum_pallas(g_NxE, plan, interpret=interpret)
+    return segment_sum_pallas(g_NxE, plan, config=config, interpret=interpret)
   raise ValueError(f"segment-sum implementation must be 'xla' or 'pallas', got "
                    f"{implementation!r}")
