@@ -21,8 +21,8 @@ w.r.t. the whole table (table-sized gradient) and applies optax Adam to the whol
 sparse kinds differentiate w.r.t. the gathered rows and call `apply_row_sparse_update`. Table,
 moments and dense weights are donated, so sparse updates run in place.
 
-Table sizes: powers of 4 rows from 1M, then the largest table whose bytes
-(`bytes_per_table_param` x E x rows) fit the device's memory limit minus headroom. Dense runs
+Table sizes: powers of `--growth` rows from 1M, plus for every optimiser the largest table whose
+bytes (`bytes_per_table_param` x E x rows x tables) fit the device's memory limit minus headroom. Dense runs
 only while table + Adam moments + a dense gradient (+ one update-sized temporary) fit. Tables are
 filled by a fused iota expression (a random init would need a table-sized temporary).
 
@@ -254,11 +254,13 @@ def main():
   fits = {k: int(budget // (per_param[k] * width * num_tables)) for k in kinds}
   sparse = [k for k in kinds if k != 'dense_adam']
   largest = args.max_rows or max(fits[k] for k in (sparse or kinds))
-  sizes, rows = [], args.min_rows
+  sizes, rows = {largest}, args.min_rows
   while rows < largest:
-    sizes.append(rows)
+    sizes.add(rows)
     rows *= args.growth
-  sizes.append(largest)
+  if not args.max_rows:  # every kind is also measured at the largest table it fits
+    sizes |= {fits[k] for k in kinds if args.min_rows < fits[k] < largest}
+  sizes = sorted(sizes)
   print(f'device: {device.device_kind}; memory limit '
         f'{limit / _GB if limit else float("nan"):.1f} GB, table budget {budget / _GB:.1f} GB; '
         f'{what}; bytes/param (f32 table): '
@@ -274,11 +276,10 @@ def main():
           ms, actual = _time_trainer_step(kind, num_rows, args, small_states)
         else:
           ms, actual = _time_step(kind, num_rows, args), [num_rows]
-      except jax.errors.JaxRuntimeError as e:  # an OOM is a result, reported in the table
-        if 'RESOURCE_EXHAUSTED' not in str(e):
-          raise
-        results[num_rows, kind] = 'OOM'
-        print(f'  rows={num_rows:,} {kind}: OOM', flush=True)
+      except Exception as e:  # noqa: BLE001 -- one failed size is a result; the sweep goes on
+        results[num_rows, kind] = 'OOM' if 'RESOURCE_EXHAUSTED' in str(e) else 'error'
+        print(f'  rows={num_rows:,} {kind}: {results[num_rows, kind]}: '
+              f'{type(e).__name__}: {str(e)[:400]}', flush=True)
         gc.collect()
         continue
       results[num_rows, kind] = ms
