@@ -16,8 +16,9 @@ Two reductions over that plan, both in float32 and both summing each segment in 
     method 'walk' adds, at step j, the j-th lookup of every owned slot (a masked [S, C]
     gather), for as many steps as the longest segment among them. A row read by many lookups
     makes its program loop longer in both (dynamic trip counts).
-  On the H200 (bench_lookup, N=262,144, E=64 bf16) XLA's atomic segment_sum was measured
-  non-reproducible bit for bit, the Pallas one reproducible.
+  On the H200 (bench_lookup, N=262,144 f32 rows, E=64, one hot row) XLA's atomic segment_sum
+  took 197 us and was not reproducible bit for bit; Pallas 'onehot' (32 segments per program)
+  took 310 us and was; 'walk' 2.0-3.2 ms. Reproducibility costs ~1.6x here.
 
 Dimension legend: N lookups, U = N segment slots, E row width, S segments per program, L
 lookups per loop step, C column chunk (as in gpu.py).
