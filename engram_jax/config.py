@@ -303,8 +303,10 @@ class ModelConfig:
     if self.engram_table_placement not in ("param", "external"):
       raise e("engram_table_placement",
               f"must be 'param' or 'external', got {self.engram_table_placement!r}")
-    if self.rope_theta <= 0 or self.norm_eps <= 0:
-      raise e("rope_theta", "rope_theta and norm_eps must be > 0")
+    if self.rope_theta <= 0:
+      raise e("rope_theta", f"must be > 0, got {self.rope_theta}")
+    if self.norm_eps <= 0:
+      raise e("norm_eps", f"must be > 0, got {self.norm_eps}")
     if self.engram is None:
       if self.engram_head_sizes:
         raise e("engram_head_sizes", "given but engram is None")

@@ -103,8 +103,9 @@ class HyperConnection(nn.Module):
     phi_res_MxDxMM = param("phi_res", phi_init, (m, d, m * m), ("streams", "embed", None))
     gate = lambda name: param(name, nn.initializers.constant(GATE_INIT), (), ())  # noqa: E731
     a_pre, a_post, a_res = gate("alpha_pre"), gate("alpha_post"), gate("alpha_res")
-    b_pre_M = param("bias_pre", nn.initializers.constant(-math.log(max(m - 1, 1e-9))
-                                                         if m > 1 else 0.0), (m,), (None,))
+    # sigmoid(-log(M - 1)) = 1/M: the sub-layer input starts as the stream mean.
+    b_pre_init = -math.log(m - 1) if m > 1 else 0.0
+    b_pre_M = param("bias_pre", nn.initializers.constant(b_pre_init), (m,), (None,))
     b_post_M = param("bias_post", nn.initializers.zeros, (m,), (None,))
     res_init = lambda key, shape, dtype: jnp.where(  # noqa: E731
         jnp.eye(m, dtype=bool), 0.0, RES_OFFDIAG_LOGIT).astype(dtype)

@@ -20,7 +20,10 @@ recompute everything, 'dots_saveable' (and the no-batch-dims variant) keep matmu
 Mutable collections: 'moe_stats' (aux-free router biases, see moe.py) and 'intermediates'
 (Engram gate statistics). aux returned by __call__:
   moe/tokens_per_expert [L_moe, E], moe/max_over_mean_load [L_moe], moe/aux_loss [L_moe],
-  moe_aux_loss [] (sum, add it to the loss), moe_layer_ids (static tuple, host side).
+  moe_aux_loss [] (sum over layers; add it to the loss). Row i of aux['moe'] belongs to block
+  `config.moe_layer_ids[i]`. Engram gate values are sown into 'intermediates' by fusion.py.
+Packed sequences: pass `positions` restarting at 0 per document along with `segment_ids`;
+the default positions are 0..T-1 per row.
 
 Dimension legend: B batch, T length, M streams (hc_mult), D hidden size, V vocabulary,
 H Engram hash heads, E routed experts, L layers.
@@ -206,7 +209,7 @@ class EngramLM(nn.Module):
                           preferred_element_type=jnp.float32)
     logits_BxTxV = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
-    aux: dict[str, Any] = {"moe_layer_ids": cfg.moe_layer_ids}
+    aux: dict[str, Any] = {}
     if moe_stats:
       stacked = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *moe_stats)
       aux["moe"] = stacked

@@ -171,6 +171,21 @@ def test_scan_equals_unrolled_with_remat(engram_model):
                                 ref_aux["moe"]["tokens_per_expert"])
 
 
+def test_external_table_placement_matches_param_placement(engram_model):
+  """Rows prefetched from the same table (PrefetchedRows) give the same logits."""
+  from engram_jax.memory import head_offsets
+  from pallas_kernels.engram_lookup import prefetch_rows
+  cfg, model, variables, x, ids, fwd = engram_model
+  ext_cfg = cfg.replace(engram_table_placement="external")
+  params = jax.tree.map(lambda a: a, variables["params"])
+  table = params["layer_1"]["engram"].pop("memory")["table"]
+  rows = {1: prefetch_rows(table, ids[1], jnp.asarray(head_offsets(cfg.engram_head_sizes[0])))}
+  out, _ = fast_jit(lambda v, r: EngramLM(ext_cfg).apply(v, x, engram_inputs=r))(
+      {**variables, "params": params}, rows)
+  ref = fwd(variables, x, ONE_DOC, ARANGE, ids)[0]
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_validation_errors():
   with pytest.raises(ValueError, match="hc_mult"):
     ModelConfig(hidden_size=32, hc_mult=1, engram=ENGRAM)
