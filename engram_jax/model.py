@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from engram_jax.config import ModelConfig
+from engram_jax.fusion import Engram
 from engram_jax.hyper_connections import (HyperConnection, contract_streams, expand_streams,
                                           hc_combine)
 from engram_jax.layers import Attention, RMSNorm, SwiGLU, dtype_of
@@ -104,7 +105,6 @@ class Block(nn.Module):
     cfg = self.config
     dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     if self.engram_layer_id is not None:
-      from engram_jax.fusion import Engram  # written alongside; imported only when used
       y_BxTxMxD = Engram(cfg.engram, cfg.engram_head_sizes_for(self.engram_layer_id),
                          cfg.engram_table_placement, dt, pdt, name="engram")(
                              x_BxTxMxD, engram_input)
