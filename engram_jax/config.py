@@ -52,7 +52,8 @@ class EngramConfig:
     conv_norm_eps: epsilon of the ShortConv RMSNorms (1e-5 in the demo).
     table_init_std: the tables are initialised N(0, std^2); the demo's nn.Embedding uses 1.
     segment_reset: with packed sequences, start every document's n-grams from padding instead
-      of the previous document's tokens. Off reproduces the reference ids.
+      of the previous document's tokens, and keep the ShortConv's taps inside each document.
+      Off reproduces the reference ids and outputs.
     lookup_implementation: None (automatic), 'xla' or 'pallas'; see pallas_kernels.engram_lookup.
   """
 

@@ -26,7 +26,7 @@ F = d_mem memory width, K conv kernel size, H hash heads.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -71,6 +71,8 @@ class ShortConv(nn.Module):
 
   Causal means output t sees inputs t - j*dilation, j = 0..K-1 (left zero padding of
   (K-1)*dilation, the demo's symmetric padding followed by keeping the first T outputs).
+  With `segment_ids_BxT`, a tap that reaches into another packed document is dropped, so a
+  document's output never depends on the one before it (the demo has no such mask).
   Returns float32 `[B, T, M, D]`.
   """
 
@@ -78,7 +80,8 @@ class ShortConv(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxTxMxD: jax.Array) -> jax.Array:
+  def __call__(self, x_BxTxMxD: jax.Array,
+               segment_ids_BxT: Optional[jax.Array] = None) -> jax.Array:
     cfg = self.config
     k, dil = cfg.kernel_size, cfg.dilation
     _, t, m, d = x_BxTxMxD.shape
@@ -92,7 +95,12 @@ class ShortConv(nn.Module):
     pad = (k - 1) * dil
     xp_BxPxMxD = jnp.pad(xn_BxTxMxD, ((0, 0), (pad, 0), (0, 0), (0, 0)))
     # K shifted multiply-adds: XLA fuses them into one pass, no im2col buffer.
-    y_BxTxMxD = sum(xp_BxPxMxD[:, j * dil:j * dil + t] * kernel_KxMxD[j] for j in range(k))
+    taps = [xp_BxPxMxD[:, j * dil:j * dil + t] for j in range(k)]
+    if segment_ids_BxT is not None:
+      segp_BxP = jnp.pad(segment_ids_BxT, ((0, 0), (pad, 0)), constant_values=-1)
+      taps = [tap * (segp_BxP[:, j * dil:j * dil + t] == segment_ids_BxT)[:, :, None, None]
+              for j, tap in enumerate(taps)]
+    y_BxTxMxD = sum(tap * kernel_KxMxD[j] for j, tap in enumerate(taps))
     return jax.nn.silu(y_BxTxMxD)
 
 
@@ -106,8 +114,9 @@ class Engram(nn.Module):
     dtype: compute dtype (e.g. bfloat16) of the matmul inputs and of the output.
     param_dtype: dtype of all parameters (float32).
 
-  `__call__(hidden_BxTxMxD, engram_input)`: `engram_input` is int ids `[B, T, H]` ('param') or a
-  `PrefetchedRows` ('external'). Sows `intermediates/gate`, the float32 gate alpha `[B, T, M]`,
+  `__call__(hidden_BxTxMxD, engram_input, segment_ids_BxT=None)`: `engram_input` is int ids
+  `[B, T, H]` ('param') or a `PrefetchedRows` ('external'); `segment_ids_BxT` (packed data)
+  keeps the ShortConv inside each document. Sows `intermediates/gate`, the float32 gate alpha `[B, T, M]`,
   so the trainer can log its statistics (mask padding with the batch weights).
   """
 
@@ -118,7 +127,8 @@ class Engram(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, hidden_BxTxMxD: jax.Array, engram_input: EngramInput) -> jax.Array:
+  def __call__(self, hidden_BxTxMxD: jax.Array, engram_input: EngramInput,
+               segment_ids_BxT: Optional[jax.Array] = None) -> jax.Array:
     cfg = self.config
     m, d, f = cfg.hc_mult, cfg.hidden_size, cfg.memory_dim
     self._check_hidden(hidden_BxTxMxD)
@@ -165,7 +175,8 @@ class Engram(nn.Module):
     self.sow("intermediates", "gate", gate_BxTxM)
 
     v_BxTxMxD = gate_BxTxM[..., None] * value_BxTxD[:, :, None, :]
-    y_BxTxMxD = v_BxTxMxD + ShortConv(cfg, self.param_dtype, name="short_conv")(v_BxTxMxD)
+    y_BxTxMxD = v_BxTxMxD + ShortConv(cfg, self.param_dtype, name="short_conv")(
+        v_BxTxMxD, segment_ids_BxT)
     y_BxTxMxD = nn.with_logical_constraint(y_BxTxMxD, ("batch", "length", "streams", "embed"))
     return y_BxTxMxD.astype(self.dtype)
 

@@ -107,7 +107,9 @@ class Block(nn.Module):
     if self.engram_layer_id is not None:
       y_BxTxMxD = Engram(cfg.engram, cfg.engram_head_sizes_for(self.engram_layer_id),
                          cfg.engram_table_placement, dt, pdt, name="engram")(
-                             x_BxTxMxD, engram_input)
+                             x_BxTxMxD, engram_input,
+                             # segment_reset keeps n-grams and the ShortConv inside documents.
+                             segment_ids_BxT if cfg.engram.segment_reset else None)
       x_BxTxMxD = x_BxTxMxD + y_BxTxMxD.astype(x_BxTxMxD.dtype)
 
     def attn(h_BxTxD):

@@ -136,6 +136,22 @@ def test_packed_segments_do_not_leak_with_engram(engram_model):
   np.testing.assert_array_equal(fwd(variables, x2, SEG, POS, ids2)[0][0, :5], base[0, :5])
 
 
+def test_segment_reset_isolates_later_documents_with_engram():
+  """With segment_reset the ShortConv drops taps into the previous document, so changing
+  document 1 (tokens and its Engram ids) leaves document 2 unchanged; without it the conv
+  leaks forward, as in the reference."""
+  outs = {}
+  for reset in (True, False):
+    cfg = tiny_cfg(engram=ENGRAM.replace(segment_reset=reset, zero_init_conv=False))
+    model, variables, x, ids, fwd = build(cfg)
+    base = fwd(variables, x, SEG, POS, ids)[0]
+    x3 = x.at[0, :5].set((x[0, :5] + 1) % V)
+    ids3 = {l: a.at[0, :5].set((a[0, :5] + 3) % 53) for l, a in ids.items()}
+    outs[reset] = (fwd(variables, x3, SEG, POS, ids3)[0][0, 5:], base[0, 5:])
+  np.testing.assert_array_equal(*outs[True])
+  assert not np.array_equal(*outs[False])
+
+
 def test_packed_segments_are_isolated_without_engram():
   """Without Engram (whose n-grams and conv read across documents, like the reference),
   a packed document is blind to the other documents of its row and equals the document
