@@ -1,6 +1,9 @@
 """Step time vs Engram table size: dense Adam (optax) vs row-sparse lazy Adam / row-wise Adagrad.
 
-  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.bench_train_step [--step=standalone]
+  XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+      python -m experiments.bench_train_step [--step=standalone]
+
+(Without MEM_FRACTION, JAX's allocator stops at 75% of HBM: 112.6 GB of the H200's 143.8 GB.)
 
 Question: does a training step's cost stay flat as the table grows when only the touched rows are
 updated (engram_jax/table_optim.py), while dense Adam grows with the table? Goal (issue 5): on an
@@ -111,11 +114,21 @@ def _time_step(kind, num_rows, args):
   ids = [jnp.asarray(rng.integers(0, rows_per_head, size=(args.batch, args.seq_len, heads)),
                      jnp.int32) for _ in range(4)]
   target = jnp.asarray(rng.normal(size=(args.batch, args.seq_len, args.model_dim)), jnp.float32)
-  table = _fill_table(num_rows, width, jnp.float32)
   w = jnp.asarray(rng.normal(size=(heads * width, args.model_dim)) * 0.02, jnp.float32)
   init_opt, step = _make_step(kind, offsets_H, args.base_lr)
+  # Compile from shapes before the table exists: XLA's GPU autotuner may allocate scratch
+  # operands of an op's size while compiling, which must not compete with the table for HBM.
+  table_shape = jax.ShapeDtypeStruct((num_rows, width), jnp.float32)
+  opt_shape = jax.eval_shape(init_opt, table_shape, w)
+  compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(
+      table_shape, opt_shape, w, ids[0], target).compile()
+  mem = compiled.memory_analysis()
+  if mem is not None:  # an in-place sparse step has no table-sized temporary
+    print(f'    {kind} {num_rows:,} rows: step temp {mem.temp_size_in_bytes / _GB:.3f} GB, '
+          f'aliased {mem.alias_size_in_bytes / _GB:.3f} GB, table '
+          f'{num_rows * width * 4 / _GB:.3f} GB', flush=True)
+  table = _fill_table(num_rows, width, jnp.float32)
   opt = jax.jit(init_opt)(table, w)
-  compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(table, opt, w, ids[0], target).compile()
   for i in range(3):
     table, opt, w, loss = compiled(table, opt, w, ids[i % 4], target)
   loss.block_until_ready()
@@ -171,8 +184,8 @@ def _time_trainer_step(kind, rows_per_table, args, small_states):
   if kind not in small_states:
     _, small_trainer, _ = train_lib.setup(_load_config(args.config, kind, 4096), check_data=False)
     small_states[kind] = jax.device_get(small_trainer.init_state())
+  train_c, _, batch_sh = trainer.compile(abstract, trainer.shapes)  # before the tables exist
   state = _filled_state(small_states[kind], abstract)
-  train_c, _, batch_sh = trainer.compile(abstract, trainer.shapes)
   b, t = config.data.batch_size, config.data.seq_len
   rng = np.random.default_rng(0)
   vocab = exp.model.vocab_size
@@ -280,9 +293,13 @@ def main():
         results[num_rows, kind] = 'OOM' if 'RESOURCE_EXHAUSTED' in str(e) else 'error'
         print(f'  rows={num_rows:,} {kind}: {results[num_rows, kind]}: '
               f'{type(e).__name__}: {str(e)[:400]}', flush=True)
-        gc.collect()
+      else:
+        results[num_rows, kind] = ms
+      # Only after the except block is the exception (and the arrays its traceback's frames
+      # hold) released; collect then, or the next, larger table fails for lack of memory.
+      gc.collect()
+      if not isinstance(results[num_rows, kind], float):
         continue
-      results[num_rows, kind] = ms
       print(f'  rows={num_rows:,} {kind}: {ms:.3f} ms (table rows {actual})', flush=True)
   print(' '.join([f'{"rows/table":>13}', f'{"GB/table":>9}'] + [f'{k + " ms":>13}' for k in kinds]
                  + [f'{k + " growth":>17}' for k in sparse]))
