@@ -12,10 +12,15 @@ raises it) with a ValueError *before* anything is allocated.
 
 Training (`HostTableTrainer`), one step s:
 
-  handle = trainer.prefetch(ids of step s+1)   # host: unique rows (NumPy), host gather -> HBM
-  rows   = trainer.rows(handle of step s)      # {layer: PrefetchedRows} on the device
-  ... model step on `rows`, gradient w.r.t. rows_UxE == RowSparse ...
-  trainer.apply_grad(handle of step s, grads, lr)
+  rows = trainer.rows(h_s)                     # {layer: PrefetchedRows} on the device
+  params, grads = model_step(params, rows, batch_s)   # dispatched, runs asynchronously
+  h_next = trainer.prefetch(ids of step s+1)   # NumPy unique on the CPU while step s runs,
+                                               # then host gather -> HBM (queued)
+  trainer.apply_grad(h_s, grads, lr)           # rows update on device, host scatter in place
+  h_s = h_next
+
+(`prefetch(s+1)` may also be called before the step; any order before `apply_grad(s)` is
+correct, see Coherence.)
 
 `prefetch` gathers the U touched rows of the table *and of its optimiser state* inside one jit
 whose operands are the pinned_host arrays and host row ids (`arr.at[ids].get(mode=
@@ -302,7 +307,9 @@ class HostTableTrainer:
   def prefetch(self, ids: Mapping[int, np.ndarray]) -> PrefetchHandle:
     """Starts fetching the rows a batch will read; `ids` are host hash ids {layer: [B, T, H]}.
 
-    Everything here is dispatched asynchronously: call it for step s+1 before dispatching step s.
+    The NumPy dedup runs on the calling thread; the gather is dispatched asynchronously. Call it
+    for step s+1 after dispatching step s (the dedup then overlaps step s) and before
+    `apply_grad(s)`; the handle is patched by every `apply_grad` issued after it.
     """
     if set(ids) != set(self.layers):
       raise ValueError(f"prefetch: ids for layers {sorted(ids)}, trainer has {list(self.layers)}")

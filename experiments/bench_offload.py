@@ -25,6 +25,17 @@ Timing: after 2 warm-up steps, `--steps` steps with one block_until_ready at the
 one warm-up call, then one timed call. The last table printed is the result; it also prints the
 host-side costs measured alone (prefetch = unique+gather+copy, apply = update+scatter).
 
+Status (H200, jax 0.11.2): the full benchmark has NOT produced numbers yet. Its one GPU run
+(`--sizes_gb=1,32 --blocks=16`, 210 s limit) printed nothing past its header -- most likely
+compile-bound (four large compilations per size); phase stamps were added after it, and
+`--blocks` now defaults to 8. An earlier probe of the primitives (what `--probe` times; one run,
+4 GiB table, 262,144 random f32 rows of 256 B): host gather -> HBM 3.0 ms (1.8 ms gather into
+pinned memory + 0.6 ms copy), host scatter back 3.6 ms, both run as host compute by XLA's host
+offloader; a 48.3 ms matmul program followed by the gather took 50.8 ms: programs execute in
+order on the device stream, so the host work is added to the step, not hidden. Expected host
+overhead per step and layer with lazy Adam (table + two moments + count gathered and scattered):
+roughly 4 x (3.0 + 3.6) ms at U = 262,144 slots, whatever the table size.
+
 Dimension legend: B batch, T time, H hash heads, E row width, U = B*T*H row slots, D width.
 """
 
@@ -52,15 +63,16 @@ LR = 1e-3
 
 def parse():
   p = argparse.ArgumentParser()
-  p.add_argument("--sizes_gb", default="1,32,8", help="total table GB (both layers)")
+  p.add_argument("--sizes_gb", default="1,32,8", help="total table GB (both layers); empty: none")
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq", type=int, default=2048)
   p.add_argument("--d", type=int, default=2048)
-  p.add_argument("--blocks", type=int, default=16)
+  p.add_argument("--blocks", type=int, default=8)
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--gen_batch", type=int, default=64)
   p.add_argument("--gen_prompt", type=int, default=112)
   p.add_argument("--gen_new", type=int, default=16)
+  p.add_argument("--probe", action="store_true", help="time the host gather/scatter first")
   p.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
   return p.parse_args()
 
@@ -147,6 +159,12 @@ def make_model_step(args):
 
 
 _MODEL_STEP = {}
+_T0 = time.perf_counter()
+
+
+def log(msg):
+  # Phase stamps: the first GPU run (d=2048, 16 blocks) printed nothing for 210 s.
+  print(f"  [{time.perf_counter() - _T0:7.1f} s] {msg}", flush=True)
 
 
 def put(x, dev):
@@ -162,6 +180,7 @@ def bench_hbm(args, params, tables, mapping, data, dev):
     tok, tgt, ids = dd[s % len(dd)]
     params, tables, states, loss = step(params, tables, states, tok, tgt, ids)
   jax.block_until_ready(loss)
+  log("hbm: compiled + 2 warm-up steps")
   t0 = time.perf_counter()
   for s in range(2, 2 + args.steps):     # the host run sees the same batch sequence
     tok, tgt, ids = dd[s % len(dd)]
@@ -194,6 +213,7 @@ def bench_host(args, params, tables, mapping, data, dev):
   handle = trainer.prefetch(data[0][2])
   handle, loss = run(2, handle, 0)
   jax.block_until_ready((loss, trainer.tables))
+  log("host: compiled + 2 warm-up steps")
   t0 = time.perf_counter()
   handle, loss = run(args.steps, handle, 2)
   jax.block_until_ready((loss, trainer.tables, handle.leaves))
@@ -223,20 +243,60 @@ def bench_gen(args, params, tables, mapping):
   prompt = (np.random.default_rng(1).zipf(1.1, (args.gen_batch, args.gen_prompt)) - 1) % VOCAB
   prompt = prompt.astype(np.int32)
   out = gen(prompt, args.gen_new)       # warm-up / compile
+  log("generate: compiled + warm-up call")
   t0 = time.perf_counter()
   out2 = gen(prompt, args.gen_new)
   dt = time.perf_counter() - t0
   return args.gen_batch * args.gen_new / dt, out2
 
 
+def probe(rows=16 * 2**20, slots=262144, mm_n=8192):
+  """Primitive costs on a 4 GiB pinned_host table (`--probe`): host gather of `slots` random
+  rows into HBM, the host scatter back (donated), and whether either overlaps a 48 ms matmul
+  program dispatched just before it (same stream -> the times add up)."""
+  dev = offload.placement_sharding("device")
+  host = offload.placement_sharding("pinned_host")
+  table = offload.zeros((rows, E), np.float32, "pinned_host")
+  ids = jax.device_put(np.sort(np.random.default_rng(0).choice(rows, slots, replace=False))
+                       .astype(np.int32), host)
+  gather = jax.jit(lambda t, i: t.at[i].get(mode="promise_in_bounds"), out_shardings=dev)
+  scatter = jax.jit(lambda t, i, v: t.at[i].set(jax.device_put(v, jax.memory.Space.Host),
+                                                mode="drop"), donate_argnums=0)
+  x = jax.random.normal(jax.random.key(1), (mm_n, mm_n), jnp.bfloat16)
+  mm = jax.jit(lambda x: jax.lax.fori_loop(0, 30, lambda i, y: (y @ x) * 0.01, x))
+  vals = jnp.ones((slots, E), jnp.float32)
+  box = [table]
+
+  def timed(name, f, n=5):
+    jax.block_until_ready(f())
+    t0 = time.perf_counter()
+    for _ in range(n):
+      r = f()
+    jax.block_until_ready(r)
+    print(f"  probe {name}: {(time.perf_counter() - t0) / n * 1e3:.2f} ms", flush=True)
+
+  def sc():
+    box[0] = scatter(box[0], ids, vals)
+    return box[0]
+  timed(f"host gather {slots} x {E} f32 rows -> HBM", lambda: gather(box[0], ids))
+  timed("host scatter of the same rows (donated)", sc)
+  timed("matmul program alone", lambda: mm(x))
+  timed("matmul + host gather", lambda: (mm(x), gather(box[0], ids)))
+  timed("matmul + host scatter", lambda: (mm(x), sc()))
+
+
 def main():
   args = parse()
+  if args.probe:
+    probe()
+    if not args.sizes_gb:
+      return
   dev = offload.placement_sharding("device")
   print(f"jax {jax.__version__} {jax.devices()[0].device_kind}; model d={args.d} "
         f"blocks={args.blocks} B={args.batch} T={args.seq} H={H} E={E}; host limit "
         f"{offload.host_memory_limit_bytes()[1]}", flush=True)
   rows_out = []
-  for gb in [float(s) for s in args.sizes_gb.split(",")]:
+  for gb in [float(s) for s in args.sizes_gb.split(",") if s]:
     mapping = mapping_for(gb)
     table_gb = sum(mapping.num_rows(l) for l in LAYERS) * E * 4 / 2**30
     data = batches(mapping, args.batch, args.seq)
@@ -245,6 +305,7 @@ def main():
     tables = {l: offload.create_table(mapping.num_rows(l), E, jnp.float32, "device", seed=l,
                                       chunk_rows=1 << 20) for l in LAYERS}
     params = init_params(args)
+    log(f"{table_gb:.2f} GB: HBM tables created")
     rec["hbm_ms"], rec["hbm_loss"], params_h, tables = bench_hbm(args, params, tables, mapping,
                                                                   data, dev)
     rec["hbm_tok_s"], gen_hbm = bench_gen(args, init_params(args), tables, mapping)
@@ -254,6 +315,7 @@ def main():
     tables = {l: offload.create_table(mapping.num_rows(l), E, jnp.float32, "pinned_host",
                                       seed=l, chunk_rows=1 << 20) for l in LAYERS}
     rec["host_create_s"] = time.perf_counter() - t1
+    log(f"{table_gb:.2f} GB: pinned_host tables created")
     (rec["host_ms"], rec["host_loss"], params_h, rec["prefetch_ms"], rec["apply_ms"],
      rec["unique_rows"], trainer) = bench_host(args, init_params(args), tables, mapping, data,
                                                dev)

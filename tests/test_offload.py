@@ -84,8 +84,9 @@ def _reference_run(batches):
   return losses, tables, states, looked_up
 
 
-def _host_run(batches, placement="pinned_host", guard=True):
-  """The pipelined trainer: prefetch(s+1) is dispatched before step s and its update."""
+def _host_run(batches, placement="pinned_host", prefetch_first=True):
+  """The pipelined trainer: prefetch(s+1) is dispatched before (or right after) step s, and
+  always before step s's update."""
   trainer = offload.HostTableTrainer(CFG, _tables(placement), {l: _offsets(l) for l in LAYERS})
   dev = offload.placement_sharding("device")
   w = _head()
@@ -94,10 +95,13 @@ def _host_run(batches, placement="pinned_host", guard=True):
   for s, (ids, targets) in enumerate(batches):
     targets = jax.device_put(targets, dev)
     with jax.transfer_guard("disallow"):
-      nxt = trainer.prefetch(batches[s + 1][0]) if s + 1 < len(batches) else None
+      more = s + 1 < len(batches)
+      nxt = trainer.prefetch(batches[s + 1][0]) if more and prefetch_first else None
       rows = trainer.rows(handle)
       loss, (gw, grows) = _grad(w, {l: p.rows_UxE for l, p in rows.items()},
                                 {l: p.inverse_BxTxH for l, p in rows.items()}, targets)
+      if more and not prefetch_first:
+        nxt = trainer.prefetch(batches[s + 1][0])
       w = _sgd(w, gw)
       trainer.apply_grad(handle, grows, LR)
     looked_up.append({l: np.asarray(rows[l].rows_UxE) for l in LAYERS})
@@ -126,10 +130,11 @@ def test_create_table_same_values_in_both_placements_and_lands_on_host():
   assert 0.7 < h.std() < 1.3
 
 
-def test_host_and_device_placement_give_same_losses_and_rows():
+@pytest.mark.parametrize("prefetch_first", [True, False])
+def test_host_and_device_placement_give_same_losses_and_rows(prefetch_first):
   batches = _batches(5)
   ref_losses, ref_tables, ref_states, ref_rows = _reference_run(batches)
-  losses, trainer, rows = _host_run(batches)
+  losses, trainer, rows = _host_run(batches, prefetch_first=prefetch_first)
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
   for l in LAYERS:
     assert trainer.tables[l].sharding.memory_kind == "pinned_host"
