@@ -29,14 +29,14 @@ def get_config(arg=None):
   c.model.num_kv_heads = 2
   c.model.head_dim = 32
   c.model.ffn_hidden_size = 384
-  c.model.num_dense_layers = 1
+  c.model.num_dense_layers = 2
   c.model.hc_mult = 2
   c.model.sinkhorn_iters = 10
-  c.model.moe.num_experts = 8
-  c.model.moe.top_k = 2
+  c.model.moe.num_experts = 4
+  c.model.moe.top_k = 1
   c.model.moe.expert_hidden_size = 128
 
-  c.engram.engram_vocab_size = (20_000, 20_000)
+  c.engram.engram_vocab_size = (5_000, 5_000)
   c.engram.n_embed_per_ngram = 64
   c.engram.n_head_per_ngram = 4
   c.engram.layer_ids = (1,)
@@ -44,7 +44,7 @@ def get_config(arg=None):
 
   c.optim.learning_rate = 3e-3
   c.optim.warmup_steps = 30
-  c.train.num_steps = 300
+  c.train.num_steps = 200
   c.train.log_every = 25
   c.train.eval_every = 0
   c.train.num_eval_batches = 20
