@@ -169,7 +169,8 @@ def _dense_transform(cfg: OptimConfig, schedule: optax.Schedule, params) -> opta
 
 def make_optimizer(cfg: OptimConfig, params, *, table_lr_multiplier: float = 5.0,
                    table_b1: float = 0.9, table_b2: float = 0.999, table_eps: float = 1e-8,
-                   table_weight_decay: float = 0.0) -> optax.GradientTransformation:
+                   table_weight_decay: float = 0.0,
+                   table_moment_dtype: Any = None) -> optax.GradientTransformation:
   """The optax transformation of `params` (no clipping: see `clip_by_global_norm`).
 
   Tables found in `params` ('dense_adam' mode) get Adam at `table_lr_multiplier` x the schedule;
@@ -180,8 +181,10 @@ def make_optimizer(cfg: OptimConfig, params, *, table_lr_multiplier: float = 5.0
   labels = param_labels(params)
   if "table" not in jax.tree_util.tree_leaves(labels):
     return _dense_transform(cfg, schedule, params)
+  # optax keeps the second moment in the param dtype; only the first follows moment_dtype.
   table_tx = optax.adamw(lambda s: table_lr_multiplier * schedule(s), b1=table_b1, b2=table_b2,
-                         eps=table_eps, weight_decay=table_weight_decay)
+                         eps=table_eps, weight_decay=table_weight_decay,
+                         mu_dtype=table_moment_dtype)
   return optax.multi_transform(
       {"dense": _dense_transform(cfg, schedule, params), "table": table_tx}, labels)
 

@@ -132,7 +132,8 @@ class Trainer:
     t = self.exp.table_optim
     kw = {} if t is None else dict(table_lr_multiplier=t.lr_multiplier, table_b1=t.b1,
                                    table_b2=t.b2, table_eps=t.eps,
-                                   table_weight_decay=t.weight_decay)
+                                   table_weight_decay=t.weight_decay,
+                                   table_moment_dtype=jnp.dtype(t.moment_dtype))
     return optim.make_optimizer(self.exp.optim, params, **kw)
 
   def _boxed_init(self, rng, dummy_batch):
@@ -528,7 +529,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
   summary = model_summary(exp, config.data.seq_len)
-  table_mode = "none" if exp.table_optim is None else exp.table_optim.kind
+  table_mode = "none"
+  if exp.table_optim is not None:
+    summary["table_bytes_per_param"] = table_optim.bytes_per_table_param(
+        exp.table_optim, exp.model.param_dtype, row_width=exp.model.engram.head_dim)
+    table_mode = (f"{exp.table_optim.kind} ({summary['table_bytes_per_param']:.2f} bytes/param "
+                  f"incl. optimiser state)")
   log(f"{config.name}: {summary} | tables: {table_mode} | mesh {dict(trainer.mesh.shape)} | "
       f"devices {jax.devices()[0].device_kind} x{trainer.mesh.size}")
 
