@@ -1,58 +1,34 @@
 """Training loop: `train_and_evaluate(config, workdir) -> final metrics`.
 
-One jitted step (explicit in/out shardings on a `jax.sharding.Mesh`, donated state):
+The step itself (state, shardings, dense / row-sparse table updates) is in
+engram_jax/train_step.py. This loop reads step t-1's metrics after dispatching step t (no host
+sync per step), stops on a non-finite loss or gradient norm (the last checkpoint, written only
+after its own metrics were checked finite, stays the latest), logs every `log_every` steps
+(stdout + workdir/metrics.jsonl: loss, tokens/s, MFU, learning rate, gradient norm, Engram
+gate mean/std, router max/mean load), evaluates every `eval_every` steps and at the end, and
+checkpoints every `checkpoint_every` steps, resuming automatically from `workdir`.
 
-  ids      hash ids per Engram layer: from the grain pipeline (default), or on device
-           (`engram.hash_on_device`: compression lookup + `NgramHashMapping.hash` in the step)
-  tables   'dense_adam': tables are params (`layer_l/engram/memory/table`), looked up with the
-           ids, dense gradients, Adam at 5x LR inside the optax chain (engram_jax/optim.py).
-           'lazy_adam' | 'adagrad': tables live in `state.tables[str(l)]` with their optimiser
-           state in `state.table_opt[str(l)]`; the step gathers the batch's unique rows
-           (`prefetch_rows`, outside the gradient), runs the model on `PrefetchedRows`
-           (`table_placement='external'`), differentiates w.r.t. the dense params and the
-           gathered rows, and applies `apply_row_sparse_update` to the touched rows only.
-  loss     token-weighted cross entropy (+ the MoE auxiliary loss, 0 by default); the MoE
-           router biases (collection 'moe_stats') are updated by the forward pass.
-  clip     one global norm over dense and row-sparse gradients (identical in both table modes).
-
-The loop reads step t-1's metrics after dispatching step t (no host sync per step), stops on a
-non-finite loss or gradient norm (the last checkpoint, written only after its own metrics were
-checked finite, stays the latest), logs every `log_every` steps (stdout + workdir/metrics.jsonl),
-evaluates every `eval_every` steps and at the end, and checkpoints every `checkpoint_every`
-steps (resuming automatically from workdir).
-
-Both table modes start from identical values: the state is always initialised with tables as
-params, and the sparse mode moves them out of the param tree.
-
-Dimension legend: B batch, T sequence length, V vocabulary, H hash heads, U unique-row slots
-(= B*T*H), E table row width, R table rows, M residual streams.
+Dimension legend: B batch, T sequence length, H Engram hash heads.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
-from typing import Any, Callable, Optional
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from engram_jax import checkpoint as checkpoint_lib
 from engram_jax import data as data_lib
 from engram_jax import evaluate as evaluate_lib
 from engram_jax import experiment_config
-from engram_jax import optim
 from engram_jax import sharding as sharding_lib
 from engram_jax import table_optim
-from engram_jax.model import EngramLM
-from pallas_kernels.engram_lookup.row_sparse import PrefetchedRows, RowSparse, prefetch_rows
+from engram_jax.train_step import TrainState, Trainer  # noqa: F401  (re-exported)
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` prefix. CPU has no meaningful peak: the
 # nominal 1e12 only keeps the MFU column defined (CPU MFU numbers are not comparable).
@@ -67,290 +43,12 @@ class TrainingDivergedError(FloatingPointError):
   """The loss or gradient norm became NaN/Inf."""
 
 
-@flax.struct.dataclass
-class TrainState:
-  """Everything a step reads and writes (and everything a checkpoint holds besides the data).
-
-  step: int32 number of updates applied. params: dense params (f32 masters; the tables too in
-  'dense_adam' mode). opt_state: optax state of params. model_state: non-param collections
-  ('moe_stats'). tables / table_opt: {str(layer_id): [R, E]} / TableOptState (sparse modes only).
-  rng: PRNGKey carried for stochastic layers (none yet), checkpointed for exact resumption.
-  """
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  model_state: Any
-  tables: Any
-  table_opt: Any
-  rng: jax.Array
-
-
 def peak_flops_per_device(device: jax.Device) -> float:
   kind = getattr(device, "device_kind", "") or device.platform
   for prefix, flops in PEAK_FLOPS:
     if kind.lower().startswith(prefix.lower()) or device.platform == prefix:
       return flops
   return 0.0
-
-
-def _table_path(layer_id: int) -> tuple[str, ...]:
-  return (f"layer_{layer_id}", "engram", "memory", "table")
-
-
-def _pop_table(params: dict, layer_id: int):
-  """Removes one Engram table from a (nested, plain-dict) param tree; returns it."""
-  *parents, leaf = _table_path(layer_id)
-  node = params
-  for name in parents:
-    if name not in node:
-      raise KeyError(f"Engram table of layer {layer_id} not found at {'/'.join(_table_path(layer_id))}"
-                     f"; param tree top level: {sorted(params)}")
-    node = node[name]
-  return node.pop(leaf)
-
-
-class Trainer:
-  """Builds the model, optimisers, shardings and the jitted steps of one experiment."""
-
-  def __init__(self, config: ml_collections.ConfigDict, exp: experiment_config.Experiment,
-               mesh: jax.sharding.Mesh, rules=sharding_lib.DEFAULT_RULES):
-    self.config, self.exp, self.mesh, self.rules = config, exp, mesh, rules
-    self.model = EngramLM(exp.model)
-    # Initialisation always places tables in the params (identical values in both modes).
-    self.init_model = EngramLM(exp.model.replace(engram_table_placement="param"))
-    self.schedule = optim.make_schedule(exp.optim)
-    self.layer_ids = exp.model.engram_layer_ids
-    self.offsets = {l: jnp.asarray(exp.hashing.offsets(l), jnp.int32) for l in self.layer_ids}
-    self.hash_on_device = bool(config.engram.enabled and config.engram.hash_on_device)
-    self.nan_step = int(config.train.inject_nan_at_step)
-    self.tx: Optional[optax.GradientTransformation] = None
-    self.state_shardings = None
-
-  # ---- initial state and shardings ---------------------------------------------------------
-
-  def _make_tx(self, params):
-    t = self.exp.table_optim
-    kw = {} if t is None else dict(table_lr_multiplier=t.lr_multiplier, table_b1=t.b1,
-                                   table_b2=t.b2, table_eps=t.eps,
-                                   table_weight_decay=t.weight_decay,
-                                   table_moment_dtype=jnp.dtype(t.moment_dtype))
-    return optim.make_optimizer(self.exp.optim, params, **kw)
-
-  def _boxed_init(self, rng, dummy_batch):
-    init_rng, state_rng = jax.random.split(rng)
-    ids = self._engram_ids_for_init(dummy_batch)
-    variables = self.init_model.init(init_rng, dummy_batch["inputs"],
-                                     segment_ids=dummy_batch["segment_ids"],
-                                     positions=dummy_batch["positions"], engram_inputs=ids)
-    variables = flax.core.unfreeze(variables)
-    params = variables.pop("params")
-    variables.pop("intermediates", None)
-    tables, table_opt = {}, {}
-    if self.exp.sparse_tables:
-      for l in self.layer_ids:
-        table = _pop_table(params, l).unbox()
-        tables[str(l)] = table
-        table_opt[str(l)] = table_optim.init_table_state(self.exp.table_optim, table)
-    tx = self._make_tx(params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      model_state=variables, tables=tables, table_opt=table_opt, rng=state_rng)
-
-  def _engram_ids_for_init(self, batch):
-    if not self.layer_ids:
-      return None
-    b, t = batch["inputs"].shape
-    return {l: jnp.zeros((b, t, self.exp.model.engram.num_heads), jnp.int32)
-            for l in self.layer_ids}
-
-  def _shardings(self, abstract_boxed: TrainState) -> TrainState:
-    shardings = _logical_to_sharding(abstract_boxed, self.mesh, self.rules)
-    if self.exp.sparse_tables:
-      named = lambda names: jax.sharding.NamedSharding(  # noqa: E731
-          self.mesh, sharding_lib.logical_spec(tuple(names), self.rules))
-      axes = table_optim.table_state_logical_axes(self.exp.table_optim)
-      table_opt = {k: jax.tree.map(named, axes, is_leaf=lambda x: isinstance(
-          x, jax.sharding.PartitionSpec)) for k in abstract_boxed.table_opt}
-      tables = {k: named(("engram_rows", "engram_dim")) for k in abstract_boxed.tables}
-      shardings = shardings.replace(tables=tables, table_opt=table_opt)
-    return shardings
-
-  def prepare(self, seed: int, batch_shapes: dict) -> TrainState:
-    """Abstract state (shapes + shardings) and the optimiser; no device memory is touched."""
-    self._dummy_shapes = {k: v for k, v in batch_shapes.items() if k != "engram_ids"}
-    self._rng = jax.random.PRNGKey(seed)
-    with self._context():
-      abstract_boxed = jax.eval_shape(self._boxed_init, self._rng, self._dummy())
-    self.state_shardings = self._shardings(abstract_boxed)
-    self.tx = self._make_tx(nn.unbox(abstract_boxed.params))
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        nn.unbox(abstract_boxed), self.state_shardings)
-
-  def _dummy(self):
-    return {k: jnp.zeros(v.shape, v.dtype) for k, v in self._dummy_shapes.items()}
-
-  def init_state(self) -> TrainState:
-    """The initial state, created directly in its shardings (call `prepare` first)."""
-    with self._context():
-      init = jax.jit(lambda r, d: nn.unbox(self._boxed_init(r, d)),
-                     out_shardings=self.state_shardings)
-      return init(self._rng, self._dummy())
-
-  def _context(self):
-    return _Contexts(self.mesh, self.rules)
-
-  # ---- forward pieces ----------------------------------------------------------------------
-
-  def engram_ids(self, batch) -> Optional[dict]:
-    if not self.layer_ids:
-      return None
-    if not self.hash_on_device:
-      if "engram_ids" not in batch:
-        raise ValueError("batch has no 'engram_ids': the pipeline's engram_hash_fn is not set "
-                         "and engram.hash_on_device is False")
-      return {int(l): v for l, v in batch["engram_ids"].items()}
-    lookup_V = jnp.asarray(self.exp.compressor.lookup_table, jnp.int32)
-    compressed_BxT = lookup_V[batch["inputs"]]
-    segments = batch["segment_ids"] if self.exp.model.engram.segment_reset else None
-    return self.exp.hashing.hash(compressed_BxT, segments)
-
-  def _forward(self, params, model_state, batch, engram_inputs, train: bool):
-    mutable = ["intermediates"] + (["moe_stats"] if train and "moe_stats" in model_state else [])
-    (logits_BxTxV, aux), mutated = self.model.apply(
-        {"params": params, **model_state}, batch["inputs"], segment_ids=batch["segment_ids"],
-        positions=batch["positions"], engram_inputs=engram_inputs, deterministic=not train,
-        mutable=mutable)
-    weights_BxT = batch["weights"]
-    xent_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
-    loss_sum = jnp.sum(xent_BxT * weights_BxT)
-    num_tokens = jnp.sum(weights_BxT)
-    loss = loss_sum / jnp.maximum(num_tokens, 1.0)
-    stats = {"loss_sum": loss_sum, "num_tokens": num_tokens, "xent": loss}
-    stats.update(_gate_stats(mutated.get("intermediates", {}), batch["segment_ids"] > 0))
-    if "moe" in aux:
-      load = aux["moe"]["max_over_mean_load"]
-      stats["router/max_over_mean_load"] = jnp.mean(load)
-      stats["router/max_over_mean_load_worst"] = jnp.max(load)
-      stats["moe_aux_loss"] = aux["moe_aux_loss"]
-    new_model_state = {k: mutated[k] for k in mutated if k != "intermediates"}
-    return loss + aux["moe_aux_loss"], stats, new_model_state
-
-  # ---- steps -------------------------------------------------------------------------------
-
-  def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    ids = self.engram_ids(batch)
-    prefetched = {}
-    if self.exp.sparse_tables:
-      prefetched = {l: prefetch_rows(state.tables[str(l)], ids[l], self.offsets[l])
-                    for l in self.layer_ids}
-    rows = {str(l): p.rows_UxE for l, p in prefetched.items()}
-
-    def loss_fn(params, rows):
-      if self.exp.sparse_tables:
-        engram_inputs = {l: prefetched[l]._replace(rows_UxE=rows[str(l)]) for l in self.layer_ids}
-      else:
-        engram_inputs = ids
-      loss, stats, model_state = self._forward(params, state.model_state, batch, engram_inputs,
-                                               train=True)
-      if self.nan_step:
-        loss = loss * jnp.where(state.step + 1 >= self.nan_step, jnp.nan, 1.0)
-      return loss, (stats, model_state)
-
-    (loss, (stats, model_state)), (grads, row_grads) = jax.value_and_grad(
-        loss_fn, argnums=(0, 1), has_aux=True)(state.params, rows)
-    keys = sorted(row_grads)
-    grads, clipped_rows, grad_norm = optim.clip_by_global_norm(
-        grads, [row_grads[k] for k in keys], self.exp.optim.grad_clip_norm)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    lr = self.schedule(state.step)
-    tables, table_opt = dict(state.tables), dict(state.table_opt)
-    for k, g_UxE in zip(keys, clipped_rows):
-      grad = RowSparse(prefetched[int(k)].row_ids_U, g_UxE.astype(jnp.float32))
-      tables[k], table_opt[k] = table_optim.apply_row_sparse_update(
-          self.exp.table_optim, state.tables[k], state.table_opt[k], grad, lr, step=state.step)
-    rng, _ = jax.random.split(state.rng)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              model_state=model_state or state.model_state, tables=tables,
-                              table_opt=table_opt, rng=rng)
-    metrics = dict(stats, loss=loss, grad_norm=grad_norm, learning_rate=lr)
-    return new_state, metrics
-
-  def eval_step(self, state: TrainState, batch: dict) -> dict:
-    ids = self.engram_ids(batch)
-    if self.exp.sparse_tables:
-      ids = {l: prefetch_rows(state.tables[str(l)], ids[l], self.offsets[l])
-             for l in self.layer_ids}
-    _, stats, _ = self._forward(state.params, state.model_state, batch, ids, train=False)
-    return {"loss_sum": stats["loss_sum"], "num_tokens": stats["num_tokens"]}
-
-  def batch_shardings(self, batch_shapes: dict):
-    def shard(x):
-      return sharding_lib.batch_sharding(self.mesh, self.rules, ndim=len(x.shape))
-    return jax.tree.map(shard, batch_shapes)
-
-  def compile(self, abstract_state: TrainState, batch_shapes: dict, train: bool = True):
-    """AOT-compiles the steps (so compile time is reported, and never paid mid-run).
-
-    Returns (train_step or None, eval_step, batch shardings)."""
-    batch_sh = self.batch_shardings(batch_shapes)
-    abstract_batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                  batch_shapes, batch_sh)
-    train_c = None
-    with self._context():
-      if train:
-        train_c = jax.jit(self.train_step, in_shardings=(self.state_shardings, batch_sh),
-                          out_shardings=(self.state_shardings, None),
-                          donate_argnums=(0,)).lower(abstract_state, abstract_batch).compile()
-      eval_c = jax.jit(self.eval_step, in_shardings=(self.state_shardings, batch_sh)).lower(
-          abstract_state, abstract_batch).compile()
-    return train_c, eval_c, batch_sh
-
-
-class _Contexts:
-  """`with mesh, logical rules:` as one context manager (both are needed while tracing)."""
-
-  def __init__(self, mesh, rules):
-    self._mesh, self._rules = mesh, rules
-
-  def __enter__(self):
-    self._m = jax.set_mesh(self._mesh)
-    self._m.__enter__()
-    self._r = nn.logical_axis_rules(self._rules)
-    self._r.__enter__()
-
-  def __exit__(self, *exc):
-    self._r.__exit__(*exc)
-    self._m.__exit__(*exc)
-
-
-def _logical_to_sharding(tree, mesh, rules):
-  """Like `sharding.logical_to_sharding`, but boxes around empty subtrees stay empty.
-
-  optax's `multi_transform` replaces the other partition's leaves by `MaskedNode` *inside*
-  their Partitioned boxes; such a box must map to the empty node, not to a sharding.
-  """
-  def spec(x):
-    if isinstance(x, nn.Partitioned):
-      return x.get_partition_spec() if jax.tree.leaves(x.value) else x.value
-    return jax.sharding.PartitionSpec()
-  specs = jax.tree.map(spec, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-  return jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s),
-                      nn.logical_to_mesh(specs, rules),
-                      is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-
-
-def _gate_stats(intermediates, mask_BxT) -> dict:
-  """Mean/std of every Engram layer's gate alpha [B, T, M] over non-padding tokens."""
-  gates = [x for path, x in jax.tree_util.tree_flatten_with_path(intermediates)[0]
-           if any(getattr(k, "key", None) == "gate" for k in path)]
-  if not gates:
-    return {}
-  w = jnp.broadcast_to(mask_BxT[..., None], gates[0].shape).astype(jnp.float32)
-  g = jnp.stack([x.astype(jnp.float32) for x in gates])
-  n = jnp.maximum(jnp.sum(w) * len(gates), 1.0)
-  mean = jnp.sum(g * w) / n
-  var = jnp.sum(jnp.square(g - mean) * w) / n
-  return {"gate/mean": mean, "gate/std": jnp.sqrt(var)}
 
 
 # ---- the run ------------------------------------------------------------------------------

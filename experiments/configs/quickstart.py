@@ -50,8 +50,8 @@ def get_config(arg=None):
   c.optim.learning_rate = 3e-3
   c.optim.warmup_steps = 30
   c.train.num_steps = 300
-  c.train.log_every = 25
-  c.train.eval_every = 0
+  c.train.log_every = 10
+  c.train.eval_every = 100
   c.train.num_eval_batches = 0  # the whole held-out set (~85k tokens)
   c.train.checkpoint_every = 300
   return base.lock(c)
