@@ -137,7 +137,7 @@ def table_optim_config(config: ml_collections.ConfigDict) -> TableOptimizerConfi
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Cross-field invariants that the dataclasses cannot see; raises ValueError."""
+  """Cross-field invariants, then every dataclass's own validation; raises ValueError."""
   err = lambda m: ValueError(f"config {config.name!r}: {m}")  # noqa: E731
   if config.data.seq_len < 2 or config.data.batch_size < 1:
     raise err("data.seq_len must be >= 2 and data.batch_size >= 1")
@@ -156,6 +156,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.train.data_parallel > 0 and config.data.batch_size % config.train.data_parallel:
     raise err(f"data.batch_size={config.data.batch_size} must be divisible by "
               f"train.data_parallel={config.train.data_parallel}")
+  # Field-level checks of the dataclasses, at load time (the vocabulary comes from the
+  # tokenizer later; any positive placeholder validates the rest).
+  model_config(config, vocab_size=max(config.model.vocab_size, 1))
+  optim_config(config)
+  table_optim_config(config)
 
 
 def resolve(config: ml_collections.ConfigDict, *, check_data: bool = True) -> Experiment:

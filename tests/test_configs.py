@@ -82,6 +82,14 @@ def test_invariants_checked_at_load_time():
   with pytest.raises(ValueError, match="engram.layer_ids"):
     experiment_config.check_config(config)
   config = quickstart.get_config()
+  config.optim.schedule = "linear"
+  with pytest.raises(ValueError, match="OptimConfig.schedule"):
+    experiment_config.check_config(config)
+  config = quickstart.get_config()
+  config.table_optim.kind = "sgd"
+  with pytest.raises(ValueError, match="TableOptimizerConfig.kind"):
+    experiment_config.check_config(config)
+  config = quickstart.get_config()
   with pytest.raises(AttributeError):
     config.train.no_such_field = 1  # locked: typos fail
 
