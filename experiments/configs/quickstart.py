@@ -5,9 +5,11 @@ Command (trains this and its iso-parameter MoE baseline, prints both, plots both
 This model alone:
   python -m experiments.train --config=experiments/configs/quickstart.py --workdir=/tmp/qs_engram
 
-Hardware: 2 CPU cores, no accelerator; ~3.5 minutes including compilation.
-Expected: validation loss below the MoE baseline's (experiments/configs/quickstart_moe.py) at
-the same steps, data and dense learning rate (numbers in README / quickstart output).
+Hardware: 2 CPU cores, no accelerator. Measured on a 2-core machine shared with other jobs:
+7-9 minutes for both models (compilation ~12 s each, 300 steps of 16 x 128 tokens each).
+Expected (deterministic, seed 0): validation loss (whole held-out set, 82,562 tokens)
+  quickstart 4.9110 (ppl 135.8) < quickstart_moe 4.9742 (ppl 144.6), at 3.80M / 3.79M total
+  and 1.81M / 1.76M activated parameters.
 
 Model: D=128, 4 blocks (blocks 0-1 dense FFN, blocks 2-3 MoE with 4 routed experts top-1 + 1
 shared), 2 residual streams (mHC), one Engram layer at block 1 with 2- and 3-gram heads

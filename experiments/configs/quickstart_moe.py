@@ -7,7 +7,8 @@ dense learning rate. Trained together with quickstart by
 or alone:
   python -m experiments.train --config=experiments/configs/quickstart_moe.py --workdir=/tmp/qs_moe
 
-Hardware: 2 CPU cores; ~3.5 minutes. Expected: a higher validation loss than quickstart.
+Hardware: 2 CPU cores; ~3.5-4.5 minutes. Expected: validation loss 4.9742 vs quickstart's
+4.9110 (11 routed experts top-1 instead of 4 + the Engram layer).
 """
 
 from engram_jax import experiment_config
