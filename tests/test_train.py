@@ -7,6 +7,7 @@ All runs share one reference run (lazy_adam, 20 steps, per-step metrics) and com
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -124,3 +125,15 @@ def test_eval_cli_library_matches_final_eval(reference):
   np.testing.assert_allclose(m["eval_loss"], reference["final"]["eval_loss"], rtol=1e-6)
   with pytest.raises(FileNotFoundError, match="no/such/file.txt"):
     evaluate.evaluate_workdir(reference["workdir"], ["no/such/file.txt"])
+
+
+def test_checkpoint_holds_moved_router_biases_and_sparse_table_state(reference):
+  config = evaluate.load_workdir_config(reference["workdir"])
+  _, state, step = train.restore_for_eval(config, reference["workdir"])
+  assert step == STEPS and int(state.step) == STEPS
+  biases = [np.asarray(x) for x in jax.tree.leaves(state.model_state)]
+  assert biases and any(np.abs(b).max() > 0 for b in biases)  # aux-free balancing moved them
+  (table_opt,) = state.table_opt.values()
+  # Lazy Adam touched some rows (count > 0) and not others (count == 0).
+  counts = np.asarray(table_opt.count_R)
+  assert counts.max() > 0 and (counts == 0).any()
