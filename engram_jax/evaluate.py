@@ -19,7 +19,6 @@ import os
 import time
 from typing import Callable, Iterable, Optional, Sequence
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
