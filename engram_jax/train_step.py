@@ -93,6 +93,11 @@ class Trainer:
     self.nan_step = int(config.train.inject_nan_at_step)
     self.tx: Optional[optax.GradientTransformation] = None
     self.state_shardings = None
+    # Set by engram_jax.train: global batch shapes, and for evaluation-only use the compiled
+    # (eval_step, put_batch) pair and a files -> batches function.
+    self.shapes: Optional[dict] = None
+    self.eval_fn = None
+    self.eval_batches = None
 
   # ---- initial state and shardings ---------------------------------------------------------
 
