@@ -5,7 +5,9 @@ import os
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
-os.environ.setdefault("JAX_PLATFORMS", "cpu" if not os.environ.get("ENGRAM_TEST_GPU") else "")
+if not os.environ.get("ENGRAM_TEST_GPU"):
+  # CPU by default so a machine with an accelerator still runs the CPU suite as CI does.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
