@@ -8,6 +8,11 @@ One orbax `CheckpointManager` per workdir (`workdir/checkpoints/<step>/`), with 
                compression-table digest. Restoring with any difference is refused before the
                state is read: the saved table rows would be addressed by different hash ids.
 
+Host tables (`engram.placement='pinned_host'`) are not in the orbax state: they are written by
+`save_host_tables` to `<workdir>/host_tables/<step>/` (offload.save_trainer: row chunks into
+.npy memmaps, never a second full copy) *before* the orbax checkpoint of the same step, so every
+orbax step has its tables; `restore_host_tables` refuses a step without them.
+
 Saves are asynchronous (orbax copies arrays to host before `save` returns, so the donated
 state may be overwritten by the next step); `wait()` joins the background write. A resumed
 run continues from the latest step; together with the iterator state and the RNG in the train
@@ -20,10 +25,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any, Mapping, Optional
 
 import grain
 import orbax.checkpoint as ocp
+
+from engram_jax import offload
 
 
 class FingerprintMismatchError(ValueError):
@@ -115,3 +123,61 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+# ---- host tables ---------------------------------------------------------------------------------
+
+
+def host_tables_directory(root: str, step: int) -> str:
+  """`root` is the directory holding one sub-directory per step (`<workdir>/host_tables`)."""
+  return os.path.join(os.path.abspath(root), str(int(step)))
+
+
+def save_host_tables(root: str, step: int, host: offload.HostTableTrainer) -> str:
+  """Writes the host tables and their optimiser state of `step` (synchronously).
+
+  Written into a temporary directory and renamed, so a killed save never leaves a directory
+  that looks complete. Call it before the orbax save of the same step (see module docstring).
+  """
+  final = host_tables_directory(root, step)
+  tmp = final + ".tmp"
+  for d in (tmp, final):
+    if os.path.exists(d):
+      shutil.rmtree(d)
+  offload.save_trainer(tmp, host)
+  os.replace(tmp, final)
+  return final
+
+
+def prune_host_tables(root: str, keep_steps) -> None:
+  """Deletes the host tables of every step not in `keep_steps` (orbax's kept steps + the newest)."""
+  keep = {int(s) for s in keep_steps}
+  for name in os.listdir(root):
+    if name.isdigit() and int(name) not in keep:
+      shutil.rmtree(os.path.join(root, name))
+
+
+def restore_host_tables(root: str, step: int, cfg, offsets: Mapping[int, Any]
+                        ) -> offload.HostTableTrainer:
+  """The `HostTableTrainer` saved at `step` (tables and state in pinned host memory)."""
+  directory = require_host_tables(root, step)
+  return offload.restore_trainer(directory, cfg, offsets,
+                                 {int(l): "pinned_host" for l in offsets})
+
+
+def has_host_tables(root: str, step: int) -> bool:
+  return os.path.isfile(os.path.join(host_tables_directory(root, step),
+                                     offload._MANIFEST))  # pylint: disable=protected-access
+
+
+def require_host_tables(root: str, step: int) -> str:
+  """The host-table directory of `step`; FileNotFoundError if its files are missing."""
+  directory = host_tables_directory(root, step)
+  if not has_host_tables(root, step):
+    raise FileNotFoundError(
+        f"checkpoint step {step} has no host tables at {directory}: the orbax state of that "
+        "step does not contain the Engram tables (engram.placement='pinned_host'), so it "
+        "cannot be resumed. Was the run trained with engram.placement='device', or were the "
+        "host_tables files deleted? Restore with the placement it was trained with, or train in "
+        "a fresh workdir.")
+  return directory

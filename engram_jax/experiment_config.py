@@ -26,6 +26,7 @@ from engram_jax import tokenizer as tokenizer_lib
 from engram_jax.compression import CompressedTokenizer
 from engram_jax.config import EngramConfig, ModelConfig, MoEConfig
 from engram_jax.hashing import NgramHashMapping
+from engram_jax.offload import PLACEMENTS
 from engram_jax.optim import OptimConfig
 from engram_jax.table_optim import SPARSE_KINDS, TableOptimizerConfig
 
@@ -37,6 +38,8 @@ class Experiment:
   model: the backbone with `engram_head_sizes` filled; `engram_table_placement` is 'external'
     for the sparse table optimisers (tables live in the train state, not in the params).
   table_optim: None when the model has no Engram layer.
+  table_placement: memory of the Engram tables, 'device' or 'pinned_host' (host tables live in
+    an `offload.HostTableTrainer` outside the train state; `engram.placement`).
   hashing / compressor: None without Engram.
   """
 
@@ -48,6 +51,7 @@ class Experiment:
   tokenizer_path: str
   train_files: tuple[str, ...]
   eval_files: tuple[str, ...]
+  table_placement: str = "device"
 
   @property
   def sparse_tables(self) -> bool:
@@ -136,9 +140,34 @@ def table_optim_config(config: ml_collections.ConfigDict) -> TableOptimizerConfi
                               moment_dtype=t.moment_dtype, bias_correction=t.bias_correction)
 
 
+def engram_placement(config: ml_collections.ConfigDict) -> str:
+  # Workdirs written before `engram.placement` existed (config.json) trained on the device.
+  return config.engram.get("placement", "device")
+
+
+def _check_placement(config: ml_collections.ConfigDict, err) -> None:
+  placement = engram_placement(config)
+  if placement not in PLACEMENTS:
+    raise err(f"engram.placement must be one of {PLACEMENTS}, got {placement!r}")
+  if placement != "pinned_host" or not config.engram.enabled:
+    return
+  if config.table_optim.kind not in SPARSE_KINDS:
+    raise err(f"engram.placement='pinned_host' needs a row-sparse table optimiser "
+              f"(table_optim.kind in {SPARSE_KINDS}), got table_optim.kind="
+              f"{config.table_optim.kind!r}: it updates every row each step, so the whole "
+              "table would cross PCIe twice per step")
+  if config.engram.hash_on_device:
+    raise err("engram.placement='pinned_host' needs the hash ids on the host before the step "
+              "(rows are deduplicated and gathered there): set engram.hash_on_device=False")
+  if config.train.data_parallel != 1:
+    raise err(f"engram.placement='pinned_host' runs on one device (HostTableTrainer is not "
+              f"sharded); got train.data_parallel={config.train.data_parallel}, set it to 1")
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Cross-field invariants, then every dataclass's own validation; raises ValueError."""
   err = lambda m: ValueError(f"config {config.name!r}: {m}")  # noqa: E731
+  _check_placement(config, err)
   if config.data.seq_len < 2 or config.data.batch_size < 1:
     raise err("data.seq_len must be >= 2 and data.batch_size >= 1")
   if config.engram.enabled and max(config.engram.layer_ids) >= config.model.num_layers:
@@ -193,4 +222,6 @@ def resolve(config: ml_collections.ConfigDict, *, check_data: bool = True) -> Ex
         tuple(int(s) for s in hashing.head_sizes(l)) for l in model.engram.layer_ids))
   return Experiment(model=model, optim=optim_config(config), table_optim=table_cfg,
                     hashing=hashing, compressor=compressor, tokenizer_path=tokenizer_path,
-                    train_files=train_files, eval_files=eval_files)
+                    train_files=train_files, eval_files=eval_files,
+                    # Without Engram layers there is no table to place.
+                    table_placement=engram_placement(config) if hashing else "device")

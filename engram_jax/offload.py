@@ -229,7 +229,7 @@ def unique_rows_numpy(ids_BxTxH: np.ndarray, offsets_H: np.ndarray,
 
 # ---- the trainer ---------------------------------------------------------------------------------
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # handles are compared by identity (fields hold arrays)
 class PrefetchHandle:
   """Rows (and optimiser-state rows) of one step, on the device, for every layer.
 
@@ -304,12 +304,16 @@ class HostTableTrainer:
                                     jax.memory.Space.Device) for a in arrs)
     return out
 
-  def prefetch(self, ids: Mapping[int, np.ndarray]) -> PrefetchHandle:
+  def prefetch(self, ids: Mapping[int, np.ndarray], *, for_update: bool = True
+               ) -> PrefetchHandle:
     """Starts fetching the rows a batch will read; `ids` are host hash ids {layer: [B, T, H]}.
 
     The NumPy dedup runs on the calling thread; the gather is dispatched asynchronously. Call it
     for step s+1 after dispatching step s (the dedup then overlaps step s) and before
     `apply_grad(s)`; the handle is patched by every `apply_grad` issued after it.
+    `for_update=False` (evaluation): table rows only, no optimiser-state rows, and the handle is
+    not tracked, so it is neither patched nor accepted by `apply_grad`; read its rows before the
+    next `apply_grad`.
     """
     if set(ids) != set(self.layers):
       raise ValueError(f"prefetch: ids for layers {sorted(ids)}, trainer has {list(self.layers)}")
@@ -327,9 +331,10 @@ class HostTableTrainer:
       row_ids_home[l] = jax.device_put(rid, home)
       row_ids[l] = jax.device_put(rid, dev)
       inverse[l] = jax.device_put(inv, dev)
-    leaves = self._gather({l: self._arrays(l) for l in self.layers}, gather_ids)
-    handle = PrefetchHandle(leaves, row_ids, row_ids_home, inverse)
-    self._outstanding.append(handle)
+    arrays = {l: self._arrays(l) if for_update else self._arrays(l)[:1] for l in self.layers}
+    handle = PrefetchHandle(self._gather(arrays, gather_ids), row_ids, row_ids_home, inverse)
+    if for_update:
+      self._outstanding.append(handle)
     return handle
 
   def rows(self, handle: PrefetchHandle) -> dict[int, PrefetchedRows]:
@@ -386,7 +391,8 @@ class HostTableTrainer:
     if handle.consumed:
       raise ValueError("apply_grad: this handle's gradient was already applied")
     if handle not in self._outstanding:
-      raise ValueError("apply_grad: handle was not produced by this trainer's prefetch")
+      raise ValueError("apply_grad: handle was not produced by this trainer's prefetch "
+                       "(or was prefetched with for_update=False)")
     g = {}
     for l in self.layers:
       x = grads[l]

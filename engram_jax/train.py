@@ -8,6 +8,12 @@ after its own metrics were checked finite, stays the latest), logs every `log_ev
 gate mean/std, router max/mean load), evaluates every `eval_every` steps and at the end, and
 checkpoints every `checkpoint_every` steps, resuming automatically from `workdir`.
 
+With `engram.placement='pinned_host'` (`HostTablesTrainer`) the tables stay in host memory and
+a step is driven by `_HostTableSteps`: the rows of step s are prefetched (gathered on the host,
+copied to the device) before step s is dispatched, step s+1's rows right after it, then step
+s's clipped row gradients update the host tables (`offload.HostTableTrainer.apply_grad`). The
+host tables are checkpointed next to the orbax checkpoint (`workdir/host_tables/<step>/`).
+
 Dimension legend: B batch, T sequence length, H Engram hash heads.
 """
 
@@ -28,7 +34,7 @@ from engram_jax import evaluate as evaluate_lib
 from engram_jax import experiment_config
 from engram_jax import sharding as sharding_lib
 from engram_jax import table_optim
-from engram_jax.train_step import TrainState, Trainer  # noqa: F401  (re-exported)
+from engram_jax.train_step import HostTablesTrainer, TrainState, Trainer  # noqa: F401
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` prefix. CPU has no meaningful peak: the
 # nominal 1e12 only keeps the MFU column defined (CPU MFU numbers are not comparable).
@@ -185,7 +191,8 @@ def _check_finite(step: int, m: dict, ckpt: checkpoint_lib.Checkpointer):
 def setup(config: ml_collections.ConfigDict, *, check_data: bool = True):
   """(experiment, trainer, abstract state) for a config; nothing is allocated on device."""
   exp = experiment_config.resolve(config, check_data=check_data)
-  trainer = Trainer(config, exp, make_mesh(config))
+  cls = HostTablesTrainer if exp.table_placement == "pinned_host" else Trainer
+  trainer = cls(config, exp, make_mesh(config))
   shapes = batch_shapes(exp, config, trainer.hash_on_device)
   abstract = trainer.prepare(config.seed, shapes)
   trainer.shapes = shapes
@@ -209,13 +216,98 @@ def restore_for_eval(config: ml_collections.ConfigDict, workdir: str):
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
   log(f"restoring step {step} from {ckpt.directory}")
-  state = ckpt.restore(step, abstract)
+  state = _restore(trainer, ckpt, workdir, step, abstract)
   ckpt.close()
   log("compiling eval step ...")
   _, eval_c, batch_sh = trainer.compile(abstract, trainer.shapes, train=False)
-  trainer.eval_fn = (eval_c, _put_fn(batch_sh))
+  trainer.eval_fn = _eval_fns(trainer, eval_c, batch_sh)
   trainer.eval_batches = lambda files: _eval_batches(trainer, files, config)
   return trainer, state, step
+
+
+def _host_tables_root(workdir: str) -> str:
+  return os.path.join(workdir, "host_tables")
+
+
+def _restore(trainer: Trainer, ckpt: checkpoint_lib.Checkpointer, workdir: str, step: int,
+             abstract: TrainState, data_iterator=None) -> TrainState:
+  """The state of checkpoint `step`, and for host placement its host tables into `trainer.host`.
+
+  A checkpoint of the other placement is refused before anything is read: a pinned_host
+  checkpoint's orbax state holds no tables, a device one has no host_tables directory.
+  """
+  root = _host_tables_root(workdir)
+  if isinstance(trainer, HostTablesTrainer):
+    checkpoint_lib.require_host_tables(root, step)
+  elif checkpoint_lib.has_host_tables(root, step):
+    raise ValueError(f"checkpoint step {step} in {workdir} was trained with "
+                     "engram.placement='pinned_host' (its tables are in "
+                     f"{checkpoint_lib.host_tables_directory(root, step)}, not in the orbax "
+                     "state); set engram.placement='pinned_host' to resume or evaluate it")
+  state = ckpt.restore(step, abstract, data_iterator)  # checks the hash fingerprint first
+  if isinstance(trainer, HostTablesTrainer):
+    trainer.set_host(checkpoint_lib.restore_host_tables(
+        root, step, trainer.exp.table_optim, trainer.host_offsets()))
+  return state
+
+
+def _without_ids(batch: dict) -> dict:
+  return {k: v for k, v in batch.items() if k != "engram_ids"}
+
+
+def _eval_fns(trainer: Trainer, eval_c, batch_sh):
+  """(eval_step(state, batch), put_batch) for `evaluate_lib.evaluate`, in either placement."""
+  put = _put_fn(batch_sh)
+  if not isinstance(trainer, HostTablesTrainer):
+    return eval_c, put
+
+  def eval_step(state, batch):
+    # Read right away (before any apply_grad): the handle is not patched by updates.
+    handle = trainer.host.prefetch(trainer.host_ids(batch), for_update=False)
+    return eval_c(state, put(_without_ids(batch)), trainer.host.rows(handle))
+  return eval_step, lambda batch: batch  # the eval step puts the batch itself
+
+
+class _DeviceSteps:
+  """One training step with the tables in the train state: one compiled program."""
+
+  def __init__(self, train_c, put, batches):
+    self._train_c, self._put, self._batches = train_c, put, batches
+
+  def __call__(self, state, step: int, lookahead: bool):
+    del step, lookahead
+    return self._train_c(state, self._put(next(self._batches)))
+
+
+class _HostTableSteps:
+  """One training step with host tables (the pipeline of engram_jax/offload.py):
+
+    rows of s (prefetched earlier) -> step s dispatched -> prefetch s+1 -> apply_grad(s)
+
+  `prefetch(s+1)` deduplicates step s+1's ids on this thread while the device runs step s and
+  queues the host gather; `apply_grad(s)` patches its rows, so step s+1 reads the table after
+  step s exactly. Without `lookahead` (checkpoint steps, the last step) the next batch is not
+  drawn, so the data iterator saved with step s stands exactly after batch s.
+  """
+
+  def __init__(self, trainer: HostTablesTrainer, train_c, put, batches):
+    self._trainer, self._train_c, self._put, self._batches = trainer, train_c, put, batches
+    self._ahead = None  # (batch without ids, PrefetchHandle) of the next step
+
+  def _draw(self):
+    batch = next(self._batches)
+    return _without_ids(batch), self._trainer.host.prefetch(self._trainer.host_ids(batch))
+
+  def __call__(self, state, step: int, lookahead: bool):
+    host = self._trainer.host
+    batch, handle = self._ahead or self._draw()
+    self._ahead = None
+    state, metrics, row_grads = self._train_c(state, self._put(batch), host.rows(handle))
+    if lookahead:
+      self._ahead = self._draw()
+    # `step - 1` updates were applied before this one (what the device path passes).
+    host.apply_grad(handle, row_grads, metrics["learning_rate"], step=step - 1)
+    return state, metrics
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -247,10 +339,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       os.path.join(workdir, "checkpoints"), fingerprint=exp.fingerprint(),
       save_every=config.train.checkpoint_every, keep=config.train.keep_checkpoints,
       async_save=config.train.async_checkpoint)
+  on_host = isinstance(trainer, HostTablesTrainer)
   latest = ckpt.latest_step()
   if latest is not None:
     log(f"resuming from checkpoint step {latest} in {ckpt.directory} ...")
-    state = ckpt.restore(latest, abstract, train_iter)
+    state = _restore(trainer, ckpt, workdir, latest, abstract, train_iter)
   else:
     state = trainer.init_state()
 
@@ -259,6 +352,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_c, eval_c, batch_sh = trainer.compile(abstract, trainer.shapes)
   log(f"compiled in {time.perf_counter() - t0:.1f}s")
   put = _put_fn(batch_sh)
+  if on_host:
+    run_step = _HostTableSteps(trainer, train_c, put, train_iter)
+  else:
+    run_step = _DeviceSteps(train_c, put, train_iter)
+  eval_step, eval_put = _eval_fns(trainer, eval_c, batch_sh)
 
   num_steps = config.train.num_steps
   peak = (config.train.peak_flops or peak_flops_per_device(jax.devices()[0])) * trainer.mesh.size
@@ -268,7 +366,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def run_eval(step):
     log(f"evaluating at step {step} ...")
-    m = evaluate_lib.evaluate(eval_c, state, eval_iter_fn(), put, config.train.num_eval_batches)
+    m = evaluate_lib.evaluate(eval_step, state, eval_iter_fn(), eval_put,
+                              config.train.num_eval_batches)
     log(f"eval step {step}: loss {m['eval_loss']:.4f} | ppl {m['eval_perplexity']:.2f} | "
         f"{m['eval_tokens']} tokens in {m['eval_seconds']:.1f}s")
     mlog.write({"step": step, "split": "eval", **m, "time": time.time()})
@@ -280,15 +379,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_metrics: dict = {}
   try:
     for step in range(start + 1, num_steps + 1):
-      batch = next(train_iter)
-      state, metrics = train_c(state, put(batch))
+      save = step % config.train.checkpoint_every == 0 or step == num_steps
+      state, metrics = run_step(state, step, lookahead=not save)
       if pending is not None:  # step t-1's metrics, read while step t runs
         _check_finite(*pending, ckpt)
         mlog.add(*pending)
         if pending[0] % config.train.log_every == 0:
           mlog.emit(pending[0], num_steps)
       pending = (step, metrics)
-      save = step % config.train.checkpoint_every == 0 or step == num_steps
       do_eval = config.train.eval_every and step % config.train.eval_every == 0
       if save or do_eval or step == num_steps:
         pending = (step, jax.device_get(metrics))
@@ -299,7 +397,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         pending = None
       if save:
         log(f"saving checkpoint step {step} ...")
+        if on_host:  # before the orbax save: every orbax step has its host tables
+          checkpoint_lib.save_host_tables(_host_tables_root(workdir), step, trainer.host)
         ckpt.save(step, state, train_iter, force=True)
+        if on_host:
+          checkpoint_lib.prune_host_tables(_host_tables_root(workdir),
+                                           ckpt.all_steps() + [step])
         mlog.reset_timer()
       if do_eval and step != num_steps:
         run_eval(step)

@@ -16,6 +16,10 @@ jitted steps that `engram_jax.train` drives:
            router biases (collection 'moe_stats') are updated by the forward pass.
   clip     one global norm over dense and row-sparse gradients (identical in both table modes).
 
+`HostTablesTrainer` (engram.placement='pinned_host', sparse optimisers only) keeps the tables in
+an `offload.HostTableTrainer` outside the state; its compiled step takes the batch's
+`PrefetchedRows` and returns the clipped row gradients for the host update (engram_jax/train.py).
+
 Both table modes start from identical values: the state is always initialised with tables as
 params, and the sparse mode moves them out of the param tree. Shardings come from the logical
 axis names of every parameter (engram_jax/sharding.py rules); the state is donated.
@@ -33,14 +37,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from engram_jax import experiment_config
+from engram_jax import offload
 from engram_jax import optim
 from engram_jax import sharding as sharding_lib
 from engram_jax import table_optim
 from engram_jax.model import EngramLM
-from pallas_kernels.engram_lookup.row_sparse import RowSparse, prefetch_rows
+from pallas_kernels.engram_lookup.row_sparse import PrefetchedRows, RowSparse, prefetch_rows
 
 
 @flax.struct.dataclass
@@ -215,11 +221,28 @@ class Trainer:
     if self.exp.sparse_tables:
       prefetched = {l: prefetch_rows(state.tables[str(l)], ids[l], self.offsets[l])
                     for l in self.layer_ids}
+    new_state, metrics, row_grads = self._step_on_rows(state, batch, ids, prefetched)
+    tables, table_opt = dict(state.tables), dict(state.table_opt)
+    for l, g_UxE in row_grads.items():
+      k = str(l)
+      grad = RowSparse(prefetched[l].row_ids_U, g_UxE)
+      tables[k], table_opt[k] = table_optim.apply_row_sparse_update(
+          self.exp.table_optim, state.tables[k], state.table_opt[k], grad,
+          metrics["learning_rate"], step=state.step)
+    return new_state.replace(tables=tables, table_opt=table_opt), metrics
+
+  def _step_on_rows(self, state: TrainState, batch: dict, ids, prefetched: dict):
+    """Forward/backward, one global clip, dense update; the tables are not touched.
+
+    `prefetched` {layer: PrefetchedRows} (sparse modes; `ids` unused then) or {} (dense_adam:
+    the model looks the ids up in its params). Returns the state with everything but the tables
+    advanced, the metrics, and {layer: clipped f32 [U, E] gradient w.r.t. the prefetched rows}.
+    """
     rows = {str(l): p.rows_UxE for l, p in prefetched.items()}
 
     def loss_fn(params, rows):
-      if self.exp.sparse_tables:
-        engram_inputs = {l: prefetched[l]._replace(rows_UxE=rows[str(l)]) for l in self.layer_ids}
+      if prefetched:
+        engram_inputs = {l: p._replace(rows_UxE=rows[str(l)]) for l, p in prefetched.items()}
       else:
         engram_inputs = ids
       loss, stats, model_state = self._forward(params, state.model_state, batch, engram_inputs,
@@ -236,17 +259,12 @@ class Trainer:
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     lr = self.schedule(state.step)
-    tables, table_opt = dict(state.tables), dict(state.table_opt)
-    for k, g_UxE in zip(keys, clipped_rows):
-      grad = RowSparse(prefetched[int(k)].row_ids_U, g_UxE.astype(jnp.float32))
-      tables[k], table_opt[k] = table_optim.apply_row_sparse_update(
-          self.exp.table_optim, state.tables[k], state.table_opt[k], grad, lr, step=state.step)
     rng, _ = jax.random.split(state.rng)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              model_state=model_state or state.model_state, tables=tables,
-                              table_opt=table_opt, rng=rng)
+                              model_state=model_state or state.model_state, rng=rng)
     metrics = dict(stats, loss=loss, grad_norm=grad_norm, learning_rate=lr)
-    return new_state, metrics
+    row_grads = {int(k): g.astype(jnp.float32) for k, g in zip(keys, clipped_rows)}
+    return new_state, metrics, row_grads
 
   def eval_step(self, state: TrainState, batch: dict) -> dict:
     ids = self.engram_ids(batch)
@@ -276,6 +294,107 @@ class Trainer:
                           donate_argnums=(0,)).lower(abstract_state, abstract_batch).compile()
       eval_c = jax.jit(self.eval_step, in_shardings=(self.state_shardings, batch_sh)).lower(
           abstract_state, abstract_batch).compile()
+    return train_c, eval_c, batch_sh
+
+
+class HostTablesTrainer(Trainer):
+  """`Trainer` for `engram.placement='pinned_host'`: tables outside the jitted state.
+
+  The Engram tables and their row-sparse optimiser state live in `self.host`, an
+  `offload.HostTableTrainer` in pinned host memory; the TrainState holds everything else
+  (`tables` / `table_opt` are empty). The compiled step takes the batch's `PrefetchedRows` as an
+  argument and returns the globally clipped row gradients; the loop (engram_jax/train.py)
+  prefetches the next batch's rows while a step runs and applies the gradients on the host
+  with `self.host.apply_grad`. Forward, loss, clipping and dense update are the base class's
+  (`_step_on_rows`), and the table arithmetic is `table_optim`'s in both placements, so a run
+  equals the 'device' placement's.
+  """
+
+  host: Optional[offload.HostTableTrainer] = None
+
+  def prepare(self, seed: int, batch_shapes: dict) -> TrainState:
+    abstract = super().prepare(seed, batch_shapes)
+    self._full_shardings = self.state_shardings
+    self.state_shardings = self.state_shardings.replace(tables={}, table_opt={})
+    self._row_dtype = {int(k): t.dtype for k, t in abstract.tables.items()}
+    return abstract.replace(tables={}, table_opt={})
+
+  def init_state(self) -> TrainState:
+    """Initial state as `Trainer.init_state` (same values), with the tables moved to the host.
+
+    The tables are drawn by the model's initialiser on the device and then copied, so that a
+    host run starts from exactly the device run's tables; HBM therefore holds each table once
+    during initialisation (tables beyond HBM would need `offload.create_table` in both modes).
+    """
+    with self._context():
+      init = jax.jit(lambda r, d: nn.unbox(self._boxed_init(r, d)),
+                     out_shardings=self._full_shardings)
+      state = init(self._rng, self._dummy())
+    host = offload.placement_sharding("pinned_host")
+    tables = {}
+    for k, table in state.tables.items():
+      offload.check_host_allocation(table.nbytes, what=f"Engram table of layer {k}",
+                                    already_allocated=sum(t.nbytes for t in tables.values()))
+      tables[int(k)] = jax.device_put(table, host).block_until_ready()
+      table.delete()  # the device copy: from here on the host table is the only one
+    # Zero optimiser state allocated on the host directly (== table_optim.init_table_state).
+    self.set_host(offload.HostTableTrainer(self.exp.table_optim, tables, self.host_offsets()))
+    return state.replace(tables={}, table_opt={})
+
+  def host_offsets(self) -> dict:
+    return {l: self.exp.hashing.offsets(l) for l in self.layer_ids}
+
+  def set_host(self, host: offload.HostTableTrainer) -> None:
+    if host.layers != tuple(sorted(self.layer_ids)):
+      raise ValueError(f"host tables for layers {host.layers}, model has {self.layer_ids}")
+    for l in host.layers:
+      want = (self.exp.hashing.num_rows(l), self.exp.model.engram.head_dim)
+      if tuple(host.tables[l].shape) != want:
+        raise ValueError(f"host table of layer {l} has shape {tuple(host.tables[l].shape)}, "
+                         f"the config's hashing needs {want}")
+    self.host = host
+
+  def host_ids(self, batch: dict) -> dict:
+    """The pipeline's NumPy hash ids {layer: [B, T, H]} (what `host.prefetch` deduplicates)."""
+    if "engram_ids" not in batch:
+      raise ValueError("batch has no 'engram_ids': engram.placement='pinned_host' needs the "
+                       "pipeline's hash ids (engram.hash_on_device=False)")
+    return {int(l): np.asarray(v) for l, v in batch["engram_ids"].items()}
+
+  def train_step(self, state: TrainState, batch: dict, rows: dict):
+    """(state, metrics, {layer: clipped f32 [U, E] row gradient}); `rows` from `host.rows`."""
+    return self._step_on_rows(state, batch, None, rows)
+
+  def eval_step(self, state: TrainState, batch: dict, rows: dict) -> dict:
+    _, stats, _ = self._forward(state.params, state.model_state, batch, rows, train=False)
+    return {"loss_sum": stats["loss_sum"], "num_tokens": stats["num_tokens"]}
+
+  def compile(self, abstract_state: TrainState, batch_shapes: dict, train: bool = True):
+    """As `Trainer.compile`; the steps take (state, batch without engram_ids, rows)."""
+    batch_shapes = {k: v for k, v in batch_shapes.items() if k != "engram_ids"}
+    batch_sh = self.batch_shardings(batch_shapes)
+    abstract_batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  batch_shapes, batch_sh)
+    # Rows arrive where HostTableTrainer puts them: the first device's memory.
+    dev = offload.placement_sharding("device")
+    b, t = batch_shapes["inputs"].shape
+    h = self.exp.model.engram.num_heads
+    u = b * t * h
+    abstract_rows = {l: PrefetchedRows(
+        jax.ShapeDtypeStruct((u, self.exp.model.engram.head_dim), self._row_dtype[l],
+                             sharding=dev),
+        jax.ShapeDtypeStruct((b, t, h), jnp.int32, sharding=dev),
+        jax.ShapeDtypeStruct((u,), jnp.int32, sharding=dev)) for l in self.layer_ids}
+    rows_sh = jax.tree.map(lambda x: x.sharding, abstract_rows)
+    train_c = None
+    with self._context():
+      if train:
+        train_c = jax.jit(self.train_step, in_shardings=(self.state_shardings, batch_sh, rows_sh),
+                          out_shardings=(self.state_shardings, None, None),
+                          donate_argnums=(0,)).lower(abstract_state, abstract_batch,
+                                                     abstract_rows).compile()
+      eval_c = jax.jit(self.eval_step, in_shardings=(self.state_shardings, batch_sh, rows_sh)
+                       ).lower(abstract_state, abstract_batch, abstract_rows).compile()
     return train_c, eval_c, batch_sh
 
 

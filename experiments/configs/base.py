@@ -9,7 +9,8 @@ from it with `base.get_config()` and override what differs. Run any of them with
 Sections (converted into frozen dataclasses by `engram_jax.experiment_config.resolve`):
   data         files (empty = the embedded corpus), tokenizer ('' = the shipped one), T, B
   model        backbone (ModelConfig); `model.moe` the MoE FFN (`moe.enabled`)
-  engram       EngramConfig (+ `enabled`, `hash_on_device`); hidden_size / hc_mult come from model
+  engram       EngramConfig (+ `enabled`, `hash_on_device`, `placement` of the tables);
+               hidden_size / hc_mult come from model
   optim        dense optimiser and schedule (engram_jax.optim.OptimConfig)
   table_optim  Engram-table optimiser (engram_jax.table_optim.TableOptimizerConfig); 'dense_adam'
                keeps tables in the optax chain, 'lazy_adam' / 'adagrad' update touched rows only
@@ -84,6 +85,11 @@ def get_config(arg=None):
   c.engram.segment_reset = True   # packed documents hash independently
   c.engram.lookup_implementation = ""  # '' -> automatic
   c.engram.hash_on_device = False  # False: hash ids computed in the grain pipeline
+  # Where the tables and their optimiser state live: 'device' (HBM, in the train state) or
+  # 'pinned_host' (host DRAM, engram_jax.offload.HostTableTrainer; rows of step s+1 are
+  # prefetched while step s runs). pinned_host needs a row-sparse table_optim.kind, pipeline
+  # hashing and one device.
+  c.engram.placement = "device"
 
   c.optim = ml_collections.ConfigDict()
   c.optim.kind = "adamw"

@@ -1,0 +1,137 @@
+"""`train_and_evaluate` with Engram tables in pinned host memory (engram.placement).
+
+Host placement must be the device placement moved, not a different trainer: same losses, same
+evaluation, same final table rows and optimiser state; kill-and-resume with host tables repeats
+the uninterrupted run; configurations it cannot serve are refused by name at load time.
+
+Dimension legend: R table rows, E row width.
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from engram_jax import checkpoint
+from engram_jax import evaluate
+from engram_jax import experiment_config
+from engram_jax import offload
+from engram_jax import train
+from tests.test_train import _config, _losses
+
+STEPS = 6
+CHECKPOINT_EVERY = 3
+
+
+def _host_config(**overrides):
+  return _config(**{"engram.placement": "pinned_host", "train.num_steps": STEPS,
+                    "train.checkpoint_every": CHECKPOINT_EVERY, **overrides})
+
+
+def _host_tables(workdir, step):
+  """{name: array} of the host tables + state saved at `step` (read into device memory)."""
+  directory = checkpoint.host_tables_directory(os.path.join(workdir, "host_tables"), step)
+  return {k: np.asarray(v) for k, v in offload.restore_arrays(directory, "device").items()}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  out = {}
+  for placement in ("device", "pinned_host"):
+    workdir = str(tmp_path_factory.mktemp(placement))
+    final = train.train_and_evaluate(_host_config(**{"engram.placement": placement}), workdir)
+    out[placement] = {"workdir": workdir, "final": final, "losses": _losses(workdir)[0]}
+  return out
+
+
+def test_host_placement_equals_device_placement(runs):
+  dev, host = runs["device"], runs["pinned_host"]
+  assert len(host["losses"]) == STEPS
+  np.testing.assert_allclose(host["losses"], dev["losses"], rtol=1e-6, atol=0)
+  np.testing.assert_allclose(host["final"]["eval_loss"], dev["final"]["eval_loss"], rtol=1e-6)
+  # Final rows and optimiser state: the device run's are in its orbax state, the host run's
+  # only in host_tables/<step> (its orbax state holds no table).
+  _, dev_state, _ = train.restore_for_eval(
+      evaluate.load_workdir_config(dev["workdir"]), dev["workdir"])
+  _, host_state, _ = train.restore_for_eval(
+      evaluate.load_workdir_config(host["workdir"]), host["workdir"])
+  assert host_state.tables == {} and host_state.table_opt == {}
+  saved = _host_tables(host["workdir"], STEPS)
+  for k, table in dev_state.tables.items():
+    opt = dev_state.table_opt[k]
+    np.testing.assert_allclose(saved[f"layer{k}.table"], np.asarray(table), rtol=1e-6,
+                               atol=1e-7)
+    np.testing.assert_allclose(saved[f"layer{k}.nu_RxE"], np.asarray(opt.nu_RxE), rtol=1e-6,
+                               atol=1e-12)
+    np.testing.assert_array_equal(saved[f"layer{k}.count_R"], np.asarray(opt.count_R))
+    # Training moved some rows and not others, so the equality above is not vacuous.
+    counts = np.asarray(opt.count_R)
+    assert counts.max() > 1 and (counts == 0).any()
+    assert np.abs(saved[f"layer{k}.mu_RxE"]).max() > 0
+
+
+def test_host_tables_stay_on_the_host_and_match_the_checkpoint(runs):
+  workdir = runs["pinned_host"]["workdir"]
+  trainer, _, step = train.restore_for_eval(evaluate.load_workdir_config(workdir), workdir)
+  assert step == STEPS
+  for l in trainer.host.layers:
+    for x in jax.tree.leaves((trainer.host.tables[l], trainer.host.states[l])):
+      assert x.sharding.memory_kind == "pinned_host"
+  # One host_tables directory per kept orbax step, none left half-written.
+  kept = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+  assert sorted(os.listdir(os.path.join(workdir, "host_tables"))) == [str(s) for s in kept]
+
+
+def test_kill_and_resume_with_host_tables_reproduces_the_run(runs, tmp_path):
+  workdir = str(tmp_path)
+  with pytest.raises(train.TrainingDivergedError,
+                     match=r"non-finite loss at step 5.*last good checkpoint is step 3"):
+    train.train_and_evaluate(_host_config(**{"train.inject_nan_at_step": 5}), workdir)
+  train.train_and_evaluate(_host_config(), workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(l) for l in f if '"train"' in l]
+  resumed = records[-(STEPS - CHECKPOINT_EVERY):]
+  assert [r["step"] for r in resumed] == list(range(CHECKPOINT_EVERY + 1, STEPS + 1))
+  np.testing.assert_allclose([r["loss"] for r in resumed],
+                             runs["pinned_host"]["losses"][CHECKPOINT_EVERY:], rtol=1e-6, atol=0)
+  # Resumed tables are the uninterrupted run's tables.
+  want = _host_tables(runs["pinned_host"]["workdir"], STEPS)
+  got = _host_tables(workdir, STEPS)
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_resume_without_host_tables_is_refused(runs, tmp_path):
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(runs["pinned_host"]["workdir"], workdir)
+  shutil.rmtree(os.path.join(workdir, "host_tables", str(STEPS)))
+  with pytest.raises(FileNotFoundError, match=rf"checkpoint step {STEPS} has no host tables"):
+    train.train_and_evaluate(_host_config(**{"train.num_steps": STEPS + 1}), workdir)
+
+
+def test_resuming_a_host_run_on_the_device_is_refused(runs, tmp_path):
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(runs["pinned_host"]["workdir"], workdir)
+  with pytest.raises(ValueError, match=r"trained with engram.placement='pinned_host'"):
+    train.train_and_evaluate(_host_config(**{"engram.placement": "device",
+                                             "train.num_steps": STEPS + 1}), workdir)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"table_optim.kind": "dense_adam"},
+     r"engram.placement='pinned_host' needs a row-sparse table optimiser.*'dense_adam'"),
+    ({"engram.hash_on_device": True}, r"set engram.hash_on_device=False"),
+    ({"train.data_parallel": 2}, r"train.data_parallel=2"),
+    ({"engram.placement": "hbm"}, r"engram.placement must be one of"),
+])
+def test_unsupported_host_configs_are_refused(overrides, match):
+  config = _config()
+  config.engram.placement = "pinned_host"
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    config[section][field] = value
+  with pytest.raises(ValueError, match=match):
+    experiment_config.check_config(config)
