@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from engram_jax import checkpoint
+from engram_jax import data as data_lib
 from engram_jax import evaluate
 from engram_jax import experiment_config
 from engram_jax import offload
@@ -75,21 +76,29 @@ def test_host_placement_equals_device_placement(runs):
 
 def test_host_tables_stay_on_the_host_and_match_the_checkpoint(runs):
   workdir = runs["pinned_host"]["workdir"]
-  trainer, _, step = train.restore_for_eval(evaluate.load_workdir_config(workdir), workdir)
+  trainer, state, step = train.restore_for_eval(evaluate.load_workdir_config(workdir), workdir)
   assert step == STEPS
   for l in trainer.host.layers:
     for x in jax.tree.leaves((trainer.host.tables[l], trainer.host.states[l])):
       assert x.sharding.memory_kind == "pinned_host"
+  # The eval CLI's path (restored host tables, rows read per batch) gives the run's final eval.
+  eval_step, put = trainer.eval_fn
+  valid = data_lib.default_corpus_paths()["valid"]
+  m = evaluate.evaluate(eval_step, state, trainer.eval_batches(valid), put, num_batches=2)
+  np.testing.assert_allclose(m["eval_loss"], runs["pinned_host"]["final"]["eval_loss"], rtol=1e-6)
   # One host_tables directory per kept orbax step, none left half-written.
   kept = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
   assert sorted(os.listdir(os.path.join(workdir, "host_tables"))) == [str(s) for s in kept]
 
 
 def test_kill_and_resume_with_host_tables_reproduces_the_run(runs, tmp_path):
-  workdir = str(tmp_path)
-  with pytest.raises(train.TrainingDivergedError,
-                     match=r"non-finite loss at step 5.*last good checkpoint is step 3"):
-    train.train_and_evaluate(_host_config(**{"train.inject_nan_at_step": 5}), workdir)
+  # A run killed between its checkpoints of steps 3 and 6: the workdir as it was at step 5
+  # (the complete run's, without the step-6 checkpoint, orbax state and host tables alike).
+  workdir = str(tmp_path / "killed")
+  shutil.copytree(runs["pinned_host"]["workdir"], workdir)
+  for root in ("checkpoints", "host_tables"):
+    shutil.rmtree(os.path.join(workdir, root, str(STEPS)))
+  assert checkpoint.has_host_tables(os.path.join(workdir, "host_tables"), CHECKPOINT_EVERY)
   train.train_and_evaluate(_host_config(), workdir)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(l) for l in f if '"train"' in l]
@@ -97,9 +106,10 @@ def test_kill_and_resume_with_host_tables_reproduces_the_run(runs, tmp_path):
   assert [r["step"] for r in resumed] == list(range(CHECKPOINT_EVERY + 1, STEPS + 1))
   np.testing.assert_allclose([r["loss"] for r in resumed],
                              runs["pinned_host"]["losses"][CHECKPOINT_EVERY:], rtol=1e-6, atol=0)
-  # Resumed tables are the uninterrupted run's tables.
+  # The resumed run's final tables and optimiser state are the uninterrupted run's.
   want = _host_tables(runs["pinned_host"]["workdir"], STEPS)
   got = _host_tables(workdir, STEPS)
+  assert sorted(got) == sorted(want)
   for name in want:
     np.testing.assert_array_equal(got[name], want[name])
 
