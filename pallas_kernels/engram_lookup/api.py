@@ -127,7 +127,7 @@ def gather_flat(table_RxE: jax.Array, ids_N: jax.Array, offsets_H: jax.Array,
 
 def global_rows_N(ids_BxTxH: jax.Array, offsets_H: jax.Array, num_rows: int) -> jax.Array:
   """Flattened clamped global rows, the rows every implementation reads."""
-  rows = ids_BxTxH.astype(jnp.int32) + offsets_H.astype(jnp.int32)
+  rows = ids_BxTxH.astype(jnp.int32) + jnp.asarray(offsets_H, jnp.int32)
   return jnp.clip(rows, 0, num_rows - 1).reshape(-1)
 
 

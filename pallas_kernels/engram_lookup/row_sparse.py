@@ -51,16 +51,10 @@ class PrefetchedRows(NamedTuple):
   row_ids_U: jax.Array
 
 
-def global_rows(ids_BxTxH: jax.Array, offsets_H: jax.Array, num_rows: int) -> jax.Array:
-  """Per-head local ids -> global table rows, clamped into `[0, num_rows)`."""
-  rows = ids_BxTxH.astype(jnp.int32) + jnp.asarray(offsets_H, jnp.int32)
-  return jnp.clip(rows, 0, num_rows - 1)
-
-
 def unique_rows(ids_BxTxH: jax.Array, offsets_H: jax.Array,
                 num_rows: int) -> tuple[jax.Array, jax.Array]:
   """Returns `(row_ids_U, inverse_BxTxH)`: sorted unique global rows and the inverse index."""
-  rows_N = global_rows(ids_BxTxH, offsets_H, num_rows).reshape(-1)
+  rows_N = api.global_rows_N(ids_BxTxH, offsets_H, num_rows)
   plan = segment_sum.sort_segments(rows_N, fill=num_rows)
   # order_N is a permutation, so this scatter writes every slot exactly once.
   inverse_N = jnp.zeros_like(rows_N).at[plan.order_N].set(plan.segment_N,
