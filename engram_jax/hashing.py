@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engram_jax.config import EngramConfig
+from engram_jax.memory import head_offsets
 
 _INT64_MAX = int(np.iinfo(np.int64).max)
 # Ids must be < 2**31: they travel as int32 and the uint32 emulation relies on x < 2**32.
@@ -201,8 +202,7 @@ class NgramHashMapping:
 
   def offsets(self, layer_id: int) -> np.ndarray:
     """int64[H]: first global row of each head (exclusive cumulative sum of head sizes)."""
-    sizes_H = np.asarray(self.head_sizes(layer_id), dtype=np.int64)
-    return np.concatenate([np.zeros(1, np.int64), np.cumsum(sizes_H)[:-1]])
+    return head_offsets(self.head_sizes(layer_id))
 
   def num_rows(self, layer_id: int) -> int:
     """R: rows of the layer's table."""
