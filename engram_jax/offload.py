@@ -200,9 +200,8 @@ def create_table(num_rows: int, width: int, dtype, placement: str, *, std: float
 def place_state(state: table_optim.TableOptState, placement: str,
                 device: Optional[jax.Device] = None) -> table_optim.TableOptState:
   """Zero optimiser state in `placement` (shapes from `state`, usually init_table_state_shapes)."""
-  return jax.tree.map(lambda s: zeros(s[0], s[1], placement, device), state,
-                      is_leaf=lambda s: isinstance(s, tuple) and len(s) == 2
-                      and isinstance(s[1], np.dtype))
+  return table_optim.TableOptState(
+      *(None if s is None else zeros(*s, placement, device) for s in state))
 
 
 def init_state(cfg: table_optim.TableOptimizerConfig, table_RxE: jax.Array

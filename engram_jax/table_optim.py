@@ -133,13 +133,8 @@ def init_table_state(cfg: TableOptimizerConfig, table_RxE: jax.Array) -> TableOp
   _require_sparse(cfg, 'init_table_state')
   if table_RxE.ndim != 2:
     raise ValueError(f'init_table_state: table must be [R, E], got shape {table_RxE.shape}')
-  num_rows, width = table_RxE.shape
-  count_R = jnp.zeros((num_rows,), jnp.int32)
-  if cfg.kind == 'lazy_adam':
-    dtype = jnp.dtype(cfg.moment_dtype)
-    return TableOptState(jnp.zeros((num_rows, width), dtype), jnp.zeros((num_rows, width), dtype),
-                         None, count_R)
-  return TableOptState(None, None, jnp.zeros((num_rows,), jnp.float32), count_R)
+  shapes = init_table_state_shapes(cfg, *table_RxE.shape)
+  return TableOptState(*(None if s is None else jnp.zeros(*s) for s in shapes))
 
 
 def table_state_logical_axes(cfg: TableOptimizerConfig) -> TableOptState:
