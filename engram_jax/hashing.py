@@ -278,11 +278,11 @@ class NgramHashMapping:
       ids = ids.astype(np.int32)  # values checked above; avoids the int64 -> int32 warning
     x_BxT = jnp.asarray(ids).astype(jnp.uint32)
     pad = jnp.uint32(self.pad_id)
+    seg_BxT = None if segment_ids is None else jnp.asarray(segment_ids)
     shifted = [x_BxT]
     for k in range(1, self.max_ngram_size):
       tok_BxT = jnp.pad(x_BxT, ((0, 0), (k, 0)), constant_values=pad)[:, :x_BxT.shape[1]]
-      if segment_ids is not None:
-        seg_BxT = jnp.asarray(segment_ids)
+      if seg_BxT is not None:
         # Left of the sequence the token is already pad, so the padded segment value is moot.
         prev_BxT = jnp.pad(seg_BxT, ((0, 0), (k, 0)))[:, :seg_BxT.shape[1]]
         tok_BxT = jnp.where(prev_BxT == seg_BxT, tok_BxT, pad)
