@@ -374,6 +374,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mlog.reset_timer()
     return m
 
+  def record(step, metrics):
+    _check_finite(step, metrics, ckpt)
+    mlog.add(step, metrics)
+    if step % config.train.log_every == 0 or step == num_steps:
+      mlog.emit(step, num_steps)
+
   start = int(jax.device_get(state.step))
   pending = None
   eval_metrics: dict = {}
@@ -382,18 +388,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       save = step % config.train.checkpoint_every == 0 or step == num_steps
       state, metrics = run_step(state, step, lookahead=not save)
       if pending is not None:  # step t-1's metrics, read while step t runs
-        _check_finite(*pending, ckpt)
-        mlog.add(*pending)
-        if pending[0] % config.train.log_every == 0:
-          mlog.emit(pending[0], num_steps)
+        record(*pending)
       pending = (step, metrics)
       do_eval = config.train.eval_every and step % config.train.eval_every == 0
-      if save or do_eval or step == num_steps:
-        pending = (step, jax.device_get(metrics))
-        _check_finite(*pending, ckpt)  # never checkpoint a diverged state
-        mlog.add(*pending)
-        if step % config.train.log_every == 0 or step == num_steps:
-          mlog.emit(step, num_steps)
+      if save or do_eval:  # the last step saves, so its metrics are always read here
+        record(step, jax.device_get(metrics))  # never checkpoint a diverged state
         pending = None
       if save:
         log(f"saving checkpoint step {step} ...")
@@ -406,10 +405,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         mlog.reset_timer()
       if do_eval and step != num_steps:
         run_eval(step)
-    if pending is not None:
-      _check_finite(*pending, ckpt)
-      mlog.add(*pending)
-      mlog.emit(pending[0], num_steps)
     eval_metrics = run_eval(num_steps)
   finally:
     ckpt.close()
