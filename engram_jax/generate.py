@@ -37,6 +37,7 @@ import numpy as np
 
 from engram_jax import offload
 from engram_jax.hashing import NgramHashMapping
+from pallas_kernels.engram_lookup.api import global_rows_N
 from pallas_kernels.engram_lookup.row_sparse import PrefetchedRows
 
 LogitsFn = Callable[[jax.Array, Mapping[int, PrefetchedRows]], jax.Array]
@@ -89,8 +90,9 @@ class Generator:
       if tables[l].shape[0] != mapping.num_rows(l):
         raise ValueError(f"layer {l}: table has {tables[l].shape[0]} rows, mapping "
                          f"{mapping.num_rows(l)}")
+    self._compression_host = None if compression is None else np.asarray(compression, np.int32)
     self.compression = None if compression is None else jax.device_put(
-        np.asarray(compression, np.int32), self.dev)
+        self._compression_host, self.dev)
     self._step = jax.jit(self._step_fn, donate_argnums=(0, 2))  # tokens, history in place
     self._write = jax.jit(self._write_fn, donate_argnums=0)
 
@@ -98,10 +100,6 @@ class Generator:
 
   def _compress(self, tokens):
     return tokens if self.compression is None else self.compression[tokens]
-
-  def _global_rows(self, ids_BxTxH, l):
-    rows = ids_BxTxH + self.offsets[l]
-    return jnp.clip(rows, 0, self.tables[l].shape[0] - 1)
 
   def _fetch_rows(self, rows_dev_BxTxH: dict) -> dict:
     """Starts the fetch of `rows` for every layer (explicit puts; async)."""
@@ -125,7 +123,8 @@ class Generator:
     tokens_BxT = jax.lax.dynamic_update_slice(tokens_BxT, tok_B[:, None], (0, t + 1))
     hist_BxN = jnp.concatenate([hist_BxN[:, 1:], self._compress(tok_B)[:, None]], axis=1)
     ids = self.mapping.hash(hist_BxN)
-    rows = {l: self._global_rows(ids[l][:, -1:, :], l) for l in self.layers}
+    rows = {l: global_rows_N(ids[l][:, -1:, :], self.offsets[l], self.tables[l].shape[0]
+                             ).reshape(ids[l].shape[0], 1, -1) for l in self.layers}
     return tokens_BxT, hist_BxN, rows
 
   @staticmethod
@@ -151,8 +150,7 @@ class Generator:
     tokens[:, :p] = prompt
     tokens = jax.device_put(tokens, self.dev)
     # Prompt: hash on the host, fetch all its rows at once.
-    comp = prompt if self.compression is None else np.asarray(
-        jax.device_get(self.compression))[prompt]
+    comp = prompt if self.compression is None else self._compression_host[prompt]
     ids = self.mapping.hash_numpy(comp)
     rows = {l: jax.device_put(np.clip(ids[l] + np.asarray(self.mapping.offsets(l)), 0,
                                       self.tables[l].shape[0] - 1).astype(np.int32), self.dev)
