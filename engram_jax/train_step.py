@@ -46,7 +46,7 @@ from engram_jax import optim
 from engram_jax import sharding as sharding_lib
 from engram_jax import table_optim
 from engram_jax.model import EngramLM
-from pallas_kernels.engram_lookup.row_sparse import PrefetchedRows, RowSparse, prefetch_rows
+from pallas_kernels.engram_lookup.row_sparse import PrefetchedRows, prefetch_rows, row_sparse_grad
 
 
 @flax.struct.dataclass
@@ -169,9 +169,11 @@ class Trainer:
 
   def init_state(self) -> TrainState:
     """The initial state, created directly in its shardings (call `prepare` first)."""
+    return self._init_in(self.state_shardings)
+
+  def _init_in(self, shardings) -> TrainState:
     with self._context():
-      init = jax.jit(lambda r, d: nn.unbox(self._boxed_init(r, d)),
-                     out_shardings=self.state_shardings)
+      init = jax.jit(lambda r, d: nn.unbox(self._boxed_init(r, d)), out_shardings=shardings)
       return init(self._rng, self._dummy())
 
   def _context(self):
@@ -215,20 +217,23 @@ class Trainer:
 
   # ---- steps -------------------------------------------------------------------------------
 
+  def _prefetch(self, state: TrainState, ids) -> dict:
+    """{layer: PrefetchedRows} of the state's tables (sparse modes), else {}."""
+    if not self.exp.sparse_tables:
+      return {}
+    return {l: prefetch_rows(state.tables[str(l)], ids[l], self.offsets[l])
+            for l in self.layer_ids}
+
   def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     ids = self.engram_ids(batch)
-    prefetched = {}
-    if self.exp.sparse_tables:
-      prefetched = {l: prefetch_rows(state.tables[str(l)], ids[l], self.offsets[l])
-                    for l in self.layer_ids}
+    prefetched = self._prefetch(state, ids)
     new_state, metrics, row_grads = self._step_on_rows(state, batch, ids, prefetched)
     tables, table_opt = dict(state.tables), dict(state.table_opt)
     for l, g_UxE in row_grads.items():
       k = str(l)
-      grad = RowSparse(prefetched[l].row_ids_U, g_UxE)
       tables[k], table_opt[k] = table_optim.apply_row_sparse_update(
-          self.exp.table_optim, state.tables[k], state.table_opt[k], grad,
-          metrics["learning_rate"], step=state.step)
+          self.exp.table_optim, state.tables[k], state.table_opt[k],
+          row_sparse_grad(prefetched[l], g_UxE), metrics["learning_rate"], step=state.step)
     return new_state.replace(tables=tables, table_opt=table_opt), metrics
 
   def _step_on_rows(self, state: TrainState, batch: dict, ids, prefetched: dict):
@@ -268,10 +273,12 @@ class Trainer:
 
   def eval_step(self, state: TrainState, batch: dict) -> dict:
     ids = self.engram_ids(batch)
-    if self.exp.sparse_tables:
-      ids = {l: prefetch_rows(state.tables[str(l)], ids[l], self.offsets[l])
-             for l in self.layer_ids}
-    _, stats, _ = self._forward(state.params, state.model_state, batch, ids, train=False)
+    return self._eval_on(state, batch,
+                         self._prefetch(state, ids) if self.exp.sparse_tables else ids)
+
+  def _eval_on(self, state: TrainState, batch: dict, engram_inputs) -> dict:
+    _, stats, _ = self._forward(state.params, state.model_state, batch, engram_inputs,
+                                train=False)
     return {"loss_sum": stats["loss_sum"], "num_tokens": stats["num_tokens"]}
 
   def batch_shardings(self, batch_shapes: dict):
@@ -326,10 +333,7 @@ class HostTablesTrainer(Trainer):
     host run starts from exactly the device run's tables; HBM therefore holds each table once
     during initialisation (tables beyond HBM would need `offload.create_table` in both modes).
     """
-    with self._context():
-      init = jax.jit(lambda r, d: nn.unbox(self._boxed_init(r, d)),
-                     out_shardings=self._full_shardings)
-      state = init(self._rng, self._dummy())
+    state = self._init_in(self._full_shardings)
     host = offload.placement_sharding("pinned_host")
     tables = {}
     for k, table in state.tables.items():
@@ -366,8 +370,7 @@ class HostTablesTrainer(Trainer):
     return self._step_on_rows(state, batch, None, rows)
 
   def eval_step(self, state: TrainState, batch: dict, rows: dict) -> dict:
-    _, stats, _ = self._forward(state.params, state.model_state, batch, rows, train=False)
-    return {"loss_sum": stats["loss_sum"], "num_tokens": stats["num_tokens"]}
+    return self._eval_on(state, batch, rows)
 
   def compile(self, abstract_state: TrainState, batch_shapes: dict, train: bool = True):
     """As `Trainer.compile`; the steps take (state, batch without engram_ids, rows)."""
