@@ -21,6 +21,7 @@ import numpy as np
 from engram_jax import compression
 from engram_jax import data as data_lib
 from engram_jax import hashing
+from engram_jax import params as params_lib
 from engram_jax import tokenizer as tokenizer_lib
 from engram_jax.config import EngramConfig
 from engram_jax.fusion import Engram
@@ -84,7 +85,7 @@ def main(argv):
   hidden = jax.random.normal(jax.random.key(0), (b, t, cfg.hc_mult, cfg.hidden_size), dtype)
   # Params carry logical-axis boxes for sharding; unbox them for plain arithmetic.
   params = nn.unbox(jax.jit(layer.init)(jax.random.key(1), hidden, dev_ids)["params"])
-  n_params = sum(x.size for x in jax.tree.leaves(params))
+  n_params = params_lib.tree_param_count(params)
   table = params["memory"]["table"] if "memory" in params else None
   print(f"layer       {n_params:,} params"
         + (f" (table {table.shape[0]:,} x {table.shape[1]})" if table is not None else ""))
