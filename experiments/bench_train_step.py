@@ -106,6 +106,23 @@ def _make_step(kind: str, offsets_H, base_lr: float):
   return init_opt, step
 
 
+def _median_step_ms(step, carry, inputs, loss_of):
+  """The timing protocol of both step kinds: `carry = step(carry, inputs[i % 4])`, 3 warm-up
+  steps, then 5 runs of 10 steps, each ended by a block_until_ready on `loss_of(carry)`.
+  Returns (median ms per step, the last carry)."""
+  for i in range(3):
+    carry = step(carry, inputs[i % 4])
+  jax.block_until_ready(loss_of(carry))
+  runs = []
+  for _ in range(5):
+    start = time.perf_counter()
+    for i in range(10):
+      carry = step(carry, inputs[i % 4])
+    jax.block_until_ready(loss_of(carry))
+    runs.append((time.perf_counter() - start) / 10 * 1e3)
+  return float(np.median(runs)), carry
+
+
 def _time_step(kind, num_rows, args):
   heads, width = args.heads, args.row_width
   rows_per_head = num_rows // heads
@@ -129,21 +146,14 @@ def _time_step(kind, num_rows, args):
           f'{num_rows * width * 4 / _GB:.3f} GB', flush=True)
   table = _fill_table(num_rows, width, jnp.float32)
   opt = jax.jit(init_opt)(table, w)
-  for i in range(3):
-    table, opt, w, loss = compiled(table, opt, w, ids[i % 4], target)
-  loss.block_until_ready()
-  runs = []
-  for _ in range(5):
-    start = time.perf_counter()
-    for i in range(10):
-      table, opt, w, loss = compiled(table, opt, w, ids[i % 4], target)
-    loss.block_until_ready()
-    runs.append((time.perf_counter() - start) / 10 * 1e3)
+  ms, (table, opt, w, loss) = _median_step_ms(
+      lambda c, ids_BxTxH: compiled(*c[:3], ids_BxTxH, target), (table, opt, w, None), ids,
+      lambda c: c[3])
   if not np.isfinite(float(loss)):
     raise FloatingPointError(f'{kind} at {num_rows} rows: loss {float(loss)}')
   del table, opt, w
   gc.collect()
-  return float(np.median(runs))
+  return ms
 
 
 def _load_config(path: str, kind: str, rows_per_table: int):
@@ -201,21 +211,13 @@ def _time_trainer_step(kind, rows_per_table, args, small_states):
                       -1).astype(np.int32) for l in trainer.shapes['engram_ids']}
     batches.append(jax.device_put(batch, batch_sh))
   table_rows = [exp.hashing.num_rows(l) for l in exp.model.engram.layer_ids]
-  for i in range(3):
-    state, metrics = train_c(state, batches[i % 4])
-  jax.block_until_ready(metrics['loss'])
-  runs = []
-  for _ in range(5):
-    start = time.perf_counter()
-    for i in range(10):
-      state, metrics = train_c(state, batches[i % 4])
-    jax.block_until_ready(metrics['loss'])
-    runs.append((time.perf_counter() - start) / 10 * 1e3)
+  ms, (state, metrics) = _median_step_ms(lambda c, batch: train_c(c[0], batch), (state, None),
+                                         batches, lambda c: c[1]['loss'])
   if not np.isfinite(float(metrics['loss'])):
     raise FloatingPointError(f'{kind} at {rows_per_table} rows: loss {float(metrics["loss"])}')
   del state, metrics, batches
   gc.collect()
-  return float(np.median(runs)), table_rows
+  return ms, table_rows
 
 
 def _dense_bytes_per_param():
