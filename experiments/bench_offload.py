@@ -167,15 +167,11 @@ def log(msg):
   print(f"  [{time.perf_counter() - _T0:7.1f} s] {msg}", flush=True)
 
 
-def put(x, dev):
-  return jax.tree.map(lambda a: jax.device_put(a, dev), x)
-
-
 def bench_hbm(args, params, tables, mapping, data, dev):
   offsets = {l: jnp.asarray(mapping.offsets(l), jnp.int32) for l in LAYERS}
   states = {l: offload.init_state(CFG, tables[l]) for l in LAYERS}
   step = make_hbm_step(args, offsets)
-  dd = [put(b, dev) for b in data]
+  dd = [jax.device_put(b, dev) for b in data]  # device_put takes the whole pytree
   for s in range(2):
     tok, tgt, ids = dd[s % len(dd)]
     params, tables, states, loss = step(params, tables, states, tok, tgt, ids)
