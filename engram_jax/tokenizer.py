@@ -6,14 +6,14 @@ an unknown token, so any UTF-8 text round-trips through encode/decode.
 
 The Engram compression table (`compression.py`) is built from this tokenizer's vocabulary, and
 the hash mapping maps the raw `<pad>` id through it, so changing the tokenizer changes every
-Engram row id: checkpoints record the tokenizer fingerprint.
+Engram row id: checkpoints record the compression table's fingerprint
+(`CompressedTokenizer.fingerprint`).
 
 Dimension legend: V tokenizer vocabulary size.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Iterable, Sequence
 
@@ -83,12 +83,6 @@ def load_tokenizer(path: str | None = None) -> tokenizers.Tokenizer:
     raise ValueError(f"could not parse tokenizer file {path!r}: {e}") from e
   _check_special_ids(tok, path)
   return tok
-
-
-def tokenizer_fingerprint(path: str) -> str:
-  """sha256 of the tokenizer file: stored in checkpoints next to the hash fingerprint."""
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
 
 
 def _check_special_ids(tok: tokenizers.Tokenizer, where: str) -> None:
