@@ -85,8 +85,16 @@ def make_mesh(axis_sizes: Optional[Mapping[str, int]] = None,
 
 def logical_to_sharding(tree: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Any:
   """Boxed variables (`nn.Partitioned`, e.g. from `jax.eval_shape(model.init, ...)`) or logical
-  PartitionSpecs -> a matching tree of `NamedSharding`s. Unboxed leaves are replicated."""
-  specs = nn.get_partition_spec(tree)
+  PartitionSpecs -> a matching tree of `NamedSharding`s. Unboxed leaves are replicated.
+
+  A box around an empty subtree stays empty: optax's `multi_transform` puts `MaskedNode`s
+  *inside* the boxes of the other partition's leaves, and those must map to no sharding.
+  """
+  def spec(x):
+    if isinstance(x, nn.Partitioned):
+      return x.get_partition_spec() if jax.tree.leaves(x.value) else x.value
+    return x if isinstance(x, PartitionSpec) else PartitionSpec()
+  specs = jax.tree.map(spec, tree, is_leaf=lambda x: isinstance(x, (nn.Partitioned, PartitionSpec)))
   return jax.tree.map(
       lambda s: NamedSharding(mesh, s), nn.logical_to_mesh(specs, rules),
       is_leaf=lambda x: isinstance(x, PartitionSpec))

@@ -142,7 +142,7 @@ class Trainer:
             for l in self.layer_ids}
 
   def _shardings(self, abstract_boxed: TrainState) -> TrainState:
-    shardings = _logical_to_sharding(abstract_boxed, self.mesh, self.rules)
+    shardings = sharding_lib.logical_to_sharding(abstract_boxed, self.mesh, self.rules)
     if self.exp.sparse_tables:
       named = lambda names: jax.sharding.NamedSharding(  # noqa: E731
           self.mesh, sharding_lib.logical_spec(tuple(names), self.rules))
@@ -416,22 +416,6 @@ class _Contexts:
   def __exit__(self, *exc):
     self._r.__exit__(*exc)
     self._m.__exit__(*exc)
-
-
-def _logical_to_sharding(tree, mesh, rules):
-  """Like `sharding.logical_to_sharding`, but boxes around empty subtrees stay empty.
-
-  optax's `multi_transform` replaces the other partition's leaves by `MaskedNode` *inside*
-  their Partitioned boxes; such a box must map to the empty node, not to a sharding.
-  """
-  def spec(x):
-    if isinstance(x, nn.Partitioned):
-      return x.get_partition_spec() if jax.tree.leaves(x.value) else x.value
-    return jax.sharding.PartitionSpec()
-  specs = jax.tree.map(spec, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-  return jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s),
-                      nn.logical_to_mesh(specs, rules),
-                      is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
 def _gate_stats(intermediates, mask_BxT) -> dict:
