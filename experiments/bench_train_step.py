@@ -156,12 +156,33 @@ def _time_step(kind, num_rows, args):
   return ms
 
 
-def _load_config(path: str, kind: str, rows_per_table: int):
+def _apply_overrides(config, overrides):
+  """`--set model.moe.dispatch=capacity`: Python literals are parsed, anything else is a str."""
+  import ast
+  for item in overrides:
+    key, sep, text = item.partition('=')
+    if not sep:
+      raise SystemExit(f'--set expects key=value, got {item!r}')
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    *parents, leaf = key.split('.')
+    node = config
+    for name in parents:
+      node = node[name]
+    if leaf not in node:
+      raise SystemExit(f'--set {key}: the config has no such field')
+    node[leaf] = value
+
+
+def _load_config(path: str, kind: str, rows_per_table: int, overrides=()):
   import importlib.util  # the config module needs ml_collections: only on the trainer path
   spec = importlib.util.spec_from_file_location('bench_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
+  _apply_overrides(config, overrides)
   orders = config.engram.max_ngram_size - 1
   per_head = max(rows_per_table // (orders * config.engram.n_head_per_ngram), 2)
   config.engram.engram_vocab_size = (per_head,) * orders
@@ -189,10 +210,11 @@ def _filled_state(small_state, abstract):
 
 def _time_trainer_step(kind, rows_per_table, args, small_states):
   from engram_jax import train as train_lib  # needs ml_collections + grain
-  config = _load_config(args.config, kind, rows_per_table)
+  config = _load_config(args.config, kind, rows_per_table, args.set)
   exp, trainer, abstract = train_lib.setup(config, check_data=False)
   if kind not in small_states:
-    _, small_trainer, _ = train_lib.setup(_load_config(args.config, kind, 4096), check_data=False)
+    small_config = _load_config(args.config, kind, 4096, args.set)
+    _, small_trainer, _ = train_lib.setup(small_config, check_data=False)
     small_states[kind] = jax.device_get(small_trainer.init_state())
   train_c, _, batch_sh = trainer.compile(abstract, trainer.shapes)  # before the tables exist
   state = _filled_state(small_states[kind], abstract)
@@ -243,12 +265,15 @@ def main():
   parser.add_argument('--headroom_gb', type=float, default=8.0,
                       help='HBM kept free for activations, the dense params and the allocator')
   parser.add_argument('--kinds', default='dense_adam,lazy_adam,adagrad')
+  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                      help='trainer step: config override, repeatable '
+                           '(e.g. --set model.moe.dispatch=capacity)')
   args = parser.parse_args()
   kinds = args.kinds.split(',')
   for kind in kinds:
     table_optim.TableOptimizerConfig(kind=kind)  # validates the name
   if args.step == 'trainer':
-    config = _load_config(args.config, 'lazy_adam', args.min_rows)
+    config = _load_config(args.config, 'lazy_adam', args.min_rows, args.set)
     width = config.engram.n_embed_per_ngram // config.engram.n_head_per_ngram
     num_tables = len(config.engram.layer_ids)
     what = (f'trainer step of {args.config}: B={config.data.batch_size} '
