@@ -185,9 +185,18 @@ class MoEConfig:
       V3 uses a tiny sequence-level one next to the bias).
     bias_update_rate: gamma of the aux-free bias update.
     routed_scaling_factor: multiplies the normalised routing weights (V3 uses 2.5 at scale).
-    Capacity: dispatch is dropless. Token-expert pairs are sorted by expert and fed to
-      `jax.lax.ragged_dot`, so no token is dropped and no [tokens, experts, capacity] tensor
-      exists; the cost is a data-dependent load per expert (reported in aux).
+    dispatch: how routed (token, expert) pairs reach the experts (see Capacity).
+    capacity_factor: 'capacity' dispatch only: slots per expert are
+      `C = ceil(capacity_factor * S * top_k / num_experts)` rounded up to a multiple of 8 and
+      capped at S (S tokens in the batch); must be > 0.
+    Capacity: 'ragged' is dropless: the pairs are sorted by expert and fed to
+      `jax.lax.ragged_dot`, so no pair is dropped and no [experts, capacity] tensor exists; the
+      cost is a data-dependent load per expert. 'capacity' gives every expert C slots, filled
+      in token order (padding last), and runs dense batched einsums on [E, C, D]; pairs beyond
+      an expert's C slots are dropped (they add zero; the shared experts still apply) and
+      their share is reported as `dropped_fraction`. Both modes use the same parameters, so
+      checkpoints move between them; loads, the bias update and the aux loss always count
+      every routed pair.
   """
 
   num_experts: int = 8
@@ -199,6 +208,8 @@ class MoEConfig:
   aux_loss_coef: float = 0.0
   bias_update_rate: float = 1e-3
   routed_scaling_factor: float = 1.0
+  dispatch: Literal["ragged", "capacity"] = "ragged"
+  capacity_factor: float = 1.25
 
   def __post_init__(self):
     e = lambda f, m: _model_err("MoEConfig", f, m)  # noqa: E731
@@ -220,6 +231,10 @@ class MoEConfig:
       raise e("bias_update_rate", f"must be >= 0, got {self.bias_update_rate}")
     if self.routed_scaling_factor <= 0:
       raise e("routed_scaling_factor", f"must be > 0, got {self.routed_scaling_factor}")
+    if self.dispatch not in ("ragged", "capacity"):
+      raise e("dispatch", f"must be 'ragged' or 'capacity', got {self.dispatch!r}")
+    if not self.capacity_factor > 0:  # `not >` also rejects NaN
+      raise e("capacity_factor", f"must be > 0, got {self.capacity_factor}")
 
   def replace(self, **changes) -> "MoEConfig":
     return dataclasses.replace(self, **changes)

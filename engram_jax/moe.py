@@ -1,4 +1,4 @@
-"""Mixture-of-experts FFN: shared experts + top-k routed experts, dropless grouped matmuls.
+"""Mixture-of-experts FFN: shared experts + top-k routed experts, dropless or capacity dispatch.
 
 Routing (DeepSeek-V3): affinities `s = sigmoid(x W_r)` (or a softmax over the routed experts);
 the k experts are chosen by `s + b`, where `b` is a per-expert bias used *only* for selection;
@@ -12,19 +12,31 @@ and `deterministic=False`, every MoE layer adds `bias_update_rate * sign(mean_lo
 to its bias from the load it just observed (padding excluded), i.e. the step-t routing uses the
 bias of step t-1, as in V3. The trainer stores the returned 'moe_stats' collection with the
 state. An optional batch-level balance loss `coef * E * sum_e f_e P_e` (f_e: fraction of
-routed slots taken by e, P_e: mean normalised affinity) is returned in the stats.
+routed slots taken by e, P_e: mean normalised affinity) is returned in the stats. Loads, bias
+and loss count every routed pair, dropped or not.
 
-Dispatch: the S*k (token, expert) pairs are sorted by expert, rows gathered in that order and
-multiplied with `jax.lax.ragged_dot` (one grouped matmul per projection); outputs go back to
-pair order by the inverse permutation and are summed with the routing weights. Nothing of size
-[tokens, experts, capacity] is built and no token is dropped.
+Dispatch: the P (token, expert) pairs are stably sorted by expert, real tokens in token order
+ahead of padding, so each expert's pairs form one contiguous group.
+  'ragged' (`MoEConfig.dispatch`): rows are gathered in that order and multiplied with
+    `jax.lax.ragged_dot` (one grouped matmul per projection). Dropless; nothing of size
+    [experts, capacity] is built.
+  'capacity': expert e takes the first C pairs of its group (C = `expert_capacity`, static)
+    into slots [E, C]; empty slots read a zero row, which the bias-free SwiGLU maps to zero.
+    The experts run as batched einsums over E, so the FLOPs are E*C rows whatever the XLA
+    lowering of ragged_dot does. Pairs past slot C are dropped: they add zero (the shared
+    experts still apply) and `dropped_fraction` reports their share. Padding sorts last, so
+    it only fills slots that real tokens left empty.
+In both modes the expert outputs go back to pair order and are summed with the routing weights.
+Both modes use the same parameters ('experts/gate|up|down'), so checkpoints are interchangeable.
+Neither is written for an 'expert' mesh axis > 1 (see sharding.py).
 
 Dimension legend: B batch, T length, S = B*T tokens, D hidden size, E routed experts,
-k experts per token, P = S*k routed pairs, F expert hidden size.
+k experts per token, P = S*k routed pairs, F expert hidden size, C slots per expert.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -57,17 +69,32 @@ def balance_bias_delta(load_E: jax.Array, rate: float) -> jax.Array:
   return rate * jnp.sign(jnp.mean(load_E) - load_E)
 
 
+def expert_capacity(cfg: MoEConfig, num_tokens: int) -> int:
+  """C of 'capacity' dispatch: ceil(capacity_factor * S * k / E), rounded up to 8, at most S."""
+  c = math.ceil(cfg.capacity_factor * num_tokens * cfg.top_k / cfg.num_experts)
+  # A multiple of 8 keeps the [E, C, D] operands aligned to GPU matmul tiles; an expert never
+  # receives more than S pairs (k distinct experts per token), so C = S already drops nothing.
+  return min(-(-c // 8) * 8, num_tokens)
+
+
 class RoutedExperts(nn.Module):
-  """E SwiGLU experts applied to expert-sorted rows with `jax.lax.ragged_dot`."""
+  """E SwiGLU experts; one parameter set, applied in the layout of `dispatch`.
+
+  'ragged': `x` is [P, D], rows sorted by expert, `group_sizes_E` their counts; each projection
+  is one `jax.lax.ragged_dot`. 'capacity': `x` is [E, C, D] (expert e's slots in row e,
+  `group_sizes_E` unused); each projection is one batched einsum over E. Returns the same
+  layout with D columns, in float32.
+  """
 
   num_experts: int
   hidden_size: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  dispatch: str = "ragged"
 
   @nn.compact
-  def __call__(self, x_PxD: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
-    e, d, f = self.num_experts, x_PxD.shape[-1], self.hidden_size
+  def __call__(self, x: jax.Array, group_sizes_E: Optional[jax.Array] = None) -> jax.Array:
+    e, d, f = self.num_experts, x.shape[-1], self.hidden_size
     init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2,
                                             out_axis=-1, batch_axis=(0,))
     p = lambda name, shape, axes: self.param(  # noqa: E731
@@ -76,18 +103,24 @@ class RoutedExperts(nn.Module):
     wg_ExDxF = p("gate", (e, d, f), ("experts", "embed", "mlp"))
     wu_ExDxF = p("up", (e, d, f), ("experts", "embed", "mlp"))
     wd_ExFxD = p("down", (e, f, d), ("experts", "mlp", "embed"))
-    x = x_PxD.astype(self.dtype)
-    rd = lambda a, w: jax.lax.ragged_dot(  # noqa: E731
-        a, w, group_sizes_E, preferred_element_type=jnp.float32)
-    h_PxF = (jax.nn.silu(rd(x, wg_ExDxF)) * rd(x, wu_ExDxF)).astype(self.dtype)
-    return rd(h_PxF, wd_ExFxD)
+    if self.dispatch == "ragged":
+      mm = lambda a, w: jax.lax.ragged_dot(  # noqa: E731
+          a, w, group_sizes_E, preferred_element_type=jnp.float32)
+    else:
+      mm = lambda a, w: jnp.einsum(  # noqa: E731
+          "ecd,edf->ecf", a, w, preferred_element_type=jnp.float32)
+    x = x.astype(self.dtype)
+    h = (jax.nn.silu(mm(x, wg_ExDxF)) * mm(x, wu_ExDxF)).astype(self.dtype)
+    return mm(h, wd_ExFxD)
 
 
 class MoE(nn.Module):
   """Shared + routed experts. `__call__(x_BxTxD, mask_BxT=None, deterministic=True)`.
 
   Returns `(y_BxTxD, stats)`; stats: `tokens_per_expert` [E] (non-padding tokens routed to
-  each expert), `max_over_mean_load` [], `aux_loss` [] (0 when aux_loss_coef == 0).
+  each expert), `max_over_mean_load` [], `aux_loss` [] (0 when aux_loss_coef == 0),
+  `dropped_fraction` [] (share of non-padding routed pairs that found no capacity slot; 0 under
+  'ragged' dispatch).
   """
 
   config: MoEConfig
@@ -116,15 +149,36 @@ class MoE(nn.Module):
     bias_E = None if bias_var is None else jax.lax.stop_gradient(bias_var.value)
     experts_Sxk, weights_Sxk, scores_SxE = route(logits_SxE, bias_E, cfg)
 
-    # Dropless dispatch: sort the S*k pairs by expert (stable, so ties keep token order).
     experts_P = experts_Sxk.reshape(s * k)
-    order_P = jnp.argsort(experts_P, stable=True)
-    token_P = order_P // k
+    mask_P = jnp.repeat(mask_S, k)
+    n_valid = jnp.maximum(jnp.sum(mask_S), 1.0)
+    # Stable sort by (expert, padding last): each expert's pairs stay one contiguous group
+    # (what ragged_dot needs) and, within it, real tokens keep token order ahead of padding,
+    # so under 'capacity' padding can only take slots that real tokens left empty.
+    order_P = jnp.argsort(2 * experts_P + (mask_P == 0), stable=True)
     group_sizes_E = jnp.bincount(experts_P, length=e).astype(jnp.int32)
-    y_sorted_PxD = RoutedExperts(e, cfg.expert_hidden_size, self.dtype, self.param_dtype,
-                                 name="experts")(x_SxD[token_P], group_sizes_E)
-    y_pairs_PxD = jnp.zeros_like(y_sorted_PxD).at[order_P].set(y_sorted_PxD,
-                                                                unique_indices=True)
+    routed = RoutedExperts(e, cfg.expert_hidden_size, self.dtype, self.param_dtype,
+                           dispatch=cfg.dispatch, name="experts")
+    if cfg.dispatch == "ragged":
+      y_sorted_PxD = routed(x_SxD[order_P // k], group_sizes_E)
+      y_pairs_PxD = jnp.zeros_like(y_sorted_PxD).at[order_P].set(y_sorted_PxD,
+                                                                  unique_indices=True)
+      dropped_fraction = jnp.zeros((), jnp.float32)
+    else:
+      p, c = s * k, expert_capacity(cfg, s)
+      start_E = jnp.cumsum(group_sizes_E) - group_sizes_E
+      rank_C = jnp.arange(c, dtype=jnp.int32)
+      filled_ExC = rank_C < group_sizes_E[:, None]
+      # Empty slots name pair P, i.e. token S: a zero row on the way in, dropped on the way out.
+      pair_ExC = jnp.where(filled_ExC, order_P[jnp.minimum(start_E[:, None] + rank_C, p - 1)],
+                           p)
+      x_pad_SxD = jnp.concatenate([x_SxD, jnp.zeros((1, d), x_SxD.dtype)])
+      y_ExCxD = routed(x_pad_SxD[pair_ExC // k])
+      y_pairs_PxD = jnp.zeros((p, d), y_ExCxD.dtype).at[pair_ExC].set(y_ExCxD, mode="drop")
+      # Rank of each sorted pair within its expert: past C it found no slot.
+      rank_sorted_P = jnp.arange(p, dtype=jnp.int32) - start_E[experts_P[order_P]]
+      dropped_fraction = jnp.sum(jnp.where(rank_sorted_P >= c, mask_P[order_P], 0.0)) / (
+          k * n_valid)
     y_SxD = jnp.einsum("skd,sk->sd", y_pairs_PxD.reshape(s, k, d), weights_Sxk)
 
     if cfg.num_shared_experts:
@@ -132,8 +186,7 @@ class MoE(nn.Module):
                              self.param_dtype, name="shared")(x_SxD).astype(jnp.float32)
 
     # Load statistics over non-padding tokens; they drive the bias and the logs.
-    load_E = jnp.bincount(experts_P, weights=jnp.repeat(mask_S, k), length=e)
-    n_valid = jnp.maximum(jnp.sum(mask_S), 1.0)
+    load_E = jnp.bincount(experts_P, weights=mask_P, length=e)
     aux_loss = jnp.zeros((), jnp.float32)
     if cfg.aux_loss_coef > 0:
       frac_E = load_E * e / (k * n_valid)
@@ -146,5 +199,5 @@ class MoE(nn.Module):
                                                            cfg.bias_update_rate)
     mean_load = jnp.maximum(jnp.mean(load_E), 1e-9)
     stats = {"tokens_per_expert": load_E, "max_over_mean_load": jnp.max(load_E) / mean_load,
-             "aux_loss": aux_loss}
+             "aux_loss": aux_loss, "dropped_fraction": dropped_fraction}
     return y_SxD.reshape(b, t, d).astype(self.dtype), stats

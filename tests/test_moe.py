@@ -1,4 +1,5 @@
-"""MoE: top-k routing, dropless grouped dispatch == dense reference, aux-free balancing."""
+"""MoE: top-k routing, dropless grouped dispatch == dense reference, capacity dispatch == ragged
+when nothing drops and drops exactly the overflow in token order, aux-free balancing."""
 
 import functools
 
@@ -8,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from engram_jax import experiment_config
 from engram_jax.config import MoEConfig
-from engram_jax.moe import MoE, route
+from engram_jax.moe import MoE, expert_capacity, route
+from experiments.configs import base
 
 # Tiny programs: XLA's CPU optimisation passes cost more than they save here, and the
 # counter-based 'unsafe_rbg' keys compile far faster than threefry for parameter init.
@@ -109,3 +112,102 @@ def test_aux_loss_is_reported_and_trains_the_router():
   assert float(moe.apply(variables, x)[1]["aux_loss"]) > 0
   assert float(jnp.abs(grad["router"]).sum()) > 0
   assert float(jnp.abs(grad["experts"]["gate"]).sum()) == 0
+
+
+def _ranks_in_token_order(experts_Sxk, valid_S):
+  """NumPy oracle: rank of each pair within its expert, real tokens first, then padding."""
+  ranks = np.zeros(experts_Sxk.shape, np.int64)
+  seen = {}
+  for real in (True, False):
+    for i in np.flatnonzero(valid_S == real):
+      for j, ex in enumerate(experts_Sxk[i]):
+        ranks[i, j] = seen.get(ex, 0)
+        seen[ex] = ranks[i, j] + 1
+  return ranks
+
+
+def test_capacity_without_drops_matches_ragged_outputs_and_gradients():
+  cfg = MoEConfig(num_experts=E, top_k=K, expert_hidden_size=4, num_shared_experts=1)
+  cap_cfg = cfg.replace(dispatch="capacity", capacity_factor=E / K)
+  x = jax.random.normal(jax.random.key(11), (2, 5, D))
+  mask = jnp.ones((2, 5), bool).at[0, :2].set(False)
+  assert expert_capacity(cap_cfg, 10) == 10  # C = S: no expert can overflow
+  key = jax.random.key(12, impl="unsafe_rbg")
+  boxed = fast_jit(MoE(cfg).init)(key, x)
+  # Same names, shapes, logical axes and initial values: params move between modes.
+  assert jax.tree.structure(boxed) == jax.tree.structure(fast_jit(MoE(cap_cfg).init)(key, x))
+  jax.tree.map(np.testing.assert_array_equal, boxed, fast_jit(MoE(cap_cfg).init)(key, x))
+  variables = nn.unbox(boxed)
+  cot = jax.random.normal(jax.random.key(13), x.shape)
+
+  def run(c):
+    def loss(params, x):
+      y, stats = MoE(c).apply({**variables, "params": params}, x, mask)
+      return jnp.sum(y * cot), stats
+    return fast_jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+        variables["params"], x)
+
+  (out_r, stats_r), grads_r = run(cfg)
+  (out_c, stats_c), grads_c = run(cap_cfg)
+  np.testing.assert_allclose(out_c, out_r, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               grads_c, grads_r)
+  assert float(jnp.abs(grads_c[0]["experts"]["down"]).sum()) > 0
+  np.testing.assert_array_equal(stats_c["tokens_per_expert"], stats_r["tokens_per_expert"])
+  assert float(stats_c["dropped_fraction"]) == 0.0 == float(stats_r["dropped_fraction"])
+
+
+def test_capacity_drops_overflow_in_token_order_and_padding_last():
+  cfg = MoEConfig(num_experts=E, top_k=K, expert_hidden_size=4, num_shared_experts=1)
+  cap_cfg = cfg.replace(dispatch="capacity", capacity_factor=0.75)
+  b, t = 3, 16
+  x = jax.random.normal(jax.random.key(21), (b, t, D))
+  # Padding at the start of row 0: in plain token order it would take slots from real tokens.
+  mask = jnp.ones((b, t), bool).at[0, :6].set(False)
+  c = expert_capacity(cap_cfg, b * t)
+  assert c == 16  # ceil(0.75 * 48 * 2 / 6) = 12, rounded up to 16
+  variables = nn.unbox(fast_jit(MoE(cfg).init)(jax.random.key(22, impl="unsafe_rbg"), x))
+  y_r, _ = fast_jit(MoE(cfg).apply)(variables, x, mask)
+  y_c, stats = fast_jit(MoE(cap_cfg).apply)(variables, x, mask)
+
+  x_SxD = x.reshape(-1, D)
+  experts, weights, _ = route(x_SxD @ variables["params"]["router"],
+                              variables["moe_stats"]["expert_bias"], cfg)
+  valid_S = np.asarray(mask).reshape(-1)
+  ranks_Sxk = _ranks_in_token_order(np.asarray(experts), valid_S)
+  kept_Sxk = ranks_Sxk < c
+  n_dropped = int((~kept_Sxk[valid_S]).sum())
+  assert n_dropped > 0
+  np.testing.assert_allclose(float(stats["dropped_fraction"]), n_dropped / (K * valid_S.sum()),
+                             rtol=1e-6)
+  naive_ranks_Sxk = _ranks_in_token_order(np.asarray(experts), np.ones_like(valid_S))
+  assert int((naive_ranks_Sxk[valid_S] >= c).sum()) != n_dropped  # padding-last matters here
+  # Every token: the dense reference with the dropped pairs' weights set to zero.
+  ref = _dense_reference(variables, x_SxD, experts, weights * kept_Sxk)
+  np.testing.assert_allclose(y_c.reshape(-1, D), ref, rtol=1e-5, atol=1e-5)
+  # Tokens whose pairs all found a slot are untouched by the capacity limit.
+  whole_S = kept_Sxk.all(axis=1)
+  assert 0 < whole_S.sum() < len(whole_S)
+  np.testing.assert_allclose(y_c.reshape(-1, D)[whole_S], y_r.reshape(-1, D)[whole_S],
+                             rtol=1e-5, atol=1e-6)
+  # Loads count every routed pair, dropped or not.
+  np.testing.assert_array_equal(stats["tokens_per_expert"], np.bincount(
+      np.asarray(experts)[valid_S].ravel(), minlength=E))
+
+
+def test_capacity_config_validation_and_plumbing():
+  for bad in (0.0, -1.0, float("nan")):
+    with pytest.raises(ValueError, match="capacity_factor"):
+      MoEConfig(capacity_factor=bad)
+  with pytest.raises(ValueError, match="dispatch"):
+    MoEConfig(dispatch="dense")
+  cfg = MoEConfig(num_experts=6, top_k=2, dispatch="capacity", capacity_factor=1.25)
+  assert expert_capacity(cfg, 48) == 24      # ceil(20) -> 24
+  assert expert_capacity(cfg, 10) == 8       # ceil(4.17) = 5 -> 8
+  assert expert_capacity(cfg.replace(capacity_factor=100.0), 10) == 10  # capped at S
+  c = base.get_config()
+  assert c.model.moe.dispatch == "ragged"
+  assert experiment_config.model_config(c, 1000).moe.dispatch == "ragged"
+  c.model.moe.dispatch, c.model.moe.capacity_factor = "capacity", 2.0
+  moe = experiment_config.model_config(c, 1000).moe
+  assert (moe.dispatch, moe.capacity_factor) == ("capacity", 2.0)
