@@ -6,6 +6,7 @@ All runs share one reference run (lazy_adam, 20 steps, per-step metrics) and com
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -137,3 +138,131 @@ def test_checkpoint_holds_moved_router_biases_and_sparse_table_state(reference):
   # Lazy Adam touched some rows (count > 0) and not others (count == 0).
   counts = np.asarray(table_opt.count_R)
   assert counts.max() > 0 and (counts == 0).any()
+
+
+# ---- compiled train step: table-sized work is only in-place row scatters and row gathers ------
+
+# Opcodes that may produce or consume a table-sized [R, ...] value in the compiled sparse step.
+# gather: U rows out of a table (output is not R-sized); scatter: in place into a donated table;
+# fusion: only as a wrapper of those (its computation is checked too, and an R-sized fusion
+# output must be a scatter's); the rest only pass buffers through.
+_ROW_SIZED_OK = {"parameter", "gather", "scatter", "fusion", "tuple", "get-tuple-element",
+                 "bitcast"}
+
+
+def _hlo_computations(text):
+  """{name: [instruction dict]} of an HLO module's text (shapes, opcode, operands, callees)."""
+  comps, current = {}, None
+  for line in text.splitlines():
+    head = re.match(r"^(?:ENTRY )?%(\S+) \(.*\{\s*$", line)
+    if head:
+      current = comps.setdefault(head.group(1), [])
+      continue
+    m = re.match(r"^\s*(ROOT )?%(\S+) = (.*)$", line)
+    if current is None or not m:
+      continue
+    rest, depth = m.group(3), 0
+    if rest.startswith("("):  # tuple shape
+      for i, ch in enumerate(rest):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0:
+          shape, rest = rest[:i + 1], rest[i + 1:].lstrip()
+          break
+    else:
+      shape, rest = rest.split(" ", 1)
+    opcode = re.match(r"([\w-]+)\(", rest).group(1)
+    for i, ch in enumerate(rest[len(opcode):], len(opcode)):
+      depth += {"(": 1, ")": -1}.get(ch, 0)
+      if depth == 0:
+        break
+    current.append(dict(root=bool(m.group(1)), name=m.group(2), shape=shape, opcode=opcode,
+                        operands=re.findall(r"%([\w.\-]+)", rest[len(opcode):i + 1]),
+                        calls=re.findall(r"calls=%([\w.\-]+)", rest[i:]), line=line.strip()))
+  return comps
+
+
+def _row_sized(shape, sizes):
+  return any(int(d) in sizes for dims in re.findall(r"[a-z]\w*\[([\d,]+)\]", shape)
+             for d in dims.split(","))
+
+
+def _row_sized_violations(hlo_text, sizes):
+  """Instructions of any computation that produce or read a value with a dimension in `sizes`
+  other than gathers of rows, in-place scatters and buffer plumbing (see _ROW_SIZED_OK)."""
+  comps = _hlo_computations(hlo_text)
+  bad = []
+  for instrs in comps.values():
+    shapes = {x["name"]: x["shape"] for x in instrs}
+    for x in instrs:
+      out_r = _row_sized(x["shape"], sizes)
+      in_r = [o for o in x["operands"] if _row_sized(shapes.get(o, ""), sizes)]
+      if not (out_r or in_r):
+        continue
+      if x["opcode"] not in _ROW_SIZED_OK:
+        bad.append(x["line"])
+      elif x["opcode"] == "gather" and (out_r or x["operands"][0] not in in_r):
+        bad.append(x["line"])  # a gather must read rows of a table and return U rows
+      elif x["opcode"] == "scatter" and x["operands"][0] not in in_r:
+        bad.append(x["line"])
+      elif x["opcode"] == "fusion" and out_r:
+        roots = [y for c in x["calls"] for y in comps[c] if y["root"]]
+        if not roots or any(y["opcode"] != "scatter" for y in roots):
+          bad.append(x["line"])
+  return bad
+
+
+def _compiled_train_step(kind, **overrides):
+  # ~16M rows per table (only compiled, never allocated): R and R*E collide with no other
+  # dimension of the tiny model, and one table's smallest state array (the int32 per-row
+  # counts, 64 MB) is larger than all of the step's temporaries together.
+  config = _config(kind, **{"engram.engram_vocab_size": (4_000_037, 4_000_037), **overrides})
+  exp, trainer, abstract = train.setup(config, check_data=False)
+  train_c, _, _ = trainer.compile(abstract, trainer.shapes)
+  return exp, abstract, train_c
+
+
+@pytest.mark.parametrize("kind,overrides", [
+    ("lazy_adam", {}),
+    ("adagrad", {}),
+    ("lazy_adam", {"table_optim.moment_dtype": "bfloat16", "table_optim.weight_decay": 0.1,
+                   "table_optim.bias_correction": "global", "engram.hash_on_device": True}),
+])
+def test_sparse_train_step_touches_tables_only_in_place(kind, overrides):
+  # A sparse step's cost must not grow with the table: no copy, reduce, broadcast, select,
+  # full-table update, sort... of a table, its moments or its per-row counts; only the gathers
+  # of the batch's rows and the scatters that write them back, in place into donated buffers.
+  exp, abstract, train_c = _compiled_train_step(kind, **overrides)
+  (num_rows,) = {exp.hashing.num_rows(l) for l in exp.model.engram.layer_ids}
+  width = exp.model.engram.head_dim
+  sizes = {num_rows, num_rows * width}
+  others = [x.shape for x in jax.tree.leaves((abstract.params, abstract.opt_state))]
+  assert not any(d in sizes for shape in others for d in shape)
+  hlo = train_c.as_text()
+  assert _row_sized_violations(hlo, sizes) == []
+  comps = _hlo_computations(hlo)
+  scatters = [x for c in comps.values() for x in c
+              if x["opcode"] == "scatter" and _row_sized(x["shape"], sizes)]
+  table_leaves = jax.tree.leaves((abstract.tables, abstract.table_opt))
+  assert len(scatters) == len(table_leaves)  # one row scatter per table / state array
+  # Donation: every state buffer, tables and optimiser state included, is aliased to its output
+  # (an unaliased table would be copied whole every step).
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+  stats = train_c.memory_analysis()
+  assert stats.alias_size_in_bytes == state_bytes
+  header = hlo.splitlines()[0]
+  entry = comps[re.search(r"^ENTRY %(\S+) ", hlo, re.M).group(1)]
+  row_params = [int(re.search(r"parameter\((\d+)\)", x["line"]).group(1)) for x in entry
+                if x["opcode"] == "parameter" and _row_sized(x["shape"], sizes)]
+  assert len(row_params) == len(table_leaves)
+  for p in row_params:
+    assert re.search(rf"\}}: \({p}, \{{\}}, may-alias\)", header), f"parameter {p} not aliased"
+  assert stats.temp_size_in_bytes < min(x.size * x.dtype.itemsize for x in table_leaves)
+
+
+def test_row_sized_check_flags_dense_adam_tables():
+  # The check above is not vacuous: dense Adam on a table in the params reads and rewrites it.
+  exp, _, train_c = _compiled_train_step("dense_adam")
+  (num_rows,) = {exp.hashing.num_rows(l) for l in exp.model.engram.layer_ids}
+  bad = _row_sized_violations(train_c.as_text(),
+                              {num_rows, num_rows * exp.model.engram.head_dim})
+  assert any(re.search(r" (multiply|add|sqrt|divide|broadcast)\(", line) for line in bad)
