@@ -25,7 +25,9 @@ sparse kinds differentiate w.r.t. the gathered rows and call `apply_row_sparse_u
 moments and dense weights are donated, so sparse updates run in place.
 
 Table sizes: powers of `--growth` rows from 1M, plus for every optimiser the largest table whose
-bytes (`bytes_per_table_param` x E x rows x tables) fit the device's memory limit minus headroom. Dense runs
+bytes (`bytes_per_table_param` x E x rows x tables) fit the device's memory limit minus headroom
+(trainer: the compiled step's temporaries + arguments at the smallest table, + 4 GB; a fixed
+8 GB let small_gpu's ~51 GB of activations OOM at 495M rows per table). Dense runs
 only while table + Adam moments + a dense gradient (+ one update-sized temporary) fit. Tables are
 filled by a fused iota expression (a random init would need a table-sized temporary).
 
@@ -208,15 +210,40 @@ def _filled_state(small_state, abstract):
   return jax.tree_util.tree_map_with_path(leaf, small_state, abstract)
 
 
+_COMPILED = {}
+
+
+def _compile_trainer(kind, rows_per_table, args):
+  """(config, exp, trainer, abstract state, compiled train step, batch shardings), cached."""
+  key = (kind, rows_per_table)
+  if key not in _COMPILED:
+    from engram_jax import train as train_lib  # needs ml_collections + grain
+    config = _load_config(args.config, kind, rows_per_table, args.set)
+    exp, trainer, abstract = train_lib.setup(config, check_data=False)
+    train_c, _, batch_sh = trainer.compile(abstract, trainer.shapes)  # before tables exist
+    _COMPILED.clear()  # one compiled step at a time: executables hold device scratch
+    _COMPILED[key] = (config, exp, trainer, abstract, train_c, batch_sh)
+  return _COMPILED[key]
+
+
+def _trainer_overhead_bytes(kind, rows_per_table, args):
+  """HBM the trainer step needs besides the tables and their state: XLA's temporaries
+  (activations; independent of the table size, tests/test_train.py checks that) plus every
+  argument (the whole state, whose tables are small at `rows_per_table`)."""
+  mem = _compile_trainer(kind, rows_per_table, args)[4].memory_analysis()
+  if mem is None:
+    raise SystemExit('no memory_analysis on this backend; pass --headroom_gb')
+  return mem.temp_size_in_bytes + mem.argument_size_in_bytes
+
+
 def _time_trainer_step(kind, rows_per_table, args, small_states):
   from engram_jax import train as train_lib  # needs ml_collections + grain
-  config = _load_config(args.config, kind, rows_per_table, args.set)
-  exp, trainer, abstract = train_lib.setup(config, check_data=False)
+  config, exp, trainer, abstract, train_c, batch_sh = _compile_trainer(kind, rows_per_table,
+                                                                        args)
   if kind not in small_states:
     small_config = _load_config(args.config, kind, 4096, args.set)
     _, small_trainer, _ = train_lib.setup(small_config, check_data=False)
     small_states[kind] = jax.device_get(small_trainer.init_state())
-  train_c, _, batch_sh = trainer.compile(abstract, trainer.shapes)  # before the tables exist
   state = _filled_state(small_states[kind], abstract)
   b, t = config.data.batch_size, config.data.seq_len
   rng = np.random.default_rng(0)
@@ -262,8 +289,10 @@ def main():
   parser.add_argument('--min_rows', type=int, default=1 << 20)
   parser.add_argument('--max_rows', type=int, default=0, help='0: the largest that fits')
   parser.add_argument('--growth', type=int, default=4, help='ratio between measured sizes')
-  parser.add_argument('--headroom_gb', type=float, default=8.0,
-                      help='HBM kept free for activations, the dense params and the allocator')
+  parser.add_argument('--headroom_gb', type=float, default=None,
+                      help='HBM kept free for activations, the dense params and the allocator '
+                           '(default: standalone 8 GB; trainer: measured from the compiled '
+                           'step + 4 GB)')
   parser.add_argument('--kinds', default='dense_adam,lazy_adam,adagrad')
   parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                       help='trainer step: config override, repeatable '
@@ -286,7 +315,15 @@ def main():
   limit = (device.memory_stats() or {}).get('bytes_limit')
   if limit is None and not args.max_rows:
     raise SystemExit(f'{device}: no memory_stats bytes_limit; pass --max_rows')
-  budget = (limit or 0) - args.headroom_gb * _GB
+  headroom = args.headroom_gb * _GB if args.headroom_gb is not None else 8 * _GB
+  if args.step == 'trainer' and args.headroom_gb is None and not args.max_rows:
+    # The step's own temporaries are large (~51 GB for small_gpu at B=32, T=1024): measure
+    # them from the compiled step at the smallest table instead of guessing.
+    over = max(_trainer_overhead_bytes(k, args.min_rows, args) for k in kinds)
+    headroom = over + 4 * _GB
+    print(f'trainer step needs {over / _GB:.1f} GB besides the tables (XLA temporaries + '
+          f'state at {args.min_rows:,} rows); headroom {headroom / _GB:.1f} GB', flush=True)
+  budget = (limit or 0) - headroom
   per_param = {k: (_dense_bytes_per_param() if k == 'dense_adam' else
                    table_optim.bytes_per_table_param(table_optim.TableOptimizerConfig(kind=k),
                                                      jnp.float32, row_width=width))
