@@ -20,6 +20,7 @@ recompute everything, 'dots_saveable' (and the no-batch-dims variant) keep matmu
 Mutable collections: 'moe_stats' (aux-free router biases, see moe.py) and 'intermediates'
 (Engram gate statistics). aux returned by __call__:
   moe/tokens_per_expert [L_moe, E], moe/max_over_mean_load [L_moe], moe/aux_loss [L_moe],
+  moe/dropped_fraction [L_moe] (routed pairs over capacity; 0 with ragged dispatch),
   moe_aux_loss [] (sum over layers; add it to the loss). Row i of aux['moe'] belongs to block
   `config.moe_layer_ids[i]`. Engram gate values are sown into 'intermediates' by fusion.py.
 Packed sequences: pass `positions` restarting at 0 per document along with `segment_ids`;

@@ -165,6 +165,8 @@ class _MetricsLog:
     if "router/max_over_mean_load" in rec:
       parts.append(f"load max/mean {rec['router/max_over_mean_load']:.2f} "
                    f"(worst {rec['router/max_over_mean_load_worst']:.2f})")
+    if rec.get("router/dropped_fraction", 0.0) > 0:  # capacity dispatch dropped pairs
+      parts.append(f"dropped {100 * rec['router/dropped_fraction']:.2f}%")
     log(" | ".join(parts))
     self.last = rec
     self._sums, self._n = {}, 0

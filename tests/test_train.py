@@ -266,3 +266,16 @@ def test_row_sized_check_flags_dense_adam_tables():
   bad = _row_sized_violations(train_c.as_text(),
                               {num_rows, num_rows * exp.model.engram.head_dim})
   assert any(re.search(r" (multiply|add|sqrt|divide|broadcast)\(", line) for line in bad)
+
+
+def test_capacity_dispatch_trains_and_logs_dropped_pairs(tmp_path):
+  # A capacity factor of 0.5 cannot hold every routed pair, so the log must report drops.
+  c = _config(**{"model.moe.dispatch": "capacity", "model.moe.capacity_factor": 0.5,
+                 "train.num_steps": 3, "train.checkpoint_every": 3})
+  train.train_and_evaluate(c, str(tmp_path))
+  with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+    recs = [json.loads(line) for line in f]
+  dropped = [r["router/dropped_fraction"] for r in recs if r["split"] == "train"]
+  assert len(dropped) == 3
+  assert all(0.0 < d < 1.0 for d in dropped)
+  assert all(np.isfinite(r["loss"]) for r in recs if r["split"] == "train")
