@@ -12,6 +12,9 @@ bytes of host memory per placement), one run, side by side per table size:
         deduplicated on the host (NumPy, overlapping step s) and gathered from the pinned_host
         table and state by host compute; the optimiser runs on the U rows on the device and the
         new rows are scattered back into the host arrays in place.
+  fused `HostTableTrainer.make_fused_step`: the same arithmetic, but one program per step that
+        also holds the host scatter of step s-1 and the host gather of step s+1 (XLA runs
+        programs in order on the GPU stream; inside one program host work can overlap).
 
 The model is our own stand-in (no grain / ml_collections / EngramLM needed): token embedding,
 `--blocks` residual MLP blocks of width `--d` (bf16), two Engram layers whose rows are expanded
@@ -25,16 +28,17 @@ Timing: after 2 warm-up steps, `--steps` steps with one block_until_ready at the
 one warm-up call, then one timed call. The last table printed is the result; it also prints the
 host-side costs measured alone (prefetch = unique+gather+copy, apply = update+scatter).
 
-Status (H200, jax 0.11.2): the full benchmark has NOT produced numbers yet. Its one GPU run
-(`--sizes_gb=1,32 --blocks=16`, 210 s limit) printed nothing past its header -- most likely
-compile-bound (four large compilations per size); phase stamps were added after it, and
-`--blocks` now defaults to 8. An earlier probe of the primitives (what `--probe` times; one run,
-4 GiB table, 262,144 random f32 rows of 256 B): host gather -> HBM 3.0 ms (1.8 ms gather into
-pinned memory + 0.6 ms copy), host scatter back 3.6 ms, both run as host compute by XLA's host
-offloader; a 48.3 ms matmul program followed by the gather took 50.8 ms: programs execute in
-order on the device stream, so the host work is added to the step, not hidden. Expected host
-overhead per step and layer with lazy Adam (table + two moments + count gathered and scattered):
-roughly 4 x (3.0 + 3.6) ms at U = 262,144 slots, whatever the table size.
+Status (H200, jax 0.11.2): the full benchmark has NOT produced numbers yet (its one GPU run,
+`--sizes_gb=1,32 --blocks=16` with a 210 s limit, printed nothing past its header; phase stamps
+were added after it and `--blocks` now defaults to 8). `--probe` (one run, 4 GiB f32 table,
+262,144 random rows of 256 B): host gather -> HBM 3.60 ms, host scatter back 4.33 ms; a 48.29 ms
+matmul program followed by the gather program 50.71 ms, by the scatter program 53.23 ms; the
+same matmul and gather in ONE program 49.86 ms (49.90 ms with the gather annotated onto
+`gpu_stream:1`), matmul + scatter in one program (stream 1) 50.49 ms. Separate programs add the
+host work to the step; one program hides roughly half of it -- hence the fused column. Expected
+overhead of the separate path per step and layer with lazy Adam (table + two moments + count
+gathered and scattered): roughly 4 x (3.6 + 4.3) ms at U = 262,144 slots, whatever the table
+size.
 
 Dimension legend: B batch, T time, H hash heads, E row width, U = B*T*H row slots, D width.
 """
@@ -231,6 +235,40 @@ def bench_host(args, params, tables, mapping, data, dev):
   return ms, float(loss), params_box[0], pre_ms, apply_ms, uniq, trainer
 
 
+def bench_host_fused(args, params, tables, mapping, data, dev):
+  """As bench_host, through `HostTableTrainer.make_fused_step`: one program per step holding
+  the host scatter of step s-1 and the host gather of step s+1 beside step s."""
+  trainer = offload.HostTableTrainer(CFG, tables, {l: mapping.offsets(l) for l in LAYERS})
+
+  def model_step(model_args, rows):
+    p, tok, tgt = model_args
+    loss, (gp, grows) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
+        p, {l: r.rows_UxE for l, r in rows.items()},
+        {l: r.inverse_BxTxH for l, r in rows.items()}, tok, tgt, args)
+    return (sgd(p, gp), loss), grows
+
+  run = trainer.make_fused_step(model_step)
+  dd = [(jax.device_put(tok, dev), jax.device_put(tgt, dev)) for tok, tgt, _ in data]
+
+  def steps(n, handle, s0, p):
+    for s in range(s0, s0 + n):
+      tok, tgt = dd[s % len(dd)]
+      (p, loss), handle = run(handle, data[(s + 1) % len(data)][2], LR, (p, tok, tgt))
+    return handle, loss, p
+
+  # Committed params from the start: otherwise the first-step program, compiled for the
+  # uncommitted initial params, recompiles when the timed run restarts it after the flush.
+  params = jax.device_put(params, dev)
+  handle, loss, params = steps(2, trainer.prefetch(data[0][2]), 0, params)
+  jax.block_until_ready((loss, trainer.tables))    # `tables` flushes the pending update
+  log("host fused: compiled + 2 warm-up steps")
+  t0 = time.perf_counter()
+  handle, loss, params = steps(args.steps, handle, 2, params)
+  jax.block_until_ready((loss, trainer.tables))
+  ms = (time.perf_counter() - t0) / args.steps * 1e3
+  return ms, float(loss), trainer
+
+
 def bench_gen(args, params, tables, mapping):
   def logits_fn(tokens, engram_inputs):
     return forward(params, tokens, {l: r.rows_UxE for l, r in engram_inputs.items()},
@@ -353,21 +391,30 @@ def main():
     rec["same_tokens"] = bool(np.array_equal(gen_hbm, gen_host))
     del trainer, tables, params_h
     gc.collect()
+    tables = {l: offload.create_table(mapping.num_rows(l), E, jnp.float32, "pinned_host",
+                                      seed=l, chunk_rows=1 << 20) for l in LAYERS}
+    rec["fused_ms"], rec["fused_loss"], trainer = bench_host_fused(
+        args, init_params(args), tables, mapping, data, dev)
+    del trainer, tables
+    gc.collect()
     rec["total_s"] = time.perf_counter() - t0
     rec["train_overhead_pct"] = 100 * (rec["host_ms"] / rec["hbm_ms"] - 1)
+    rec["fused_overhead_pct"] = 100 * (rec["fused_ms"] / rec["hbm_ms"] - 1)
     rec["gen_overhead_pct"] = 100 * (rec["hbm_tok_s"] / rec["host_tok_s"] - 1)
     rows_out.append(rec)
     print(json.dumps(rec), flush=True)
     with open(os.path.join(args.out, "bench_offload.json"), "w") as f:
       json.dump(rows_out, f, indent=1)
-  print(f"\n{'table GB':>9} {'HBM ms':>8} {'host ms':>8} {'ovh %':>6} | {'HBM tok/s':>9} "
+  print(f"\n{'table GB':>9} {'HBM ms':>8} {'host ms':>8} {'ovh %':>6} {'fused ms':>8} "
+        f"{'ovh %':>6} | {'HBM tok/s':>9} "
         f"{'host tok/s':>10} {'ovh %':>6} | {'uniq rows':>9} {'prefetch':>8} {'apply':>7} "
-        f"{'loss hbm/host':>14}")
+        f"{'loss hbm/host/fused':>20}")
   for r in rows_out:
     print(f"{r['table_gb']:9.2f} {r['hbm_ms']:8.2f} {r['host_ms']:8.2f} "
-          f"{r['train_overhead_pct']:6.1f} | {r['hbm_tok_s']:9.0f} {r['host_tok_s']:10.0f} "
+          f"{r['train_overhead_pct']:6.1f} {r['fused_ms']:8.2f} {r['fused_overhead_pct']:6.1f} | "
+          f"{r['hbm_tok_s']:9.0f} {r['host_tok_s']:10.0f} "
           f"{r['gen_overhead_pct']:6.1f} | {r['unique_rows']:9.0f} {r['prefetch_ms']:8.2f} "
-          f"{r['apply_ms']:7.2f} {r['hbm_loss']:.4f}/{r['host_loss']:.4f}")
+          f"{r['apply_ms']:7.2f} {r['hbm_loss']:.4f}/{r['host_loss']:.4f}/{r['fused_loss']:.4f}")
 
 
 if __name__ == "__main__":
