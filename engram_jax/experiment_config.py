@@ -146,10 +146,20 @@ def engram_placement(config: ml_collections.ConfigDict) -> str:
   return config.engram.get("placement", "device")
 
 
+HOST_STEPS = ("fused", "separate")
+
+
+def host_step(config: ml_collections.ConfigDict) -> str:
+  # Workdirs written before `engram.host_step` existed ran the separate programs.
+  return config.engram.get("host_step", "separate")
+
+
 def _check_placement(config: ml_collections.ConfigDict, err) -> None:
   placement = engram_placement(config)
   if placement not in PLACEMENTS:
     raise err(f"engram.placement must be one of {PLACEMENTS}, got {placement!r}")
+  if host_step(config) not in HOST_STEPS:
+    raise err(f"engram.host_step must be one of {HOST_STEPS}, got {host_step(config)!r}")
   if placement != "pinned_host" or not config.engram.enabled:
     return
   if config.table_optim.kind not in SPARSE_KINDS:

@@ -453,15 +453,17 @@ class HostTableTrainer:
 
   # -- fused steps ----------------------------------------------------------------------------------
 
-  def make_fused_step(self, model_step: Callable, *, donate_model_args: bool = False
-                      ) -> Callable:
+  def make_fused_step(self, model_step: Callable, *, donate_state: bool = False) -> Callable:
     """One program per training step, with the host traffic of the neighbouring steps inside it.
 
-    `model_step(model_args, rows) -> (outputs, grads)`: `rows` is {layer: PrefetchedRows} as
-    from `rows(handle)`, `grads` {layer: f32 [U, E] or RowSparse} w.r.t. `rows[l].rows_UxE`.
-    Returns `run(handle, next_ids, learning_rate, model_args, step=None) -> (outputs,
-    next_handle)`; `next_ids` are the next batch's NumPy hash ids (None for the last step, then
-    `next_handle` is None). One call dispatches one jitted program that
+    `model_step(state, inputs, rows) -> (outputs, grads, learning_rate)`: `rows` is
+    {layer: PrefetchedRows} as from `rows(handle)`, `grads` {layer: f32 [U, E] or RowSparse}
+    w.r.t. `rows[l].rows_UxE`, `learning_rate` the base LR of this step (a scalar; the table
+    optimiser applies its multiplier), so a schedule computed inside the step needs no round
+    trip. Returns `run(handle, next_ids, state, inputs, step=None) -> (outputs, next_handle)`;
+    `next_ids` are the next batch's NumPy hash ids (None for the last step, then `next_handle`
+    is None); `step` as in `apply_grad`; `state` is donated if `donate_state`. One call
+    dispatches one jitted program that
 
       host:   scatters the update of the previous fused step into the tables and state
               (donated, in place), then gathers the rows of `next_ids` into HBM;
@@ -483,21 +485,22 @@ class HostTableTrainer:
     """
     cache = {}
 
-    def program(model_args, arrays, pending, leaves, row_ids, inverse, next_gather_ids,
-                next_row_ids, lr, step, *, has_pending, has_next, has_step):
+    def program(model_state, inputs, arrays, pending, leaves, row_ids, inverse, next_gather_ids,
+                next_row_ids, step, *, has_pending, has_next, has_step):
       if has_pending:
         arrays = self._scatter_fn(arrays, *pending)
       next_leaves = self._gather_fn(arrays, next_gather_ids) if has_next else None
       rows = {l: _masked_rows_fn(leaves[l][0], row_ids[l], inverse[l], self.num_rows(l))
               for l in self.layers}
-      outputs, grads = model_step(model_args, rows)
+      outputs, grads, lr = model_step(model_state, inputs, rows)
+      lr = jnp.asarray(lr, jnp.float32)
       g = {l: (x.values_UxE if isinstance(x, RowSparse) else x).astype(jnp.float32)
            for l, x in grads.items()}
       nxt = [{l: (next_row_ids[l], next_leaves[l]) for l in self.layers}] if has_next else []
       new_leaves, patched = self._update_fn(leaves, row_ids, g, nxt, lr, step, has_step)
       return outputs, arrays, new_leaves, (patched[0] if has_next else None)
 
-    def prepare(handle, next_ids, learning_rate, model_args, step):
+    def prepare(handle, next_ids, model_state, inputs, step):
       if handle.consumed or handle not in self._outstanding:
         raise ValueError("fused step: handle must come from this trainer's prefetch (or the "
                          "previous fused step) and not be applied yet")
@@ -507,22 +510,20 @@ class HostTableTrainer:
       nxt, next_gather_ids = (None, None) if next_ids is None else self._plan(next_ids,
                                                                              "fused step")
       dev = placement_sharding("device", self._device)
-      lr = learning_rate if isinstance(learning_rate, jax.Array) else jax.device_put(
-          np.float32(learning_rate), dev)
       step_arr = step if isinstance(step, jax.Array) else jax.device_put(
           np.int32(0 if step is None else step), dev)
       flags = (self._pending is not None, nxt is not None, step is not None)
       if flags not in cache:
         cache[flags] = jax.jit(functools.partial(
             program, has_pending=flags[0], has_next=flags[1], has_step=flags[2]),
-            donate_argnums=(0, 1) if donate_model_args else (1,))
-      args = (model_args, {l: self._arrays(l) for l in self.layers}, self._pending,
+            donate_argnums=(0, 2) if donate_state else (2,))
+      args = (model_state, inputs, {l: self._arrays(l) for l in self.layers}, self._pending,
               handle.leaves, handle.row_ids, handle.inverse, next_gather_ids,
-              None if nxt is None else nxt.row_ids, lr.astype(jnp.float32), step_arr)
+              None if nxt is None else nxt.row_ids, step_arr)
       return cache[flags], args, nxt
 
-    def run(handle: PrefetchHandle, next_ids, learning_rate, model_args, step=None):
-      fn, args, nxt = prepare(handle, next_ids, learning_rate, model_args, step)
+    def run(handle: PrefetchHandle, next_ids, state, inputs, step=None):
+      fn, args, nxt = prepare(handle, next_ids, state, inputs, step)
       outputs, arrays, new_leaves, next_leaves = fn(*args)
       for l in self.layers:
         self._set_arrays(l, arrays[l])
@@ -534,8 +535,8 @@ class HostTableTrainer:
         self._outstanding.append(nxt)
       return outputs, nxt
 
-    def compiled_text(handle, next_ids, learning_rate, model_args, step=None) -> str:
-      fn, args, _ = prepare(handle, next_ids, learning_rate, model_args, step)
+    def compiled_text(handle, next_ids, state, inputs, step=None) -> str:
+      fn, args, _ = prepare(handle, next_ids, state, inputs, step)
       return fn.lower(*args).compile().as_text()
 
     run.compiled_text = compiled_text

@@ -9,10 +9,13 @@ gate mean/std, router max/mean load), evaluates every `eval_every` steps and at 
 checkpoints every `checkpoint_every` steps, resuming automatically from `workdir`.
 
 With `engram.placement='pinned_host'` (`HostTablesTrainer`) the tables stay in host memory and
-a step is driven by `_HostTableSteps`: the rows of step s are prefetched (gathered on the host,
-copied to the device) before step s is dispatched, step s+1's rows right after it, then step
-s's clipped row gradients update the host tables (`offload.HostTableTrainer.apply_grad`). The
-host tables are checkpointed next to the orbax checkpoint (`workdir/host_tables/<step>/`).
+a step is driven by `_HostTableSteps`. `engram.host_step='fused'` (default): one program per
+step runs step s on its prefetched rows, updates those rows, scatters step s-1's update into the
+host tables and gathers step s+1's rows (`offload.HostTableTrainer.make_fused_step`).
+'separate': the rows of step s are prefetched before step s is dispatched, step s+1's rows
+right after it, then step s's clipped row gradients update the host tables
+(`offload.HostTableTrainer.apply_grad`), each its own program. The host tables are
+checkpointed next to the orbax checkpoint (`workdir/host_tables/<step>/`).
 
 Dimension legend: B batch, T sequence length, H Engram hash heads.
 """
@@ -282,19 +285,28 @@ class _DeviceSteps:
 
 
 class _HostTableSteps:
-  """One training step with host tables (the pipeline of engram_jax/offload.py):
+  """One training step with host tables (the pipeline of engram_jax/offload.py).
 
-    rows of s (prefetched earlier) -> step s dispatched -> prefetch s+1 -> apply_grad(s)
+  separate:  rows of s (prefetched earlier) -> step s dispatched -> prefetch s+1 -> apply_grad(s)
+  fused:     draw batch s+1 -> one program: scatter(s-1), gather(s+1), step s, update rows of s
 
-  `prefetch(s+1)` deduplicates step s+1's ids on this thread while the device runs step s and
-  queues the host gather; `apply_grad(s)` patches its rows, so step s+1 reads the table after
-  step s exactly. Without `lookahead` (checkpoint steps, the last step) the next batch is not
-  drawn, so the data iterator saved with step s stands exactly after batch s.
+  Separate: `prefetch(s+1)` deduplicates step s+1's ids on this thread while the device runs
+  step s and queues the host gather; `apply_grad(s)` patches its rows, so step s+1 reads the
+  table after step s exactly. Fused: step s+1's ids are deduplicated while step s-1 runs, and
+  the program patches step s+1's rows the same way. Without `lookahead` (checkpoint steps, the
+  last step) the next batch is not drawn, so the data iterator saved with step s stands exactly
+  after batch s.
   """
 
-  def __init__(self, trainer: HostTablesTrainer, train_c, put, batches):
+  def __init__(self, trainer: HostTablesTrainer, train_c, put, batches, fused: bool = False):
     self._trainer, self._train_c, self._put, self._batches = trainer, train_c, put, batches
     self._ahead = None  # (batch without ids, PrefetchHandle) of the next step
+    self._fused = None
+    if fused:
+      def model_step(state, batch, rows):
+        state, metrics, row_grads = trainer.train_step(state, batch, rows)
+        return (state, metrics), row_grads, metrics["learning_rate"]
+      self._fused = trainer.host.make_fused_step(model_step, donate_state=True)
 
   def _draw(self):
     batch = next(self._batches)
@@ -304,6 +316,15 @@ class _HostTableSteps:
     host = self._trainer.host
     batch, handle = self._ahead or self._draw()
     self._ahead = None
+    if self._fused is not None:
+      nxt = next(self._batches) if lookahead else None
+      with self._trainer._context():  # the model traces under the mesh and logical rules
+        (state, metrics), nxt_handle = self._fused(
+            handle, None if nxt is None else self._trainer.host_ids(nxt), state,
+            self._put(batch), step=step - 1)
+      if nxt is not None:
+        self._ahead = (_without_ids(nxt), nxt_handle)
+      return state, metrics
     state, metrics, row_grads = self._train_c(state, self._put(batch), host.rows(handle))
     if lookahead:
       self._ahead = self._draw()
@@ -349,13 +370,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     state = trainer.init_state()
 
-  log("compiling train and eval steps ...")
+  fused = on_host and experiment_config.host_step(config) == "fused"
+  log("compiling train and eval steps ..." if not fused else
+      "compiling the eval step (the fused host-table train step compiles at its first call) ...")
   t0 = time.perf_counter()
-  train_c, eval_c, batch_sh = trainer.compile(abstract, trainer.shapes)
+  train_c, eval_c, batch_sh = trainer.compile(abstract, trainer.shapes, train=not fused)
   log(f"compiled in {time.perf_counter() - t0:.1f}s")
   put = _put_fn(batch_sh)
   if on_host:
-    run_step = _HostTableSteps(trainer, train_c, put, train_iter)
+    run_step = _HostTableSteps(trainer, train_c, put, train_iter, fused=fused)
   else:
     run_step = _DeviceSteps(train_c, put, train_iter)
   eval_step, eval_put = _eval_fns(trainer, eval_c, batch_sh)

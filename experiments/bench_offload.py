@@ -240,20 +240,20 @@ def bench_host_fused(args, params, tables, mapping, data, dev):
   the host scatter of step s-1 and the host gather of step s+1 beside step s."""
   trainer = offload.HostTableTrainer(CFG, tables, {l: mapping.offsets(l) for l in LAYERS})
 
-  def model_step(model_args, rows):
-    p, tok, tgt = model_args
+  def model_step(p, batch, rows):
+    tok, tgt = batch
     loss, (gp, grows) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
         p, {l: r.rows_UxE for l, r in rows.items()},
         {l: r.inverse_BxTxH for l, r in rows.items()}, tok, tgt, args)
-    return (sgd(p, gp), loss), grows
+    return (sgd(p, gp), loss), grows, LR
 
-  run = trainer.make_fused_step(model_step)
+  run = trainer.make_fused_step(model_step, donate_state=True)
   dd = [(jax.device_put(tok, dev), jax.device_put(tgt, dev)) for tok, tgt, _ in data]
 
   def steps(n, handle, s0, p):
     for s in range(s0, s0 + n):
       tok, tgt = dd[s % len(dd)]
-      (p, loss), handle = run(handle, data[(s + 1) % len(data)][2], LR, (p, tok, tgt))
+      (p, loss), handle = run(handle, data[(s + 1) % len(data)][2], p, (tok, tgt))
     return handle, loss, p
 
   # Committed params from the start: otherwise the first-step program, compiled for the

@@ -328,12 +328,11 @@ def _fused_run(batches, placement="pinned_host"):
   trainer = offload.HostTableTrainer(CFG, _tables(placement), {l: _offsets(l) for l in LAYERS})
   dev = offload.placement_sharding("device")
 
-  def model_step(model_args, rows):
-    w, targets = model_args
+  def model_step(w, targets, rows):
     loss, (gw, grows) = jax.value_and_grad(_loss, argnums=(0, 1))(
         w, {l: p.rows_UxE for l, p in rows.items()},
         {l: p.inverse_BxTxH for l, p in rows.items()}, targets)
-    return (w - 0.1 * gw, loss, {l: p.rows_UxE for l, p in rows.items()}), grows
+    return (w - 0.1 * gw, loss, {l: p.rows_UxE for l, p in rows.items()}), grows, LR
 
   run = trainer.make_fused_step(model_step)
   w = _head()
@@ -343,7 +342,7 @@ def _fused_run(batches, placement="pinned_host"):
     targets = jax.device_put(targets, dev)
     with jax.transfer_guard("disallow"):
       nxt_ids = batches[s + 1][0] if s + 1 < len(batches) else None
-      (w, loss, rows), handle = run(handle, nxt_ids, LR, (w, targets))
+      (w, loss, rows), handle = run(handle, nxt_ids, w, targets)
     looked_up.append({l: np.asarray(rows[l]) for l in LAYERS})
     losses.append(float(loss))
   assert handle is None
@@ -384,17 +383,16 @@ def test_fused_program_keeps_tables_on_the_host_and_updates_them_in_place():
   trainer = offload.HostTableTrainer(CFG, _tables("pinned_host"), {l: _offsets(l) for l in LAYERS})
   dev = offload.placement_sharding("device")
 
-  def model_step(model_args, rows):
-    w, targets = model_args
+  def model_step(w, targets, rows):
     loss, grows = jax.value_and_grad(_loss, argnums=1)(
         w, {l: p.rows_UxE for l, p in rows.items()},
         {l: p.inverse_BxTxH for l, p in rows.items()}, targets)
-    return loss, grows
+    return loss, grows, LR
 
   run = trainer.make_fused_step(model_step)
   w, targets = _head(), jax.device_put(batches[0][1], dev)
-  _, handle = run(trainer.prefetch(batches[0][0]), batches[1][0], LR, (w, targets))
-  text = run.compiled_text(handle, batches[2][0], LR, (w, targets))
+  _, handle = run(trainer.prefetch(batches[0][0]), batches[1][0], w, targets)
+  text = run.compiled_text(handle, batches[2][0], w, targets)
   header = text.splitlines()[0]
   layout = header[header.index("entry_computation_layout="):]
   for l in LAYERS:
@@ -414,9 +412,9 @@ def test_fused_program_keeps_tables_on_the_host_and_updates_them_in_place():
 def test_fused_step_refuses_a_second_outstanding_handle():
   batches = _batches(2, seed=5)
   trainer = offload.HostTableTrainer(CFG, _tables("pinned_host"), {l: _offsets(l) for l in LAYERS})
-  run = trainer.make_fused_step(lambda args, rows: (None, {l: jnp.zeros_like(r.rows_UxE)
-                                                           for l, r in rows.items()}))
+  run = trainer.make_fused_step(lambda state, inputs, rows: (
+      None, {l: jnp.zeros_like(r.rows_UxE) for l, r in rows.items()}, LR))
   h0 = trainer.prefetch(batches[0][0])
   trainer.prefetch(batches[1][0])
   with pytest.raises(ValueError, match="another prefetched handle"):
-    run(h0, None, LR, ())
+    run(h0, None, (), ())

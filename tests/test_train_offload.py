@@ -41,15 +41,20 @@ def _host_tables(workdir, step):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   out = {}
-  for placement in ("device", "pinned_host"):
-    workdir = str(tmp_path_factory.mktemp(placement))
-    final = train.train_and_evaluate(_host_config(**{"engram.placement": placement}), workdir)
-    out[placement] = {"workdir": workdir, "final": final, "losses": _losses(workdir)[0]}
+  # 'pinned_host' runs the default fused host step, 'pinned_host_separate' the separate programs.
+  for name, placement, host_step in (("device", "device", "fused"),
+                                     ("pinned_host", "pinned_host", "fused"),
+                                     ("pinned_host_separate", "pinned_host", "separate")):
+    workdir = str(tmp_path_factory.mktemp(name))
+    final = train.train_and_evaluate(_host_config(**{"engram.placement": placement,
+                                                     "engram.host_step": host_step}), workdir)
+    out[name] = {"workdir": workdir, "final": final, "losses": _losses(workdir)[0]}
   return out
 
 
-def test_host_placement_equals_device_placement(runs):
-  dev, host = runs["device"], runs["pinned_host"]
+@pytest.mark.parametrize("host_run", ["pinned_host", "pinned_host_separate"])
+def test_host_placement_equals_device_placement(runs, host_run):
+  dev, host = runs["device"], runs[host_run]
   assert len(host["losses"]) == STEPS
   np.testing.assert_allclose(host["losses"], dev["losses"], rtol=1e-6, atol=0)
   np.testing.assert_allclose(host["final"]["eval_loss"], dev["final"]["eval_loss"], rtol=1e-6)
@@ -136,6 +141,7 @@ def test_resuming_a_host_run_on_the_device_is_refused(runs, tmp_path):
     ({"engram.hash_on_device": True}, r"set engram.hash_on_device=False"),
     ({"train.data_parallel": 2}, r"train.data_parallel=2"),
     ({"engram.placement": "hbm"}, r"engram.placement must be one of"),
+    ({"engram.host_step": "overlapped"}, r"engram.host_step must be one of"),
 ])
 def test_unsupported_host_configs_are_refused(overrides, match):
   config = _config()

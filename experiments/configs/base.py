@@ -92,6 +92,11 @@ def get_config(arg=None):
   # prefetched while step s runs). pinned_host needs a row-sparse table_optim.kind, pipeline
   # hashing and one device.
   c.engram.placement = "device"
+  # pinned_host only: 'fused' runs each step as one program that also holds the host scatter of
+  # the previous step and the host gather of the next (offload.HostTableTrainer.make_fused_step;
+  # XLA runs separate programs in order on the GPU stream, so 'separate' adds the host time to
+  # every step); 'separate' dispatches gather, step and update as their own programs.
+  c.engram.host_step = "fused"
 
   c.optim = ml_collections.ConfigDict()
   c.optim.kind = "adamw"
