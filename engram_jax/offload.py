@@ -43,11 +43,14 @@ update. `apply_grad` patches every outstanding handle with the rows it just upda
 as with the HBM placement (tests/test_offload.py checks losses and updated rows step by step).
 
 Overlap: all of the above is asynchronous dispatch; the NumPy `unique` of step s+1 runs on the
-Python thread while the device executes step s. On the H200 with jax 0.11.2 the programs
-themselves execute in order on the device's stream: the host gather and the host scatter are
-*not* overlapped with the model's kernels (measured: a 48 ms matmul program followed by a 3 ms
-host gather takes 50.8 ms), so their time is added to the step. experiments/bench_offload.py
-measures that cost.
+Python thread while the device executes step s. On the H200 with jax 0.11.2 separate programs
+execute in order on the device's stream, so a separate host gather or scatter adds its time to
+the step (`experiments/bench_offload.py --probe`: a 48.29 ms matmul program followed by a
+3.60 ms host gather program took 50.71 ms). Inside ONE program XLA's host offloader overlaps
+part of it (the same matmul and gather as one program: 49.86 ms). `make_fused_step` therefore
+builds one program per training step: scatter of step s-1's update and gather of step s+1's
+rows (host), model step s and its row update (device), patch of s+1's rows. Its update stays
+pending until the next program or a read of `tables` / `states` (which flushes it).
 
 Dimension legend: B batch, T time, H hash heads, E row width, R table rows, U = B*T*H row slots
 (sorted unique rows of a batch, padded with R), L Engram layers.
