@@ -203,13 +203,15 @@ class EngramLM(nn.Module):
     h_BxTxD = RMSNorm(cfg.norm_eps, dt, pdt, name="final_norm")(contract_streams(x_BxTxMxD))
     if cfg.tie_embeddings:
       w_VxD = embed.embedding.astype(dt)
-      logits = jnp.einsum("btd,vd->btv", h_BxTxD, w_VxD, preferred_element_type=jnp.float32)
+      with jax.named_scope("logits"):  # names the projection in profiles (profile_step.py)
+        logits = jnp.einsum("btd,vd->btv", h_BxTxD, w_VxD, preferred_element_type=jnp.float32)
     else:
       w_DxV = self.param("lm_head", nn.with_logical_partitioning(
           nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
           ("embed", "vocab")), (cfg.hidden_size, cfg.vocab_size), pdt)
-      logits = jnp.einsum("btd,dv->btv", h_BxTxD, w_DxV.astype(dt),
-                          preferred_element_type=jnp.float32)
+      with jax.named_scope("logits"):
+        logits = jnp.einsum("btd,dv->btv", h_BxTxD, w_DxV.astype(dt),
+                            preferred_element_type=jnp.float32)
     logits_BxTxV = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
     aux: dict[str, Any] = {}

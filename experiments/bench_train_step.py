@@ -236,7 +236,9 @@ def _trainer_overhead_bytes(kind, rows_per_table, args):
   return mem.temp_size_in_bytes + mem.argument_size_in_bytes
 
 
-def _time_trainer_step(kind, rows_per_table, args, small_states):
+def prepare_trainer_run(kind, rows_per_table, args, small_states):
+  """(compiled train step, filled state, 4 synthetic device batches, table rows per layer) of
+  `args.config` with `rows_per_table` rows per Engram table (also used by profile_step.py)."""
   from engram_jax import train as train_lib  # needs ml_collections + grain
   config, exp, trainer, abstract, train_c, batch_sh = _compile_trainer(kind, rows_per_table,
                                                                         args)
@@ -259,7 +261,14 @@ def _time_trainer_step(kind, rows_per_table, args, small_states):
           l: np.stack([rng.integers(0, p, (b, t)) for p in exp.hashing.head_sizes(l)],
                       -1).astype(np.int32) for l in trainer.shapes['engram_ids']}
     batches.append(jax.device_put(batch, batch_sh))
-  table_rows = [exp.hashing.num_rows(l) for l in exp.model.engram.layer_ids]
+  table_rows = ([exp.hashing.num_rows(l) for l in exp.model.engram.layer_ids]
+                if exp.hashing is not None else [])
+  return train_c, state, batches, table_rows
+
+
+def _time_trainer_step(kind, rows_per_table, args, small_states):
+  train_c, state, batches, table_rows = prepare_trainer_run(kind, rows_per_table, args,
+                                                            small_states)
   ms, (state, metrics) = _median_step_ms(lambda c, batch: train_c(c[0], batch), (state, None),
                                          batches, lambda c: c[1]['loss'])
   if not np.isfinite(float(metrics['loss'])):

@@ -19,3 +19,29 @@ def test_set_overrides_parse_literals_and_strings():
 def test_set_overrides_reject_unknown_fields_and_missing_values(item):
   with pytest.raises(SystemExit):
     bench_train_step._apply_overrides(quickstart.get_config(), [item])
+
+
+def test_profile_step_attributes_device_time_to_model_parts():
+  import argparse
+  from experiments import profile_step
+  args = argparse.Namespace(config="experiments/configs/tiny_test.py", set=[],
+                            kind="lazy_adam", rows=4096, steps=1)
+  ms, _, parts, per_op, total, names, table_rows, _ = profile_step.profile(args)
+  assert ms > 0 and total > 0 and table_rows
+  # tiny_test has Engram layers, MoE blocks with a shared expert, attention and mHC streams.
+  for part in ("Engram layer", "MoE routed experts", "MoE shared expert", "attention",
+               "mHC mixing", "embedding + logits", profile_step.OUTSIDE):
+    assert part in parts and sum(parts[part]) > 0, part
+    assert parts[part][1] >= 0
+  assert sum(parts["Engram layer"]) < total
+  assert abs(sum(sum(v) for v in parts.values()) - total) < 1e-6 * max(total, 1)
+  assert sum(per_op.values()) == pytest.approx(total)
+
+
+def test_part_of_reads_module_paths_and_the_backward():
+  from experiments import profile_step
+  assert profile_step.part_of("jit(train_step)/transpose(jvp(EngramLM))/layer_1/engram/x") == (
+      "Engram layer", True)
+  assert profile_step.part_of("jit(train_step)/jvp(EngramLM)/layer_2/moe/experts/dot") == (
+      "MoE routed experts", False)
+  assert profile_step.part_of("jit(train_step)/add")[0] == profile_step.OUTSIDE
