@@ -3,8 +3,9 @@
   XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=110 \
     python -m experiments.bench_offload --sizes_gb=1,32,8
 
-Same model, same batches, same lazy-Adam table optimiser (f32 table, bf16 moments: 2x the table
-bytes of host memory per placement), one run, side by side per table size:
+Same model, same batches, same table optimiser (`--optimizer`: lazy Adam with bf16 moments,
+2x the table bytes of host memory, or row-wise Adagrad, one f32 per row), one run, side by side
+per table size (`--modes` picks which of hbm / separate / fused / gen run; hbm always does):
 
   HBM   one fused jitted step: `prefetch_rows` from the HBM table, forward/backward on the rows,
         SGD on the dense weights, `apply_row_sparse_update` on the whole table (donated).
@@ -77,6 +78,10 @@ def parse():
   p.add_argument("--gen_prompt", type=int, default=112)
   p.add_argument("--gen_new", type=int, default=16)
   p.add_argument("--probe", action="store_true", help="time the host gather/scatter first")
+  p.add_argument("--modes", default="hbm,separate,fused,gen",
+                 help="what to run per size: hbm (baseline, always), separate, fused, gen")
+  p.add_argument("--optimizer", default="lazy_adam", choices=["lazy_adam", "adagrad"],
+                 help="table optimiser: lazy_adam (bf16 moments) or row-wise adagrad")
   p.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
   return p.parse_args()
 
@@ -353,17 +358,36 @@ def probe(rows=16 * 2**20, slots=262144, mm_n=8192):
       print(f"    the stream-1 scatter wrote every row: {ok}", flush=True)
 
 
+MODES = ("hbm", "separate", "fused", "gen")
+
+
+def _fmt(rec, key, spec):
+  return format(rec[key], spec) if key in rec else format("-", ">" + spec.split(".")[0])
+
+
 def main():
+  global CFG
   args = parse()
   if args.probe:
     probe()
     if not args.sizes_gb:
       return
+  modes = args.modes.split(",")
+  if not set(modes) <= set(MODES) or "hbm" not in modes:
+    raise SystemExit(f"--modes: a comma list of {MODES} that includes hbm (the baseline)")
+  CFG = table_optim.TableOptimizerConfig(
+      kind=args.optimizer, **({"moment_dtype": "bfloat16"} if args.optimizer == "lazy_adam"
+                              else {}))
   dev = offload.placement_sharding("device")
   print(f"jax {jax.__version__} {jax.devices()[0].device_kind}; model d={args.d} "
-        f"blocks={args.blocks} B={args.batch} T={args.seq} H={H} E={E}; host limit "
-        f"{offload.host_memory_limit_bytes()[1]}", flush=True)
+        f"blocks={args.blocks} B={args.batch} T={args.seq} H={H} E={E}; tables "
+        f"{args.optimizer} ({table_optim.bytes_per_table_param(CFG, jnp.float32, row_width=E):.2f}"
+        f" bytes/param); modes {modes}; host limit {offload.host_memory_limit_bytes()[1]}",
+        flush=True)
   rows_out = []
+  host_tables = lambda mapping: {l: offload.create_table(  # noqa: E731
+      mapping.num_rows(l), E, jnp.float32, "pinned_host", seed=l, chunk_rows=1 << 20)
+      for l in LAYERS}
   for gb in [float(s) for s in args.sizes_gb.split(",") if s]:
     mapping = mapping_for(gb)
     table_gb = sum(mapping.num_rows(l) for l in LAYERS) * E * 4 / 2**30
@@ -372,49 +396,57 @@ def main():
     t0 = time.perf_counter()
     tables = {l: offload.create_table(mapping.num_rows(l), E, jnp.float32, "device", seed=l,
                                       chunk_rows=1 << 20) for l in LAYERS}
-    params = init_params(args)
     log(f"{table_gb:.2f} GB: HBM tables created")
-    rec["hbm_ms"], rec["hbm_loss"], params_h, tables = bench_hbm(args, params, tables, mapping,
-                                                                  data, dev)
-    rec["hbm_tok_s"], gen_hbm = bench_gen(args, init_params(args), tables, mapping)
+    rec["hbm_ms"], rec["hbm_loss"], params_h, tables = bench_hbm(
+        args, init_params(args), tables, mapping, data, dev)
+    if "gen" in modes:
+      rec["hbm_tok_s"], gen_hbm = bench_gen(args, init_params(args), tables, mapping)
     del tables, params_h
     gc.collect()
-    t1 = time.perf_counter()
-    tables = {l: offload.create_table(mapping.num_rows(l), E, jnp.float32, "pinned_host",
-                                      seed=l, chunk_rows=1 << 20) for l in LAYERS}
-    rec["host_create_s"] = time.perf_counter() - t1
-    log(f"{table_gb:.2f} GB: pinned_host tables created")
-    (rec["host_ms"], rec["host_loss"], params_h, rec["prefetch_ms"], rec["apply_ms"],
-     rec["unique_rows"], trainer) = bench_host(args, init_params(args), tables, mapping, data,
-                                               dev)
-    rec["host_tok_s"], gen_host = bench_gen(args, init_params(args), trainer.tables, mapping)
-    rec["same_tokens"] = bool(np.array_equal(gen_hbm, gen_host))
-    del trainer, tables, params_h
-    gc.collect()
-    tables = {l: offload.create_table(mapping.num_rows(l), E, jnp.float32, "pinned_host",
-                                      seed=l, chunk_rows=1 << 20) for l in LAYERS}
-    rec["fused_ms"], rec["fused_loss"], trainer = bench_host_fused(
-        args, init_params(args), tables, mapping, data, dev)
-    del trainer, tables
-    gc.collect()
+    if "separate" in modes:
+      t1 = time.perf_counter()
+      tables = host_tables(mapping)
+      rec["host_create_s"] = time.perf_counter() - t1
+      log(f"{table_gb:.2f} GB: pinned_host tables created")
+      (rec["host_ms"], rec["host_loss"], params_h, rec["prefetch_ms"], rec["apply_ms"],
+       rec["unique_rows"], trainer) = bench_host(args, init_params(args), tables, mapping, data,
+                                                 dev)
+      rec["train_overhead_pct"] = 100 * (rec["host_ms"] / rec["hbm_ms"] - 1)
+      del trainer, tables, params_h
+      gc.collect()
+    if "fused" in modes or "gen" in modes:
+      tables = host_tables(mapping)
+      if "fused" in modes:
+        rec["fused_ms"], rec["fused_loss"], trainer = bench_host_fused(
+            args, init_params(args), tables, mapping, data, dev)
+        rec["fused_overhead_pct"] = 100 * (rec["fused_ms"] / rec["hbm_ms"] - 1)
+        tables = trainer.tables
+        del trainer
+      if "gen" in modes:
+        # Generation reads the tables only; after a fused run they are its trained tables,
+        # so tokens are compared only when both sides start from the same tables.
+        rec["host_tok_s"], gen_host = bench_gen(args, init_params(args), tables, mapping)
+        rec["gen_overhead_pct"] = 100 * (rec["hbm_tok_s"] / rec["host_tok_s"] - 1)
+        if "fused" not in modes:
+          rec["same_tokens"] = bool(np.array_equal(gen_hbm, gen_host))
+      del tables
+      gc.collect()
     rec["total_s"] = time.perf_counter() - t0
-    rec["train_overhead_pct"] = 100 * (rec["host_ms"] / rec["hbm_ms"] - 1)
-    rec["fused_overhead_pct"] = 100 * (rec["fused_ms"] / rec["hbm_ms"] - 1)
-    rec["gen_overhead_pct"] = 100 * (rec["hbm_tok_s"] / rec["host_tok_s"] - 1)
     rows_out.append(rec)
     print(json.dumps(rec), flush=True)
     with open(os.path.join(args.out, "bench_offload.json"), "w") as f:
       json.dump(rows_out, f, indent=1)
-  print(f"\n{'table GB':>9} {'HBM ms':>8} {'host ms':>8} {'ovh %':>6} {'fused ms':>8} "
-        f"{'ovh %':>6} | {'HBM tok/s':>9} "
-        f"{'host tok/s':>10} {'ovh %':>6} | {'uniq rows':>9} {'prefetch':>8} {'apply':>7} "
-        f"{'loss hbm/host/fused':>20}")
+  print(f"\n{'table GB':>9} {'HBM ms':>8} {'sep. ms':>8} {'ovh %':>6} {'fused ms':>8} "
+        f"{'ovh %':>6} | {'HBM tok/s':>9} {'host tok/s':>10} {'ovh %':>6} | {'uniq rows':>9} "
+        f"{'prefetch':>8} {'apply':>7} | {'loss hbm':>8} {'sep.':>8} {'fused':>8}")
   for r in rows_out:
-    print(f"{r['table_gb']:9.2f} {r['hbm_ms']:8.2f} {r['host_ms']:8.2f} "
-          f"{r['train_overhead_pct']:6.1f} {r['fused_ms']:8.2f} {r['fused_overhead_pct']:6.1f} | "
-          f"{r['hbm_tok_s']:9.0f} {r['host_tok_s']:10.0f} "
-          f"{r['gen_overhead_pct']:6.1f} | {r['unique_rows']:9.0f} {r['prefetch_ms']:8.2f} "
-          f"{r['apply_ms']:7.2f} {r['hbm_loss']:.4f}/{r['host_loss']:.4f}/{r['fused_loss']:.4f}")
+    print(f"{r['table_gb']:9.2f} {_fmt(r, 'hbm_ms', '8.2f')} {_fmt(r, 'host_ms', '8.2f')} "
+          f"{_fmt(r, 'train_overhead_pct', '6.1f')} {_fmt(r, 'fused_ms', '8.2f')} "
+          f"{_fmt(r, 'fused_overhead_pct', '6.1f')} | {_fmt(r, 'hbm_tok_s', '9.0f')} "
+          f"{_fmt(r, 'host_tok_s', '10.0f')} {_fmt(r, 'gen_overhead_pct', '6.1f')} | "
+          f"{_fmt(r, 'unique_rows', '9.0f')} {_fmt(r, 'prefetch_ms', '8.2f')} "
+          f"{_fmt(r, 'apply_ms', '7.2f')} | {_fmt(r, 'hbm_loss', '8.4f')} "
+          f"{_fmt(r, 'host_loss', '8.4f')} {_fmt(r, 'fused_loss', '8.4f')}")
 
 
 if __name__ == "__main__":
