@@ -187,6 +187,29 @@ def test_device_placement_trainer_matches_too():
                                rtol=1e-6, atol=1e-7)
 
 
+def _check_tables_stay_on_host(name, text):
+  """Table-sized operands of a compiled program live in host memory (S(5)) and no instruction
+  copies a table-sized value."""
+  header = text.splitlines()[0]
+  layout = header[header.index("entry_computation_layout="):]
+  for l in LAYERS:
+    for shape in (f"f32[{_rows(l)},{E}]", f"s32[{_rows(l)}]"):
+      in_layout = re.findall(re.escape(shape) + r"\{[^}]*\}", layout)
+      assert in_layout, f"{name}: table shape {shape} not in the entry layout (vacuous)"
+      assert all(":S(5)" in h for h in in_layout), f"{name}: {shape} in device memory"
+      copies = [line for line in text.splitlines()
+                if re.search(r"= " + re.escape(shape) + r"\{[^}]*\} (copy|copy-start|copy-done)\(",
+                             line)]
+      assert not copies, f"{name}: table-sized copy {copies}"
+
+
+def _check_every_host_array_aliased(text, trainer):
+  header = text.splitlines()[0]
+  aliases = header[header.index("input_output_alias="):header.index("entry_computation_layout=")]
+  n_arrays = sum(len(trainer._arrays(l)) for l in LAYERS)
+  assert aliases.count("may-alias") + aliases.count("must-alias") == n_arrays
+
+
 def test_no_program_moves_a_whole_table_between_memories():
   """Compiled gather/scatter programs: table-sized operands stay in host memory (S(5)), no
   instruction copies a table-sized value, and the scatter updates every host array in place."""
@@ -195,21 +218,8 @@ def test_no_program_moves_a_whole_table_between_memories():
   handle = trainer.prefetch(batches[0][0])
   texts = trainer.compiled_texts(handle, None)
   for name, text in texts.items():
-    header = text.splitlines()[0]
-    layout = header[header.index("entry_computation_layout="):]
-    for l in LAYERS:
-      for shape in (f"f32[{_rows(l)},{E}]", f"s32[{_rows(l)}]"):
-        in_layout = re.findall(re.escape(shape) + r"\{[^}]*\}", layout)
-        assert in_layout, f"{name}: table shape {shape} not in the entry layout (vacuous)"
-        assert all(":S(5)" in h for h in in_layout), f"{name}: {shape} in device memory"
-        copies = [line for line in text.splitlines()
-                  if re.search(r"= " + re.escape(shape) + r"\{[^}]*\} (copy|copy-start|copy-done)\(",
-                               line)]
-        assert not copies, f"{name}: table-sized copy {copies}"
-  header = texts["scatter"].splitlines()[0]
-  aliases = header[header.index("input_output_alias="):header.index("entry_computation_layout=")]
-  n_arrays = sum(len(trainer._arrays(l)) for l in LAYERS)
-  assert aliases.count("may-alias") + aliases.count("must-alias") == n_arrays
+    _check_tables_stay_on_host(name, text)
+  _check_every_host_array_aliased(texts["scatter"], trainer)
 
 
 def test_too_large_request_fails_before_allocating():
@@ -393,20 +403,8 @@ def test_fused_program_keeps_tables_on_the_host_and_updates_them_in_place():
   w, targets = _head(), jax.device_put(batches[0][1], dev)
   _, handle = run(trainer.prefetch(batches[0][0]), batches[1][0], w, targets)
   text = run.compiled_text(handle, batches[2][0], w, targets)
-  header = text.splitlines()[0]
-  layout = header[header.index("entry_computation_layout="):]
-  for l in LAYERS:
-    for shape in (f"f32[{_rows(l)},{E}]", f"s32[{_rows(l)}]"):
-      in_layout = re.findall(re.escape(shape) + r"\{[^}]*\}", layout)
-      assert in_layout, f"table shape {shape} not in the entry layout (vacuous)"
-      assert all(":S(5)" in h for h in in_layout), f"{shape} in device memory"
-      copies = [line for line in text.splitlines()
-                if re.search(r"= " + re.escape(shape) + r"\{[^}]*\} (copy|copy-start|copy-done)\(",
-                             line)]
-      assert not copies, f"table-sized copy {copies}"
-  aliases = header[header.index("input_output_alias="):header.index("entry_computation_layout=")]
-  n_arrays = sum(len(trainer._arrays(l)) for l in LAYERS)
-  assert aliases.count("may-alias") + aliases.count("must-alias") == n_arrays
+  _check_tables_stay_on_host("fused", text)
+  _check_every_host_array_aliased(text, trainer)
 
 
 def test_fused_step_refuses_a_second_outstanding_handle():
