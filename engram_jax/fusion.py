@@ -74,10 +74,15 @@ class ShortConv(nn.Module):
   With `segment_ids_BxT`, a tap that reaches into another packed document is dropped, so a
   document's output never depends on the one before it (the demo has no such mask).
   Returns float32 `[B, T, M, D]`.
+
+  `decode=True`: the last (K-1)*dilation normalised inputs are kept in the 'cache' collection
+  (`history`, zeros = the causal padding); the first call only creates it (its inputs are not
+  recorded), every later call continues the sequence from it. No segment mask in decoding.
   """
 
   config: EngramConfig
   param_dtype: Any = jnp.float32
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxMxD: jax.Array,
@@ -94,6 +99,13 @@ class ShortConv(nn.Module):
     xn_BxTxMxD = StreamRMSNorm(cfg.conv_norm_eps, self.param_dtype, name="norm")(x_BxTxMxD)
     pad = (k - 1) * dil
     xp_BxPxMxD = jnp.pad(xn_BxTxMxD, ((0, 0), (pad, 0), (0, 0), (0, 0)))
+    if self.decode and pad:
+      created = self.has_variable("cache", "history")
+      history = self.variable("cache", "history", jnp.zeros,
+                              (xn_BxTxMxD.shape[0], pad, m, d), xn_BxTxMxD.dtype)
+      if created:
+        xp_BxPxMxD = jnp.concatenate([history.value, xn_BxTxMxD], axis=1)
+        history.value = xp_BxPxMxD[:, -pad:]
     # K shifted multiply-adds: XLA fuses them into one pass, no im2col buffer.
     taps = [xp_BxPxMxD[:, j * dil:j * dil + t] for j in range(k)]
     if segment_ids_BxT is not None:
@@ -125,6 +137,7 @@ class Engram(nn.Module):
   table_placement: str = "param"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  decode: bool = False  # ShortConv keeps its history in the 'cache' collection
 
   @nn.compact
   def __call__(self, hidden_BxTxMxD: jax.Array, engram_input: EngramInput,
@@ -175,7 +188,7 @@ class Engram(nn.Module):
     self.sow("intermediates", "gate", gate_BxTxM)
 
     v_BxTxMxD = gate_BxTxM[..., None] * value_BxTxD[:, :, None, :]
-    y_BxTxMxD = v_BxTxMxD + ShortConv(cfg, self.param_dtype, name="short_conv")(
+    y_BxTxMxD = v_BxTxMxD + ShortConv(cfg, self.param_dtype, self.decode, name="short_conv")(
         v_BxTxMxD, segment_ids_BxT)
     y_BxTxMxD = nn.with_logical_constraint(y_BxTxMxD, ("batch", "length", "streams", "embed"))
     return y_BxTxMxD.astype(self.dtype)

@@ -77,7 +77,14 @@ def attention_mask(segment_ids_BxT: Optional[jax.Array], t: int) -> Optional[jax
 
 
 class Attention(nn.Module):
-  """Grouped-query self-attention with RoPE via `jax.nn.dot_product_attention`."""
+  """Grouped-query self-attention with RoPE via `jax.nn.dot_product_attention`.
+
+  `decode=True` keeps a KV cache in the 'cache' collection: the first call (inputs of the
+  maximum length, any values) only creates `key`/`value` [B, S_max, K, Hd] and `index`; every
+  later call writes its T new positions at `index`, attends to cache positions <= its own
+  (positions given by the caller's `positions_BxT`, which must be index..index+T-1), and moves
+  `index` by T. Decoding assumes one document per row (no segment mask).
+  """
 
   num_heads: int
   num_kv_heads: int
@@ -86,6 +93,7 @@ class Attention(nn.Module):
   attention_impl: Optional[str] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  decode: bool = False
 
   def _proj(self, name, shape, axes, in_axes=1):
     return self.param(name, nn.with_logical_partitioning(kernel_init(in_axes), axes), shape,
@@ -113,14 +121,38 @@ class Attention(nn.Module):
     k_BxSxKxHd = nn.with_logical_constraint(k_BxSxKxHd,
                                             ("batch", "length", "kv_heads", "head_dim"))
 
+    mask, causal = attention_mask(segment_ids_BxT, x_BxTxD.shape[1]), True
+    if self.decode and self.has_variable("cache", "key"):
+      k_BxSxKxHd, v_BxSxKxHd, mask = self._cached(k_BxSxKxHd, v_BxSxKxHd)
+      causal = False  # the mask above is causal in absolute positions
+    elif self.decode:  # the sizing call: create the cache, attend as usual
+      self._cached(k_BxSxKxHd, v_BxSxKxHd)
     # dot_product_attention broadcasts the K kv heads over the G query heads of each group.
     o_BxTxNxHd = jax.nn.dot_product_attention(
-        q_BxTxNxHd, k_BxSxKxHd, v_BxSxKxHd,
-        mask=attention_mask(segment_ids_BxT, x_BxTxD.shape[1]), is_causal=True,
+        q_BxTxNxHd, k_BxSxKxHd, v_BxSxKxHd, mask=mask, is_causal=causal,
         implementation=self.attention_impl)
     o_BxTxNxHd = nn.with_logical_constraint(o_BxTxNxHd, ("batch", "length", "heads", "head_dim"))
     out_BxTxD = jnp.einsum("btnh,nhd->btd", o_BxTxNxHd, wo_NxHdxD, preferred_element_type=f32)
     return out_BxTxD.astype(self.dtype)
+
+  def _cached(self, k_BxTxKxHd, v_BxTxKxHd):
+    """Writes the new keys/values at `index`; returns the whole cache and its [1, 1, T, S]
+    mask (cache position <= query position). On the creating call: only creates the cache."""
+    created = self.has_variable("cache", "key")
+    key = self.variable("cache", "key", jnp.zeros, k_BxTxKxHd.shape, k_BxTxKxHd.dtype)
+    value = self.variable("cache", "value", jnp.zeros, v_BxTxKxHd.shape, v_BxTxKxHd.dtype)
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    if not created:
+      return None
+    t, s_max = k_BxTxKxHd.shape[1], key.value.shape[1]
+    start = index.value
+    key.value = jax.lax.dynamic_update_slice(key.value, k_BxTxKxHd.astype(key.value.dtype),
+                                             (0, start, 0, 0))
+    value.value = jax.lax.dynamic_update_slice(value.value, v_BxTxKxHd.astype(value.value.dtype),
+                                               (0, start, 0, 0))
+    index.value = start + t
+    mask_TxS = (jnp.arange(s_max)[None, :] <= (start + jnp.arange(t))[:, None])
+    return key.value, value.value, mask_TxS[None, None]
 
 
 class SwiGLU(nn.Module):

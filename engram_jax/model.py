@@ -25,6 +25,12 @@ Mutable collections: 'moe_stats' (aux-free router biases, see moe.py) and 'inter
   `config.moe_layer_ids[i]`. Engram gate values are sown into 'intermediates' by fusion.py.
 Packed sequences: pass `positions` restarting at 0 per document along with `segment_ids`;
 the default positions are 0..T-1 per row.
+Decoding: `EngramLM(cfg, decode=True)` keeps each attention layer's KV cache and each Engram
+ShortConv's history in the 'cache' collection. Apply it once to inputs of the maximum length
+with `mutable=['cache']` to create the caches, then to the prompt and to each new token with
+`positions` = their absolute positions, the Engram ids (or PrefetchedRows) of those positions
+only, and `mutable=['cache']`; logits equal the full causal forward's (tests/test_model.py).
+One document per row (no segment_ids); no remat.
 
 Dimension legend: B batch, T length, M streams (hc_mult), D hidden size, V vocabulary,
 H Engram hash heads, E routed experts, L layers.
@@ -90,6 +96,7 @@ class Block(nn.Module):
   use_moe: bool
   engram_layer_id: Optional[int] = None  # the block's index if it carries an Engram layer
   deterministic: bool = True
+  decode: bool = False  # attention KV cache and ShortConv history in the 'cache' collection
 
   def _sublayer(self, x_BxTxMxD, branch, name):
     cfg = self.config
@@ -107,7 +114,7 @@ class Block(nn.Module):
     dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     if self.engram_layer_id is not None:
       y_BxTxMxD = Engram(cfg.engram, cfg.engram_head_sizes_for(self.engram_layer_id),
-                         cfg.engram_table_placement, dt, pdt, name="engram")(
+                         cfg.engram_table_placement, dt, pdt, self.decode, name="engram")(
                              x_BxTxMxD, engram_input,
                              # segment_reset keeps n-grams and the ShortConv inside documents.
                              segment_ids_BxT if cfg.engram.segment_reset else None)
@@ -116,8 +123,8 @@ class Block(nn.Module):
     def attn(h_BxTxD):
       h_BxTxD = RMSNorm(cfg.norm_eps, dt, pdt, name="attn_norm")(h_BxTxD)
       return Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta,
-                       cfg.attention_impl, dt, pdt, name="attn")(h_BxTxD, positions_BxT,
-                                                                 segment_ids_BxT)
+                       cfg.attention_impl, dt, pdt, self.decode, name="attn")(
+                           h_BxTxD, positions_BxT, segment_ids_BxT)
 
     x_BxTxMxD = self._sublayer(x_BxTxMxD, attn, "attn")
     stats = {}
@@ -141,10 +148,11 @@ class EngramLM(nn.Module):
   deterministic=True) -> (logits_BxTxV float32, aux)`; see the module docstring for aux."""
 
   config: ModelConfig
+  decode: bool = False
 
   def _block_cls(self):
     cfg = self.config
-    if cfg.remat_policy == "none":
+    if cfg.remat_policy == "none" or self.decode:  # nothing to rematerialise when decoding
       return Block
     return nn.remat(Block, policy=_remat_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers)
 
@@ -162,6 +170,8 @@ class EngramLM(nn.Module):
     for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
       if arr is not None and arr.shape != (b, t):
         raise ValueError(f"{name} must have the inputs' shape {(b, t)}, got {arr.shape}")
+    if self.decode and segment_ids is not None:
+      raise ValueError("decode=True assumes one document per row: pass segment_ids=None")
     engram_inputs = dict(engram_inputs or {})
     missing = [l for l in cfg.engram_layer_ids if l not in engram_inputs]
     if missing:
@@ -186,16 +196,18 @@ class EngramLM(nn.Module):
       if seg.engram or not cfg.scan_layers:
         for l in range(seg.start, seg.stop):
           x_BxTxMxD, s = block_cls(cfg, seg.use_moe, l if seg.engram else None, deterministic,
-                                   name=f"layer_{l}")(x_BxTxMxD, positions, segment_ids,
+                                   self.decode, name=f"layer_{l}")(x_BxTxMxD, positions,
+                                                                   segment_ids,
                                                       engram_inputs.get(l))
           if seg.use_moe:
             moe_stats.append(jax.tree.map(lambda a: a[None], s))
         continue
-      scanned = nn.scan(block_cls, variable_axes={"params": 0, "moe_stats": 0},
+      scanned = nn.scan(block_cls, variable_axes={"params": 0, "moe_stats": 0, "cache": 0},
                         split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
                         length=seg.stop - seg.start,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BxTxMxD, s = scanned(cfg, seg.use_moe, None, deterministic, name=seg.scanned_name)(
+      x_BxTxMxD, s = scanned(cfg, seg.use_moe, None, deterministic, self.decode,
+                             name=seg.scanned_name)(
           x_BxTxMxD, positions, segment_ids)
       if seg.use_moe:
         moe_stats.append(s)

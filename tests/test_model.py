@@ -262,3 +262,46 @@ def test_full_size_config_builds_abstractly():
   assert tree_param_count(shapes["params"]) == count_params(cfg)["total"]
   assert shapes["params"]["layers_16_30"]["moe"]["experts"]["gate"].value.shape == (
       14, 55, 2560, 1280)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_decode_with_caches_equals_the_full_forward(engram_model, scan_layers):
+  """A prompt of P tokens, then one token at a time through the KV caches and the ShortConv
+  history, gives the full causal forward's logits at every position."""
+  cfg, model, variables, x, ids, _ = engram_model
+  # The ShortConv kernel starts at zero (as in the demo); give it values so that its history
+  # matters.
+  conv = variables["params"]["layer_1"]["engram"]["short_conv"]
+  kernel = jax.random.normal(jax.random.key(7), conv["kernel"].shape) * 0.5
+  variables = {**variables, "params": {
+      **variables["params"], "layer_1": {**variables["params"]["layer_1"], "engram": {
+          **variables["params"]["layer_1"]["engram"], "short_conv": {**conv, "kernel": kernel}}}}}
+  if not scan_layers:
+    cfg = cfg.replace(scan_layers=False)
+    model = EngramLM(cfg)
+    variables = {k: unstack_scanned_params(v, cfg) for k, v in variables.items()}
+  full, _ = jax.jit(lambda v: model.apply(v, x, engram_inputs=ids))(variables)
+  decoder = EngramLM(cfg, decode=True)
+  # The sizing call (inputs of the maximum length) creates the caches; its values are unused.
+  _, created = jax.jit(lambda v: decoder.apply(v, x, engram_inputs=ids, mutable=["cache"]))(
+      variables)
+  assert created["cache"], "decode=True created no cache"
+
+  @jax.jit
+  def step(cache, tokens, positions, step_ids):
+    (logits, _), new = decoder.apply({**variables, "cache": cache}, tokens, positions=positions,
+                                     engram_inputs=step_ids, mutable=["cache"])
+    return logits, new["cache"]
+
+  prompt = 5
+  spans = [(0, prompt)] + [(t, t + 1) for t in range(prompt, T)]
+  cache, outs = created["cache"], []
+  for a, b in spans:
+    logits, cache = step(cache, x[:, a:b], ARANGE[:, a:b], {l: v[:, a:b] for l, v in ids.items()})
+    outs.append(logits)
+  np.testing.assert_allclose(np.concatenate(outs, axis=1), np.asarray(full), rtol=2e-5,
+                             atol=2e-5)
+  with pytest.raises(ValueError, match="one document per row"):
+    decoder.apply({**variables, "cache": cache}, x[:, :1], segment_ids=ONE_DOC[:, :1],
+                  positions=ARANGE[:, :1], engram_inputs={l: v[:, :1] for l, v in ids.items()},
+                  mutable=["cache"])
