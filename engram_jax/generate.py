@@ -13,12 +13,15 @@ Rows already fetched are kept on the device in a per-layer buffer rows_BxTmaxxHx
 sees them as `PrefetchedRows(rows = buffer, inverse = identity)`: the prefix is never fetched
 again.
 
-The model has no KV cache (EngramLM exposes none), so every step recomputes the forward over a
-fixed [B, T_max] window (static shapes: one compilation) and reads the logits of position t;
-`logits_fn` must be causal, which makes positions > t irrelevant. This is O(T_max) work per
-token: correct and simple, not fast. With a KV cache the same fetch would serve a one-token
-forward, and the fetch of t+1 could overlap the blocks before the first Engram layer; neither
-is done here.
+Two drivers. `Generator` calls a stateless `logits_fn` on a fixed [B, T_max] window every step
+(static shapes: one compilation) and reads the logits of position t; `logits_fn` must be
+causal. That is O(T_max) work per token: simple, for any model, not fast. `CachedGenerator`
+calls a `decode_fn(variables, cache, tokens, positions, rows) -> (logits, cache)` on the prompt
+once and then on one token per step (`EngramLM(decode=True)` keeps attention KV caches and ShortConv
+histories; `engram_lm_decoder` wraps it), so each step fetches and reads only the new position's
+B*H rows per layer. In both, the fetch of position t+1 is dispatched as soon as its token is
+sampled, before the forward that reads it; it does not yet overlap the blocks before the first
+Engram layer.
 
 Sampling: temperature 0 is greedy (argmax); otherwise `categorical(logits / temperature)` with
 a key folded per position.
@@ -29,6 +32,7 @@ H hash heads, E row width, V vocab, L Engram layers.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, Optional
 
 import jax
@@ -41,6 +45,8 @@ from pallas_kernels.engram_lookup.api import global_rows_N
 from pallas_kernels.engram_lookup.row_sparse import PrefetchedRows
 
 LogitsFn = Callable[[jax.Array, Mapping[int, PrefetchedRows]], jax.Array]
+# (variables, cache, tokens_BxT, positions_BxT, {layer: PrefetchedRows}) -> (logits, cache)
+DecodeFn = Callable[[Any, jax.Array, jax.Array, Mapping[int, PrefetchedRows]], tuple]
 
 
 def buffer_rows(buffer_BxTxHxE: jax.Array) -> PrefetchedRows:
@@ -174,3 +180,123 @@ class Generator:
       buffers = self._write(buffers, self._fetch_rows(rows),
                             jax.device_put(np.int32(t + 1), self.dev))
     return np.asarray(jax.device_get(tokens))
+
+
+def _sample(logits_BxV, key, temperature, greedy):
+  sampled = jax.random.categorical(key, logits_BxV / temperature)
+  return jnp.where(greedy, jnp.argmax(logits_BxV, -1), sampled).astype(jnp.int32)
+
+
+class CachedGenerator(Generator):
+  """`Generator` for a model with a decode cache: the prompt in one call, then one token per call.
+
+  Args:
+    decode_fn: `(variables, cache, tokens_BxT, positions_BxT, {layer: PrefetchedRows}) ->
+      (logits_BxTxV, cache)`; called with T = P (the prompt) and then T = 1.
+    init_cache: `(variables, batch, max_len) -> cache`, empty, for sequences up to `max_len`.
+    variables: the model's weights, passed to both (arguments of the jitted steps, not
+      constants baked into them).
+    tables, mapping, compression: as `Generator`.
+  Same results as `Generator` over the same model (tests/test_offload.py, tests/test_generate.py).
+  """
+
+  def __init__(self, decode_fn: DecodeFn, init_cache: Callable[[Any, int, int], Any],
+               variables: Any, tables: Mapping[int, jax.Array], mapping: NgramHashMapping,
+               compression: Optional[np.ndarray] = None):
+    super().__init__(None, tables, mapping, compression)
+    self.decode_fn, self.init_cache, self.variables = decode_fn, init_cache, variables
+    self._prefill = jax.jit(self._prefill_fn, donate_argnums=0)
+    self._decode = jax.jit(self._decode_fn, donate_argnums=(0, 3))  # cache, history in place
+
+  def _next(self, logits_BxTxV, hist_BxN, t, seed, temperature, greedy):
+    """Samples token t+1 from the last logits; advances the history; rows of t+1."""
+    key = jax.random.fold_in(jax.random.key(seed), t)
+    tok_B = _sample(logits_BxTxV[:, -1].astype(jnp.float32), key, temperature, greedy)
+    hist_BxN = jnp.concatenate([hist_BxN[:, 1:], self._compress(tok_B)[:, None]], axis=1)
+    ids = self.mapping.hash(hist_BxN)
+    rows = {l: global_rows_N(ids[l][:, -1:, :], self.offsets[l], self.tables[l].shape[0]
+                             ).reshape(ids[l].shape[0], 1, -1) for l in self.layers}
+    return tok_B, hist_BxN, rows
+
+  def _prefill_fn(self, cache, variables, prompt_BxP, rows, hist_BxN, seed, temperature,
+                  greedy):
+    b, p = prompt_BxP.shape
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    logits, cache = self.decode_fn(variables, cache, prompt_BxP, positions,
+                                   {l: buffer_rows(r) for l, r in rows.items()})
+    return (cache,) + self._next(logits, hist_BxN, p - 1, seed, temperature, greedy)
+
+  def _decode_fn(self, cache, variables, tok_B, hist_BxN, rows, t, seed, temperature, greedy):
+    """Forward of token t (its rows fetched), sample token t+1."""
+    b = tok_B.shape[0]
+    positions = jnp.full((b, 1), t, jnp.int32)
+    logits, cache = self.decode_fn(variables, cache, tok_B[:, None], positions,
+                                   {l: buffer_rows(r) for l, r in rows.items()})
+    return (cache,) + self._next(logits, hist_BxN, t, seed, temperature, greedy)
+
+  def __call__(self, prompt_BxP: np.ndarray, max_new_tokens: int, *, temperature: float = 0.0,
+               seed: int = 0, pad_id: int = 0) -> np.ndarray:
+    """Returns int32[B, P + max_new_tokens]: the prompt followed by the sampled tokens."""
+    del pad_id  # no window to pad
+    prompt = np.asarray(prompt_BxP, np.int32)
+    if prompt.ndim != 2 or prompt.shape[1] < 1:
+      raise ValueError(f"prompt must be int[B, P>=1], got shape {prompt.shape}")
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {temperature}")
+    b, p = prompt.shape
+    comp = prompt if self.compression is None else self._compression_host[prompt]
+    ids = self.mapping.hash_numpy(comp)
+    prompt_rows = {l: jax.device_put(np.clip(ids[l] + np.asarray(self.mapping.offsets(l)), 0,
+                                             self.tables[l].shape[0] - 1).astype(np.int32),
+                                     self.dev) for l in self.layers}
+    hist = np.full((b, self.n), self.mapping.pad_id, np.int32)
+    k = min(self.n, p)
+    hist[:, self.n - k:] = comp[:, p - k:]
+    put = lambda x: jax.device_put(x, self.dev)  # noqa: E731  explicit (transfer_guard)
+    seed_dev, temp = put(np.int32(seed)), put(np.float32(max(temperature, 1e-6)))
+    greedy = put(np.bool_(temperature == 0))
+    cache = self.init_cache(self.variables, b, p + max_new_tokens)
+    cache, tok, hist, rows = self._prefill(cache, self.variables, put(prompt),
+                                           self._fetch_rows(prompt_rows), put(hist), seed_dev,
+                                           temp, greedy)
+    out = [tok]
+    for t in range(p, p + max_new_tokens - 1):
+      # Token t is known (on the device): its rows are fetched before the forward reads them.
+      cache, tok, hist, rows = self._decode(cache, self.variables, tok, hist,
+                                            self._fetch_rows(rows), put(np.int32(t)), seed_dev,
+                                            temp, greedy)
+      out.append(tok)
+    new = np.stack([np.asarray(jax.device_get(x)) for x in out], axis=1)
+    return np.concatenate([prompt, new], axis=1)
+
+
+def engram_lm_decoder(model_config):
+  """(init_cache, decode_fn) of an `EngramLM` whose tables are external (row-sparse training
+  or host tables): `CachedGenerator(*engram_lm_decoder(cfg), variables, tables, mapping, ...)`
+  with `variables` the model's params and moe_stats (no tables). The cache comes from the
+  model's sizing call on a [B, max_len] input with zero Engram rows (its outputs are unused).
+  """
+  from engram_jax.model import EngramLM
+  if model_config.engram is not None and model_config.engram_table_placement != "external":
+    raise ValueError("engram_lm_decoder needs engram_table_placement='external' (tables passed "
+                     "to the generator, in HBM or pinned_host)")
+  decoder = EngramLM(model_config, decode=True)
+  layer_ids = tuple(model_config.engram_layer_ids)
+  eng = model_config.engram
+
+  @functools.partial(jax.jit, static_argnums=(1, 2))
+  def init_cache(variables, batch: int, max_len: int):
+    tokens = jnp.zeros((batch, max_len), jnp.int32)
+    rows = {l: buffer_rows(jnp.zeros((batch, max_len, eng.num_heads, eng.head_dim),
+                                     jnp.float32)) for l in layer_ids}
+    _, new = decoder.apply(variables, tokens, engram_inputs=rows, mutable=["cache"])
+    return new["cache"]
+
+  def decode_fn(variables, cache, tokens_BxT, positions_BxT, rows):
+    (logits, _), new = decoder.apply({**variables, "cache": cache}, tokens_BxT,
+                                     positions=positions_BxT, engram_inputs=rows,
+                                     mutable=["cache"])
+    return logits, new["cache"]
+  return init_cache, decode_fn

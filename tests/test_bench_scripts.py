@@ -53,10 +53,13 @@ def test_bench_offload_runs_and_host_training_matches_hbm(tmp_path, monkeypatch)
   from experiments import bench_offload
   monkeypatch.setattr(sys, "argv", [
       "bench_offload", "--sizes_gb=0.002", "--batch=2", "--seq=32", "--d=64", "--blocks=2",
-      "--steps=2", "--modes=hbm,separate,fused", "--optimizer=adagrad", f"--out={tmp_path}"])
+      "--steps=2", "--modes=hbm,separate,fused,gen", "--optimizer=adagrad", "--gen_batch=2",
+      "--gen_prompt=4", "--gen_new=3", f"--out={tmp_path}"])
   bench_offload.main()
   (rec,) = json.load(open(tmp_path / "bench_offload.json"))
   assert rec["hbm_ms"] > 0 and rec["host_ms"] > 0 and rec["fused_ms"] > 0
   # Same batches and arithmetic in all three placements: the last losses agree.
   assert rec["host_loss"] == pytest.approx(rec["hbm_loss"], rel=1e-5)
   assert rec["fused_loss"] == pytest.approx(rec["hbm_loss"], rel=1e-5)
+  # Decoding from HBM and from pinned_host tables samples the same tokens.
+  assert rec["same_tokens"] is True and rec["host_tok_s"] > 0
