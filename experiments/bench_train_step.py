@@ -27,7 +27,7 @@ moments and dense weights are donated, so sparse updates run in place.
 Table sizes: powers of `--growth` rows from 1M, plus for every optimiser the largest table whose
 bytes (`bytes_per_table_param` x E x rows x tables) fit the device's memory limit minus headroom
 (trainer: the compiled step's temporaries + arguments at the smallest table, + 4 GB; a fixed
-8 GB let small_gpu's ~51 GB of activations OOM at 495M rows per table). Dense runs
+8 GB let small_gpu's ~40 GB of activations OOM at 495M rows per table). Dense runs
 only while table + Adam moments + a dense gradient (+ one update-sized temporary) fit. Tables are
 filled by a fused iota expression (a random init would need a table-sized temporary).
 
@@ -326,7 +326,7 @@ def main():
     raise SystemExit(f'{device}: no memory_stats bytes_limit; pass --max_rows')
   headroom = args.headroom_gb * _GB if args.headroom_gb is not None else 8 * _GB
   if args.step == 'trainer' and args.headroom_gb is None and not args.max_rows:
-    # The step's own temporaries are large (~51 GB for small_gpu at B=32, T=1024): measure
+    # The step's own temporaries are large (~40 GB for small_gpu at B=32, T=1024): measure
     # them from the compiled step at the smallest table instead of guessing.
     over = max(_trainer_overhead_bytes(k, args.min_rows, args) for k in kinds)
     headroom = over + 4 * _GB
