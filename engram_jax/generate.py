@@ -65,6 +65,11 @@ def _fetch(table_RxE, rows_N):
   return jax.device_put(out, jax.memory.Space.Device)
 
 
+def _sample(logits_BxV, key, temperature, greedy):
+  sampled = jax.random.categorical(key, logits_BxV / temperature)
+  return jnp.where(greedy, jnp.argmax(logits_BxV, -1), sampled).astype(jnp.int32)
+
+
 class Generator:
   """Greedy / temperature sampling over `logits_fn` with Engram rows fetched per position.
 
@@ -123,15 +128,18 @@ class Generator:
     logits_BxTxV = self.logits_fn(tokens_BxT, pre)
     logits_BxV = jax.lax.dynamic_index_in_dim(logits_BxTxV, t, axis=1, keepdims=False)
     logits_BxV = logits_BxV.astype(jnp.float32)
-    key = jax.random.fold_in(jax.random.key(seed), t)
-    sampled = jax.random.categorical(key, logits_BxV / temperature)
-    tok_B = jnp.where(greedy, jnp.argmax(logits_BxV, -1), sampled).astype(jnp.int32)
+    tok_B = _sample(logits_BxV, jax.random.fold_in(jax.random.key(seed), t), temperature,
+                    greedy)
     tokens_BxT = jax.lax.dynamic_update_slice(tokens_BxT, tok_B[:, None], (0, t + 1))
+    return (tokens_BxT,) + self._advance(tok_B, hist_BxN)
+
+  def _advance(self, tok_B, hist_BxN):
+    """The history with the new token appended, and that token's global rows per layer."""
     hist_BxN = jnp.concatenate([hist_BxN[:, 1:], self._compress(tok_B)[:, None]], axis=1)
     ids = self.mapping.hash(hist_BxN)
     rows = {l: global_rows_N(ids[l][:, -1:, :], self.offsets[l], self.tables[l].shape[0]
                              ).reshape(ids[l].shape[0], 1, -1) for l in self.layers}
-    return tokens_BxT, hist_BxN, rows
+    return hist_BxN, rows
 
   @staticmethod
   def _write_fn(buffers, new_rows, t):
@@ -182,11 +190,6 @@ class Generator:
     return np.asarray(jax.device_get(tokens))
 
 
-def _sample(logits_BxV, key, temperature, greedy):
-  sampled = jax.random.categorical(key, logits_BxV / temperature)
-  return jnp.where(greedy, jnp.argmax(logits_BxV, -1), sampled).astype(jnp.int32)
-
-
 class CachedGenerator(Generator):
   """`Generator` for a model with a decode cache: the prompt in one call, then one token per call.
 
@@ -197,7 +200,7 @@ class CachedGenerator(Generator):
     variables: the model's weights, passed to both (arguments of the jitted steps, not
       constants baked into them).
     tables, mapping, compression: as `Generator`.
-  Same results as `Generator` over the same model (tests/test_offload.py, tests/test_generate.py).
+  Same tokens as `Generator` over the same model (tests/test_generate.py).
   """
 
   def __init__(self, decode_fn: DecodeFn, init_cache: Callable[[Any, int, int], Any],
@@ -212,11 +215,7 @@ class CachedGenerator(Generator):
     """Samples token t+1 from the last logits; advances the history; rows of t+1."""
     key = jax.random.fold_in(jax.random.key(seed), t)
     tok_B = _sample(logits_BxTxV[:, -1].astype(jnp.float32), key, temperature, greedy)
-    hist_BxN = jnp.concatenate([hist_BxN[:, 1:], self._compress(tok_B)[:, None]], axis=1)
-    ids = self.mapping.hash(hist_BxN)
-    rows = {l: global_rows_N(ids[l][:, -1:, :], self.offsets[l], self.tables[l].shape[0]
-                             ).reshape(ids[l].shape[0], 1, -1) for l in self.layers}
-    return tok_B, hist_BxN, rows
+    return (tok_B,) + self._advance(tok_B, hist_BxN)
 
   def _prefill_fn(self, cache, variables, prompt_BxP, rows, hist_BxN, seed, temperature,
                   greedy):
