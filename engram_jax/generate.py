@@ -200,16 +200,22 @@ class CachedGenerator(Generator):
     variables: the model's weights, passed to both (arguments of the jitted steps, not
       constants baked into them).
     tables, mapping, compression: as `Generator`.
-  Same tokens as `Generator` over the same model (tests/test_generate.py).
+    fetch_in_step: True: the gather of token t's rows is part of the program that runs token
+      t's forward (XLA may overlap it with the blocks before the first Engram layer, as the
+      paper prefetches); False: it is its own program, dispatched before that forward (the
+      programs then run one after the other on a GPU).
+  Same tokens as `Generator` over the same model, either way (tests/test_generate.py).
   """
 
   def __init__(self, decode_fn: DecodeFn, init_cache: Callable[[Any, int, int], Any],
                variables: Any, tables: Mapping[int, jax.Array], mapping: NgramHashMapping,
-               compression: Optional[np.ndarray] = None):
+               compression: Optional[np.ndarray] = None, *, fetch_in_step: bool = True):
     super().__init__(None, tables, mapping, compression)
     self.decode_fn, self.init_cache, self.variables = decode_fn, init_cache, variables
+    self.fetch_in_step = fetch_in_step
     self._prefill = jax.jit(self._prefill_fn, donate_argnums=0)
     self._decode = jax.jit(self._decode_fn, donate_argnums=(0, 3))  # cache, history in place
+    self._decode_fetching = jax.jit(self._decode_fetching_fn, donate_argnums=(0, 3))
 
   def _next(self, logits_BxTxV, hist_BxN, t, seed, temperature, greedy):
     """Samples token t+1 from the last logits; advances the history; rows of t+1."""
@@ -232,6 +238,21 @@ class CachedGenerator(Generator):
     logits, cache = self.decode_fn(variables, cache, tok_B[:, None], positions,
                                    {l: buffer_rows(r) for l, r in rows.items()})
     return (cache,) + self._next(logits, hist_BxN, t, seed, temperature, greedy)
+
+  def _decode_fetching_fn(self, cache, variables, tok_B, hist_BxN, row_ids, t, seed,
+                          temperature, greedy, tables):
+    """`_decode_fn` with the gather of token t's rows inside the program (tables are
+    arguments: host tables stay where they are, only B*H rows per layer move)."""
+    rows = {}
+    for l in self.layers:
+      ids_N = row_ids[l].reshape(-1)
+      if self.placements[l] == "pinned_host":
+        ids_N = jax.device_put(ids_N, jax.memory.Space.Host)
+      got = tables[l].at[ids_N].get(mode="promise_in_bounds")
+      rows[l] = jax.device_put(got, jax.memory.Space.Device).reshape(
+          row_ids[l].shape + (tables[l].shape[1],))
+    return self._decode_fn(cache, variables, tok_B, hist_BxN, rows, t, seed, temperature,
+                           greedy)
 
   def __call__(self, prompt_BxP: np.ndarray, max_new_tokens: int, *, temperature: float = 0.0,
                seed: int = 0, pad_id: int = 0) -> np.ndarray:
@@ -262,10 +283,16 @@ class CachedGenerator(Generator):
                                            temp, greedy)
     out = [tok]
     for t in range(p, p + max_new_tokens - 1):
-      # Token t is known (on the device): its rows are fetched before the forward reads them.
-      cache, tok, hist, rows = self._decode(cache, self.variables, tok, hist,
-                                            self._fetch_rows(rows), put(np.int32(t)), seed_dev,
-                                            temp, greedy)
+      # Token t is known (on the device): its rows are fetched before the forward reads them,
+      # inside its program or just before it.
+      if self.fetch_in_step:
+        cache, tok, hist, rows = self._decode_fetching(cache, self.variables, tok, hist, rows,
+                                                       put(np.int32(t)), seed_dev, temp, greedy,
+                                                       self.tables)
+      else:
+        cache, tok, hist, rows = self._decode(cache, self.variables, tok, hist,
+                                              self._fetch_rows(rows), put(np.int32(t)),
+                                              seed_dev, temp, greedy)
       out.append(tok)
     new = np.stack([np.asarray(jax.device_get(x)) for x in out], axis=1)
     return np.concatenate([prompt, new], axis=1)

@@ -42,8 +42,9 @@ def _setup(placement):
   return cfg, mapping, tables, variables
 
 
+@pytest.mark.parametrize("fetch_in_step", [True, False])
 @pytest.mark.parametrize("placement", ["pinned_host", "device"])
-def test_cached_generation_equals_windowed_generation(placement):
+def test_cached_generation_equals_windowed_generation(placement, fetch_in_step):
   cfg, mapping, tables, variables = _setup(placement)
   model = EngramLM(cfg)
 
@@ -53,7 +54,8 @@ def test_cached_generation_equals_windowed_generation(placement):
   prompt = np.random.default_rng(3).integers(0, V, (B, P)).astype(np.int32)
   windowed = Generator(logits_fn, tables, mapping)(prompt, NEW)
   init_cache, decode_fn = engram_lm_decoder(cfg)
-  gen = CachedGenerator(decode_fn, init_cache, variables, tables, mapping)
+  gen = CachedGenerator(decode_fn, init_cache, variables, tables, mapping,
+                        fetch_in_step=fetch_in_step)
   with jax.transfer_guard("disallow"):
     cached = gen(prompt, NEW)
   np.testing.assert_array_equal(cached, windowed)
