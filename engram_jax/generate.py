@@ -20,8 +20,9 @@ calls a `decode_fn(variables, cache, tokens, positions, rows) -> (logits, cache)
 once and then on one token per step (`EngramLM(decode=True)` keeps attention KV caches and ShortConv
 histories; `engram_lm_decoder` wraps it), so each step fetches and reads only the new position's
 B*H rows per layer. In both, the fetch of position t+1 is dispatched as soon as its token is
-sampled, before the forward that reads it; it does not yet overlap the blocks before the first
-Engram layer.
+sampled. `CachedGenerator(fetch_in_step=True)` puts it inside the program of position t+1's
+forward, where XLA can overlap it with the blocks before the first Engram layer (programs run
+one after another on a GPU stream, so a separate fetch program cannot overlap anything).
 
 Sampling: temperature 0 is greedy (argmax); otherwise `categorical(logits / temperature)` with
 a key folded per position.
