@@ -66,3 +66,33 @@ def test_cached_generation_equals_windowed_generation(placement, fetch_in_step):
 def test_decoder_refuses_tables_inside_the_params():
   with pytest.raises(ValueError, match="external"):
     engram_lm_decoder(tiny_cfg())
+
+
+def test_in_step_fetch_keeps_host_tables_on_the_host():
+  """The decode program that gathers a token's rows takes the pinned_host tables as operands in
+  host memory (S(5)) and no instruction copies a table-sized value (the CPU backend may elide a
+  memory-space move inside a program, so that second check bites on a GPU)."""
+  import re
+  cfg, mapping, tables, variables = _setup("pinned_host")
+  init_cache, decode_fn = engram_lm_decoder(cfg)
+  gen = CachedGenerator(decode_fn, init_cache, variables, tables, mapping)
+  seen = []
+  jitted = gen._decode_fetching
+
+  def record(*args):
+    seen.append(args)
+    return jitted(*args)
+  gen._decode_fetching = record
+  gen(np.zeros((B, P), np.int32), 3)
+  assert seen, "the in-step fetch path did not run"
+  text = jitted.lower(*seen[0]).compile().as_text()
+  header = text.splitlines()[0]
+  layout = header[header.index("entry_computation_layout="):]
+  for l, table in tables.items():
+    shape = f"f32[{table.shape[0]},{table.shape[1]}]"
+    found = re.findall(re.escape(shape) + r"\{[^}]*\}", layout)
+    assert found and all(":S(5)" in f for f in found), (shape, found)
+    copies = [line for line in text.splitlines()
+              if re.search(r"= " + re.escape(shape) + r"\{[^}]*\} (copy|copy-start|copy-done)\(",
+                           line)]
+    assert not copies, copies
