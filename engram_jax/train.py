@@ -38,6 +38,7 @@ from engram_jax import experiment_config
 from engram_jax import sharding as sharding_lib
 from engram_jax import table_optim
 from engram_jax.train_step import HostTablesTrainer, TrainState, Trainer  # noqa: F401
+from engram_jax.train_step import without_engram_ids as _without_ids
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` prefix. CPU has no meaningful peak: the
 # nominal 1e12 only keeps the MFU column defined (CPU MFU numbers are not comparable).
@@ -254,10 +255,6 @@ def _restore(trainer: Trainer, ckpt: checkpoint_lib.Checkpointer, workdir: str, 
     trainer.set_host(checkpoint_lib.restore_host_tables(
         root, step, trainer.exp.table_optim, trainer.host_offsets()))
   return state
-
-
-def _without_ids(batch: dict) -> dict:
-  return {k: v for k, v in batch.items() if k != "engram_ids"}
 
 
 def _eval_fns(trainer: Trainer, eval_c, batch_sh):

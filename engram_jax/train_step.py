@@ -67,6 +67,11 @@ class TrainState:
   rng: jax.Array
 
 
+def without_engram_ids(batch: dict) -> dict:
+  """The batch (or its shapes) without the pipeline's hash ids (steps that do not read them)."""
+  return {k: v for k, v in batch.items() if k != "engram_ids"}
+
+
 def _table_path(layer_id: int) -> tuple[str, ...]:
   return (f"layer_{layer_id}", "engram", "memory", "table")
 
@@ -155,7 +160,7 @@ class Trainer:
 
   def prepare(self, seed: int, batch_shapes: dict) -> TrainState:
     """Abstract state (shapes + shardings) and the optimiser; no device memory is touched."""
-    self._dummy_shapes = {k: v for k, v in batch_shapes.items() if k != "engram_ids"}
+    self._dummy_shapes = without_engram_ids(batch_shapes)
     self._rng = jax.random.PRNGKey(seed)
     with self._context():
       abstract_boxed = jax.eval_shape(self._boxed_init, self._rng, self._dummy())
@@ -287,21 +292,35 @@ class Trainer:
       return sharding_lib.batch_sharding(self.mesh, self.rules, ndim=len(x.shape))
     return jax.tree.map(shard, batch_shapes)
 
+  # Steps' arguments after (state, batch) and train-step outputs after (state, metrics).
+  def _step_batch_shapes(self, batch_shapes: dict) -> dict:
+    return batch_shapes
+
+  def _extra_step_args(self, batch_shapes: dict) -> tuple:
+    return ()
+
+  _extra_train_outputs = 0
+
   def compile(self, abstract_state: TrainState, batch_shapes: dict, train: bool = True):
     """AOT-compiles the steps (so compile time is reported, and never paid mid-run).
 
     Returns (train_step or None, eval_step, batch shardings)."""
+    batch_shapes = self._step_batch_shapes(batch_shapes)
     batch_sh = self.batch_shardings(batch_shapes)
     abstract_batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                   batch_shapes, batch_sh)
+    extra = self._extra_step_args(batch_shapes)
+    extra_sh = tuple(jax.tree.map(lambda x: x.sharding, a) for a in extra)
+    in_sh = (self.state_shardings, batch_sh) + extra_sh
     train_c = None
     with self._context():
       if train:
-        train_c = jax.jit(self.train_step, in_shardings=(self.state_shardings, batch_sh),
-                          out_shardings=(self.state_shardings, None),
-                          donate_argnums=(0,)).lower(abstract_state, abstract_batch).compile()
-      eval_c = jax.jit(self.eval_step, in_shardings=(self.state_shardings, batch_sh)).lower(
-          abstract_state, abstract_batch).compile()
+        train_c = jax.jit(self.train_step, in_shardings=in_sh,
+                          out_shardings=(self.state_shardings, None) + (None,) *
+                          self._extra_train_outputs, donate_argnums=(0,)).lower(
+                              abstract_state, abstract_batch, *extra).compile()
+      eval_c = jax.jit(self.eval_step, in_shardings=in_sh).lower(
+          abstract_state, abstract_batch, *extra).compile()
     return train_c, eval_c, batch_sh
 
 
@@ -373,33 +392,24 @@ class HostTablesTrainer(Trainer):
   def eval_step(self, state: TrainState, batch: dict, rows: dict) -> dict:
     return self._eval_on(state, batch, rows)
 
-  def compile(self, abstract_state: TrainState, batch_shapes: dict, train: bool = True):
-    """As `Trainer.compile`; the steps take (state, batch without engram_ids, rows)."""
-    batch_shapes = {k: v for k, v in batch_shapes.items() if k != "engram_ids"}
-    batch_sh = self.batch_shardings(batch_shapes)
-    abstract_batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                  batch_shapes, batch_sh)
+  # `Trainer.compile` with steps of (state, batch without engram_ids, rows) and a train step
+  # that also returns the row gradients.
+  _extra_train_outputs = 1
+
+  def _step_batch_shapes(self, batch_shapes: dict) -> dict:
+    return without_engram_ids(batch_shapes)
+
+  def _extra_step_args(self, batch_shapes: dict) -> tuple:
     # Rows arrive where HostTableTrainer puts them: the first device's memory.
     dev = offload.placement_sharding("device")
     b, t = batch_shapes["inputs"].shape
     h = self.exp.model.engram.num_heads
     u = b * t * h
-    abstract_rows = {l: PrefetchedRows(
+    return ({l: PrefetchedRows(
         jax.ShapeDtypeStruct((u, self.exp.model.engram.head_dim), self._row_dtype[l],
                              sharding=dev),
         jax.ShapeDtypeStruct((b, t, h), jnp.int32, sharding=dev),
-        jax.ShapeDtypeStruct((u,), jnp.int32, sharding=dev)) for l in self.layer_ids}
-    rows_sh = jax.tree.map(lambda x: x.sharding, abstract_rows)
-    train_c = None
-    with self._context():
-      if train:
-        train_c = jax.jit(self.train_step, in_shardings=(self.state_shardings, batch_sh, rows_sh),
-                          out_shardings=(self.state_shardings, None, None),
-                          donate_argnums=(0,)).lower(abstract_state, abstract_batch,
-                                                     abstract_rows).compile()
-      eval_c = jax.jit(self.eval_step, in_shardings=(self.state_shardings, batch_sh, rows_sh)
-                       ).lower(abstract_state, abstract_batch, abstract_rows).compile()
-    return train_c, eval_c, batch_sh
+        jax.ShapeDtypeStruct((u,), jnp.int32, sharding=dev)) for l in self.layer_ids},)
 
 
 class _Contexts:
