@@ -149,9 +149,10 @@ class Generator:
 
   # -- driver ----------------------------------------------------------------------------------------
 
-  def __call__(self, prompt_BxP: np.ndarray, max_new_tokens: int, *, temperature: float = 0.0,
-               seed: int = 0, pad_id: int = 0) -> np.ndarray:
-    """Returns int32[B, P + max_new_tokens]: the prompt followed by the sampled tokens."""
+  def _start(self, prompt_BxP, max_new_tokens, temperature, seed):
+    """Validates the call; the prompt, its rows (global ids on the device, hashed on the host),
+    the rolling history of the last N compressed tokens (compressed pad left of the sequence)
+    and the sampling scalars, every one put on the device explicitly (transfer_guard)."""
     prompt = np.asarray(prompt_BxP, np.int32)
     if prompt.ndim != 2 or prompt.shape[1] < 1:
       raise ValueError(f"prompt must be int[B, P>=1], got shape {prompt.shape}")
@@ -160,28 +161,32 @@ class Generator:
     if temperature < 0:
       raise ValueError(f"temperature must be >= 0, got {temperature}")
     b, p = prompt.shape
+    comp = prompt if self.compression is None else self._compression_host[prompt]
+    ids = self.mapping.hash_numpy(comp)
+    put = lambda x: jax.device_put(x, self.dev)  # noqa: E731
+    rows = {l: put(np.clip(ids[l] + np.asarray(self.mapping.offsets(l)), 0,
+                           self.tables[l].shape[0] - 1).astype(np.int32)) for l in self.layers}
+    hist = np.full((b, self.n), self.mapping.pad_id, np.int32)
+    k = min(self.n, p)
+    hist[:, self.n - k:] = comp[:, p - k:]
+    sampling = (put(np.int32(seed)), put(np.float32(max(temperature, 1e-6))),
+                put(np.bool_(temperature == 0)))
+    return prompt, rows, put(hist), sampling
+
+  def __call__(self, prompt_BxP: np.ndarray, max_new_tokens: int, *, temperature: float = 0.0,
+               seed: int = 0, pad_id: int = 0) -> np.ndarray:
+    """Returns int32[B, P + max_new_tokens]: the prompt followed by the sampled tokens."""
+    prompt, rows, hist, (seed_dev, temp, greedy) = self._start(prompt_BxP, max_new_tokens,
+                                                               temperature, seed)
+    b, p = prompt.shape
     t_max = p + max_new_tokens
     tokens = np.full((b, t_max), pad_id, np.int32)
     tokens[:, :p] = prompt
     tokens = jax.device_put(tokens, self.dev)
-    # Prompt: hash on the host, fetch all its rows at once.
-    comp = prompt if self.compression is None else self._compression_host[prompt]
-    ids = self.mapping.hash_numpy(comp)
-    rows = {l: jax.device_put(np.clip(ids[l] + np.asarray(self.mapping.offsets(l)), 0,
-                                      self.tables[l].shape[0] - 1).astype(np.int32), self.dev)
-            for l in self.layers}
-    buffers = {l: jax.device_put(np.zeros((b, t_max, ids[l].shape[-1], self.tables[l].shape[1]),
-                                          self.tables[l].dtype), self.dev)
-               for l in self.layers}
+    buffers = {l: jax.device_put(np.zeros((b, t_max) + rows[l].shape[2:] +
+                                          (self.tables[l].shape[1],), self.tables[l].dtype),
+                                 self.dev) for l in self.layers}
     buffers = self._write(buffers, self._fetch_rows(rows), jax.device_put(np.int32(0), self.dev))
-    # Rolling history: the last N compressed tokens (compressed pad left of the sequence).
-    hist = np.full((b, self.n), self.mapping.pad_id, np.int32)
-    k = min(self.n, p)
-    hist[:, self.n - k:] = comp[:, p - k:]
-    hist = jax.device_put(hist, self.dev)
-    seed_dev = jax.device_put(np.int32(seed), self.dev)
-    temp = jax.device_put(np.float32(max(temperature, 1e-6)), self.dev)
-    greedy = jax.device_put(np.bool_(temperature == 0), self.dev)
     for t in range(p - 1, t_max - 1):
       t_dev = jax.device_put(np.int32(t), self.dev)
       tokens, hist, rows = self._step(tokens, t_dev, hist, buffers, seed_dev, temp, greedy)
@@ -259,28 +264,13 @@ class CachedGenerator(Generator):
                seed: int = 0, pad_id: int = 0) -> np.ndarray:
     """Returns int32[B, P + max_new_tokens]: the prompt followed by the sampled tokens."""
     del pad_id  # no window to pad
-    prompt = np.asarray(prompt_BxP, np.int32)
-    if prompt.ndim != 2 or prompt.shape[1] < 1:
-      raise ValueError(f"prompt must be int[B, P>=1], got shape {prompt.shape}")
-    if max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-      raise ValueError(f"temperature must be >= 0, got {temperature}")
+    prompt, prompt_rows, hist, (seed_dev, temp, greedy) = self._start(
+        prompt_BxP, max_new_tokens, temperature, seed)
     b, p = prompt.shape
-    comp = prompt if self.compression is None else self._compression_host[prompt]
-    ids = self.mapping.hash_numpy(comp)
-    prompt_rows = {l: jax.device_put(np.clip(ids[l] + np.asarray(self.mapping.offsets(l)), 0,
-                                             self.tables[l].shape[0] - 1).astype(np.int32),
-                                     self.dev) for l in self.layers}
-    hist = np.full((b, self.n), self.mapping.pad_id, np.int32)
-    k = min(self.n, p)
-    hist[:, self.n - k:] = comp[:, p - k:]
     put = lambda x: jax.device_put(x, self.dev)  # noqa: E731  explicit (transfer_guard)
-    seed_dev, temp = put(np.int32(seed)), put(np.float32(max(temperature, 1e-6)))
-    greedy = put(np.bool_(temperature == 0))
     cache = self.init_cache(self.variables, b, p + max_new_tokens)
     cache, tok, hist, rows = self._prefill(cache, self.variables, put(prompt),
-                                           self._fetch_rows(prompt_rows), put(hist), seed_dev,
+                                           self._fetch_rows(prompt_rows), hist, seed_dev,
                                            temp, greedy)
     out = [tok]
     for t in range(p, p + max_new_tokens - 1):
