@@ -113,13 +113,15 @@ class Generator:
   def _compress(self, tokens):
     return tokens if self.compression is None else self.compression[tokens]
 
-  def _fetch_rows(self, rows_dev_BxTxH: dict) -> dict:
-    """Starts the fetch of `rows` for every layer (explicit puts; async)."""
+  def _fetch_rows(self, rows_dev_BxTxH: dict, tables: Optional[Mapping] = None) -> dict:
+    """Starts the fetch of `rows` for every layer (explicit puts; async). Inside a jitted step
+    pass the tables as that step's arguments (`tables`), so they are operands, not constants."""
+    tables = self.tables if tables is None else tables
     out = {}
     for l in self.layers:
       shape = rows_dev_BxTxH[l].shape
       ids_home = jax.device_put(rows_dev_BxTxH[l].reshape(-1), self.home[l])
-      rows = _fetch(self.tables[l], ids_home)
+      rows = _fetch(tables[l], ids_home)
       out[l] = rows.reshape(shape + (rows.shape[-1],))
     return out
 
@@ -249,16 +251,8 @@ class CachedGenerator(Generator):
                           temperature, greedy, tables):
     """`_decode_fn` with the gather of token t's rows inside the program (tables are
     arguments: host tables stay where they are, only B*H rows per layer move)."""
-    rows = {}
-    for l in self.layers:
-      ids_N = row_ids[l].reshape(-1)
-      if self.placements[l] == "pinned_host":
-        ids_N = jax.device_put(ids_N, jax.memory.Space.Host)
-      got = tables[l].at[ids_N].get(mode="promise_in_bounds")
-      rows[l] = jax.device_put(got, jax.memory.Space.Device).reshape(
-          row_ids[l].shape + (tables[l].shape[1],))
-    return self._decode_fn(cache, variables, tok_B, hist_BxN, rows, t, seed, temperature,
-                           greedy)
+    return self._decode_fn(cache, variables, tok_B, hist_BxN, self._fetch_rows(row_ids, tables),
+                           t, seed, temperature, greedy)
 
   def __call__(self, prompt_BxP: np.ndarray, max_new_tokens: int, *, temperature: float = 0.0,
                seed: int = 0, pad_id: int = 0) -> np.ndarray:
