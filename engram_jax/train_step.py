@@ -301,10 +301,11 @@ class Trainer:
 
   _extra_train_outputs = 0
 
-  def compile(self, abstract_state: TrainState, batch_shapes: dict, train: bool = True):
+  def compile(self, abstract_state: TrainState, batch_shapes: dict, train: bool = True,
+              evaluate: bool = True):
     """AOT-compiles the steps (so compile time is reported, and never paid mid-run).
 
-    Returns (train_step or None, eval_step, batch shardings)."""
+    Returns (train_step or None, eval_step or None, batch shardings)."""
     batch_shapes = self._step_batch_shapes(batch_shapes)
     batch_sh = self.batch_shardings(batch_shapes)
     abstract_batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -312,15 +313,16 @@ class Trainer:
     extra = self._extra_step_args(batch_shapes)
     extra_sh = tuple(jax.tree.map(lambda x: x.sharding, a) for a in extra)
     in_sh = (self.state_shardings, batch_sh) + extra_sh
-    train_c = None
+    train_c = eval_c = None
     with self._context():
       if train:
         train_c = jax.jit(self.train_step, in_shardings=in_sh,
                           out_shardings=(self.state_shardings, None) + (None,) *
                           self._extra_train_outputs, donate_argnums=(0,)).lower(
                               abstract_state, abstract_batch, *extra).compile()
-      eval_c = jax.jit(self.eval_step, in_shardings=in_sh).lower(
-          abstract_state, abstract_batch, *extra).compile()
+      if evaluate:
+        eval_c = jax.jit(self.eval_step, in_shardings=in_sh).lower(
+            abstract_state, abstract_batch, *extra).compile()
     return train_c, eval_c, batch_sh
 
 

@@ -103,7 +103,7 @@ def profile(args):
   train_c, state, batches, table_rows = bench_train_step.prepare_trainer_run(
       args.kind, args.rows, args, {})
   step = lambda c, batch: train_c(c[0], batch)  # noqa: E731
-  ms, carry = bench_train_step._median_step_ms(step, (state, None), batches,
+  ms, carry = bench_train_step.median_step_ms(step, (state, None), batches,
                                                lambda c: c[1]["loss"])
   directory = tempfile.mkdtemp(prefix="profile_step_")
   with jax.profiler.trace(directory):
