@@ -392,17 +392,16 @@ def main():
         f" bytes/param); modes {modes}; host limit {offload.host_memory_limit_bytes()[1]}",
         flush=True)
   rows_out = []
-  host_tables = lambda mapping: {l: offload.create_table(  # noqa: E731
-      mapping.num_rows(l), E, jnp.float32, "pinned_host", seed=l, chunk_rows=1 << 20)
-      for l in LAYERS}
+  tables_in = lambda mapping, placement: {l: offload.create_table(  # noqa: E731
+      mapping.num_rows(l), E, jnp.float32, placement, seed=l, chunk_rows=1 << 20)
+      for l in LAYERS}  # same seeds: every placement starts from the same tables
   for gb in [float(s) for s in args.sizes_gb.split(",") if s]:
     mapping = mapping_for(gb)
     table_gb = sum(mapping.num_rows(l) for l in LAYERS) * E * 4 / 2**30
     data = batches(mapping, args.batch, args.seq)
     rec = {"table_gb": table_gb}
     t0 = time.perf_counter()
-    tables = {l: offload.create_table(mapping.num_rows(l), E, jnp.float32, "device", seed=l,
-                                      chunk_rows=1 << 20) for l in LAYERS}
+    tables = tables_in(mapping, "device")
     log(f"{table_gb:.2f} GB: HBM tables created")
     if "gen" in modes:  # before training, so both placements decode from the initial tables
       rec["hbm_tok_s"], gen_hbm = bench_gen(args, init_params(args), tables, mapping)
@@ -412,7 +411,7 @@ def main():
     gc.collect()
     if "separate" in modes:
       t1 = time.perf_counter()
-      tables = host_tables(mapping)
+      tables = tables_in(mapping, "pinned_host")
       rec["host_create_s"] = time.perf_counter() - t1
       log(f"{table_gb:.2f} GB: pinned_host tables created")
       (rec["host_ms"], rec["host_loss"], params_h, rec["prefetch_ms"], rec["apply_ms"],
@@ -422,7 +421,7 @@ def main():
       del trainer, tables, params_h
       gc.collect()
     if "fused" in modes or "gen" in modes:
-      tables = host_tables(mapping)
+      tables = tables_in(mapping, "pinned_host")
       if "gen" in modes:  # first: decoding only reads the tables, fused training changes them
         rec["host_tok_s"], gen_host = bench_gen(args, init_params(args), tables, mapping)
         rec["host_sep_tok_s"], gen_sep = bench_gen(args, init_params(args), tables, mapping,
