@@ -265,7 +265,9 @@ class ModelConfig:
     scan_layers: run runs of identical blocks with nn.scan (compile time flat in depth).
     remat_policy: 'none' or a rematerialisation policy applied per block.
     tie_embeddings: reuse the token embedding as the output projection.
-    attention_impl: None, 'xla' or 'cudnn' for `jax.nn.dot_product_attention`.
+    attention_impl: 'xla' or 'cudnn' for `jax.nn.dot_product_attention`; None: automatic,
+      cuDNN flash attention on a GPU in bf16/f16 (not when decoding), XLA otherwise
+      (`layers.resolve_attention_impl`).
     engram_table_placement: 'param' (tables in the param tree) or 'external' (PrefetchedRows).
   """
 

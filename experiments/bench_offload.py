@@ -77,6 +77,8 @@ def parse():
   p.add_argument("--d", type=int, default=2048)
   p.add_argument("--blocks", type=int, default=8)
   p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--remat", action="store_true",
+                 help="recompute each block in the backward (large --d/--blocks in HBM)")
   p.add_argument("--gen_batch", type=int, default=64)
   p.add_argument("--gen_prompt", type=int, default=112)
   p.add_argument("--gen_new", type=int, default=64)
@@ -124,6 +126,12 @@ def inject_at(args):
   return {LAYERS[0]: 1, LAYERS[1]: args.blocks // 2}
 
 
+def _block(x, w1, w2):
+  h = x * jax.lax.rsqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), -1, keepdims=True)
+                        + 1e-6).astype(x.dtype)
+  return x + jax.nn.gelu(h @ w1) @ w2
+
+
 def forward(params, tokens_BxT, rows, inverses, args):
   x = params["emb"][tokens_BxT]
   at = inject_at(args)
@@ -132,9 +140,7 @@ def forward(params, tokens_BxT, rows, inverses, args):
       if at[l] == i:
         e = expand_rows(rows[l], inverses[l]).astype(jnp.bfloat16)
         x = x + e @ params["eng"][l]
-    h = x * jax.lax.rsqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), -1, keepdims=True)
-                          + 1e-6).astype(x.dtype)
-    x = x + jax.nn.gelu(h @ params["w1"][i]) @ params["w2"][i]
+    x = (jax.checkpoint(_block) if args.remat else _block)(x, params["w1"][i], params["w2"][i])
   return (x @ params["out"]).astype(jnp.float32)
 
 
@@ -184,25 +190,30 @@ def bench_hbm(args, params, tables, mapping, data, dev):
   states = {l: offload.init_state(CFG, tables[l]) for l in LAYERS}
   step = make_hbm_step(args, offsets)
   dd = [jax.device_put(b, dev) for b in data]  # device_put takes the whole pytree
+  losses = []
   for s in range(2):
     tok, tgt, ids = dd[s % len(dd)]
     params, tables, states, loss = step(params, tables, states, tok, tgt, ids)
+    losses.append(loss)
   jax.block_until_ready(loss)
   log("hbm: compiled + 2 warm-up steps")
   t0 = time.perf_counter()
   for s in range(2, 2 + args.steps):     # the host run sees the same batch sequence
     tok, tgt, ids = dd[s % len(dd)]
     params, tables, states, loss = step(params, tables, states, tok, tgt, ids)
+    losses.append(loss)
   jax.block_until_ready((loss, tables))
   ms = (time.perf_counter() - t0) / args.steps * 1e3
   del states
-  return ms, float(loss), params, tables
+  return ms, [float(x) for x in losses], params, tables
 
 
 def bench_host(args, params, tables, mapping, data, dev):
   trainer = offload.HostTableTrainer(CFG, tables, {l: mapping.offsets(l) for l in LAYERS})
   step = _MODEL_STEP.setdefault("step", make_model_step(args))
   dd = [(jax.device_put(tok, dev), jax.device_put(tgt, dev)) for tok, tgt, _ in data]
+
+  losses = []
 
   def run(n, handle, s0):
     for s in range(s0, s0 + n):
@@ -211,6 +222,7 @@ def bench_host(args, params, tables, mapping, data, dev):
       out = step(params_box[0], {l: r.rows_UxE for l, r in rows.items()},
                  {l: r.inverse_BxTxH for l, r in rows.items()}, tok, tgt)
       params_box[0], grows, loss = out
+      losses.append(loss)
       # Host work for s+1 (NumPy unique) runs while the device executes step s.
       nxt = trainer.prefetch(data[(s + 1) % len(data)][2])
       trainer.apply_grad(handle, grows, LR)
@@ -240,7 +252,7 @@ def bench_host(args, params, tables, mapping, data, dev):
     pre_ms, apply_ms = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
   uniq = np.mean([offload.unique_rows_numpy(ids[l], mapping.offsets(l), mapping.num_rows(l))[2]
                   for _, _, ids in data for l in LAYERS])
-  return ms, float(loss), params_box[0], pre_ms, apply_ms, uniq, trainer
+  return ms, [float(x) for x in losses], params_box[0], pre_ms, apply_ms, uniq, trainer
 
 
 def bench_host_fused(args, params, tables, mapping, data, dev):
@@ -258,10 +270,13 @@ def bench_host_fused(args, params, tables, mapping, data, dev):
   run = trainer.make_fused_step(model_step, donate_state=True)
   dd = [(jax.device_put(tok, dev), jax.device_put(tgt, dev)) for tok, tgt, _ in data]
 
+  losses = []
+
   def steps(n, handle, s0, p):
     for s in range(s0, s0 + n):
       tok, tgt = dd[s % len(dd)]
       (p, loss), handle = run(handle, data[(s + 1) % len(data)][2], p, (tok, tgt))
+      losses.append(loss)
     return handle, loss, p
 
   # Committed params from the start: otherwise the first-step program, compiled for the
@@ -274,7 +289,7 @@ def bench_host_fused(args, params, tables, mapping, data, dev):
   handle, loss, params = steps(args.steps, handle, 2, params)
   jax.block_until_ready((loss, trainer.tables))
   ms = (time.perf_counter() - t0) / args.steps * 1e3
-  return ms, float(loss), trainer
+  return ms, [float(x) for x in losses], trainer
 
 
 def bench_gen(args, params, tables, mapping, fetch_in_step=True):
@@ -368,6 +383,35 @@ def probe(rows=16 * 2**20, slots=262144, mm_n=8192):
 MODES = ("hbm", "separate", "fused", "gen")
 
 
+def _check_ids(mapping, data, n=4096):
+  """{layer: n sorted row ids} touched by the first batch: the rows compared across placements."""
+  return {l: offload.unique_rows_numpy(data[0][2][l], mapping.offsets(l),
+                                       mapping.num_rows(l))[0][:n] for l in LAYERS}
+
+
+def _rows_of(tables, ids):
+  """{layer: those rows as NumPy}, from HBM or pinned_host tables (a jitted gather; the host
+  table's rows are read by the program, the table is never copied whole)."""
+  out = {}
+  for l, t in tables.items():
+    i = jax.device_put(ids[l], t.sharding)
+    out[l] = np.asarray(jax.jit(lambda t, i: t.at[i].get(mode="promise_in_bounds"),
+                                out_shardings=offload.placement_sharding("device"))(t, i))
+  return out
+
+
+def _max_diff(a, b):
+  return max(float(np.max(np.abs(a[l] - b[l]))) for l in a)
+
+
+def _record_losses(rec, name, losses, hbm_losses):
+  """Final loss, first-step loss and the largest |loss - HBM loss| over the steps: the first step
+  starts from identical tables and weights, so any difference there is not accumulated noise."""
+  rec[f"{name}_loss"] = losses[-1]
+  rec[f"{name}_loss0"] = losses[0]
+  rec[f"{name}_loss_maxdiff"] = max(abs(a - b) for a, b in zip(losses, hbm_losses))
+
+
 def _fmt(rec, key, spec):
   return format(rec[key], spec) if key in rec else format("-", ">" + spec.split(".")[0])
 
@@ -405,8 +449,11 @@ def main():
     log(f"{table_gb:.2f} GB: HBM tables created")
     if "gen" in modes:  # before training, so both placements decode from the initial tables
       rec["hbm_tok_s"], gen_hbm = bench_gen(args, init_params(args), tables, mapping)
-    rec["hbm_ms"], rec["hbm_loss"], params_h, tables = bench_hbm(
+    rec["hbm_ms"], hbm_losses, params_h, tables = bench_hbm(
         args, init_params(args), tables, mapping, data, dev)
+    check_ids = _check_ids(mapping, data)
+    hbm_rows = _rows_of(tables, check_ids)
+    _record_losses(rec, "hbm", hbm_losses, hbm_losses)
     del tables, params_h
     gc.collect()
     if "separate" in modes:
@@ -414,10 +461,12 @@ def main():
       tables = tables_in(mapping, "pinned_host")
       rec["host_create_s"] = time.perf_counter() - t1
       log(f"{table_gb:.2f} GB: pinned_host tables created")
-      (rec["host_ms"], rec["host_loss"], params_h, rec["prefetch_ms"], rec["apply_ms"],
+      (rec["host_ms"], losses, params_h, rec["prefetch_ms"], rec["apply_ms"],
        rec["unique_rows"], trainer) = bench_host(args, init_params(args), tables, mapping, data,
                                                  dev)
       rec["train_overhead_pct"] = 100 * (rec["host_ms"] / rec["hbm_ms"] - 1)
+      _record_losses(rec, "host", losses, hbm_losses)
+      rec["host_rows_maxdiff"] = _max_diff(_rows_of(trainer.tables, check_ids), hbm_rows)
       del trainer, tables, params_h
       gc.collect()
     if "fused" in modes or "gen" in modes:
@@ -430,9 +479,11 @@ def main():
         rec["same_tokens"] = bool(np.array_equal(gen_hbm, gen_host)
                                   and np.array_equal(gen_hbm, gen_sep))
       if "fused" in modes:
-        rec["fused_ms"], rec["fused_loss"], trainer = bench_host_fused(
+        rec["fused_ms"], losses, trainer = bench_host_fused(
             args, init_params(args), tables, mapping, data, dev)
         rec["fused_overhead_pct"] = 100 * (rec["fused_ms"] / rec["hbm_ms"] - 1)
+        _record_losses(rec, "fused", losses, hbm_losses)
+        rec["fused_rows_maxdiff"] = _max_diff(_rows_of(trainer.tables, check_ids), hbm_rows)
         del trainer
       del tables
       gc.collect()
@@ -454,6 +505,15 @@ def main():
           f"{_fmt(r, 'unique_rows', '9.0f')} {_fmt(r, 'prefetch_ms', '8.2f')} "
           f"{_fmt(r, 'apply_ms', '7.2f')} | {_fmt(r, 'hbm_loss', '8.4f')} "
           f"{_fmt(r, 'host_loss', '8.4f')} {_fmt(r, 'fused_loss', '8.4f')}")
+  print("\nAgreement with the HBM placement (same batches, same initial tables and weights): "
+        "|loss diff| first step / max over steps; max |row diff| of 4096 rows per table after "
+        "the run")
+  for r in rows_out:
+    for name in ("host", "fused"):
+      if f"{name}_loss0" in r:
+        print(f"  {r['table_gb']:6.2f} GB {name:>5}: loss0 {r['hbm_loss0']:.6f} vs "
+              f"{r[name + '_loss0']:.6f}; max |dloss| {r[name + '_loss_maxdiff']:.2e}; "
+              f"max |drow| {r[name + '_rows_maxdiff']:.2e}")
 
 
 if __name__ == "__main__":

@@ -18,19 +18,30 @@ one step may overlap on several streams, and on CPU thunks run on several thread
 is not the wall time), and a table per part: forward ms, backward ms, share of the summed time;
 then the ten most expensive HLO instructions.
 
+XLA:GPU records whole CUDA graphs ("command_buffer_N" events, no op_name) unless command buffers
+are off, so this script turns them off (`--xla_gpu_enable_command_buffer=` appended to XLA_FLAGS
+before jax is imported; the first H200 run with them on attributed 93% of the step to unnamed
+command buffers). The untraced median is therefore the step without CUDA graphs; compare it with
+bench_train_step's number for their cost.
+
 Dimension legend: none (times only).
 """
 
 import argparse
 import collections
 import glob
+import os
 import re
 import tempfile
 import time
 
-import jax
+if "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_gpu_enable_command_buffer=").strip()
 
-from experiments import bench_train_step
+import jax  # noqa: E402  (after XLA_FLAGS)
+
+from experiments import bench_train_step  # noqa: E402
 
 # (regex on op_name, part); the first match wins, so specific parts come before general ones.
 PARTS = (

@@ -305,3 +305,27 @@ def test_decode_with_caches_equals_the_full_forward(engram_model, scan_layers):
     decoder.apply({**variables, "cache": cache}, x[:, :1], segment_ids=ONE_DOC[:, :1],
                   positions=ARANGE[:, :1], engram_inputs={l: v[:, :1] for l, v in ids.items()},
                   mutable=["cache"])
+
+
+def test_attention_impl_automatic_choice():
+  from engram_jax.layers import resolve_attention_impl
+  assert resolve_attention_impl(None, jnp.bfloat16, False, backend="gpu") == "cudnn"
+  assert resolve_attention_impl(None, jnp.float32, False, backend="gpu") == "xla"
+  assert resolve_attention_impl(None, jnp.bfloat16, True, backend="gpu") == "xla"
+  assert resolve_attention_impl(None, jnp.bfloat16, False, backend="cpu") == "xla"
+  assert resolve_attention_impl(None, jnp.bfloat16, False, backend="tpu") == "xla"
+  assert resolve_attention_impl("xla", jnp.bfloat16, False, backend="gpu") == "xla"
+
+
+@pytest.mark.gpu
+def test_cudnn_attention_matches_xla_with_packed_documents():
+  """cuDNN flash attention (the automatic GPU choice in bf16) == the XLA path, including the
+  same-segment mask of packed documents."""
+  _, variables, x, ids, fwd = build(tiny_cfg(dtype="bfloat16", head_dim=16,
+                                              attention_impl="xla"))
+  seg = jnp.where(jnp.arange(T) < T // 2, 1, 2)[None].repeat(B, 0).astype(jnp.int32)
+  ref = fwd(variables, x, seg, ARANGE, ids)[0]
+  fwd_cudnn = build(tiny_cfg(dtype="bfloat16", head_dim=16, attention_impl="cudnn"))[-1]
+  got = fwd_cudnn(variables, x, seg, ARANGE, ids)[0]
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32),
+                             atol=0.05, rtol=0.05)

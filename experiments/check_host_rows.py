@@ -1,0 +1,126 @@
+"""Checks, on this machine's device, the row gathers and scatters that host tables rely on.
+
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.check_host_rows [--rows=...]
+
+For a pinned_host table and an HBM table of `--rows` x `--width` f32 (default 16.8M x 64: 4.3 GB,
+above 2^31 bytes, so 32-bit byte offsets would overflow) and a small one, with sorted unique row
+ids plus padding (the `offload.HostTableTrainer` layout: padding id R, dropped by scatters;
+gathers clamp it to R-1), compares with NumPy:
+  gather   `table.at[ids].get(mode='promise_in_bounds')` -> device
+  scatter  `table.at[ids].set(rows, mode='drop')` (donated), then the whole table read back
+and then one `HostTableTrainer` step against the same step on an HBM table.
+Prints one line per check (max |difference|, which must be 0) and exits non-zero on a mismatch.
+Added after bench_offload's first GPU runs, where rows updated through pinned_host tables
+differed from the HBM placement's.
+
+Dimension legend: R table rows, E row width, U row slots.
+"""
+
+import argparse
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engram_jax import offload, table_optim
+
+
+def _table(rows, width, placement):
+  # Row r, column c holds r + c / 1024, computed in HBM, then placed (compared in f32).
+  fill = lambda: (jax.lax.broadcasted_iota(jnp.float32, (rows, width), 0)  # noqa: E731
+                  + jax.lax.broadcasted_iota(jnp.float32, (rows, width), 1) / 1024)
+  return jax.device_put(jax.jit(fill)(), offload.placement_sharding(placement))
+
+
+def _expected_rows(ids, width):
+  return ids.astype(np.float32)[:, None] + np.arange(width, dtype=np.float32)[None] / 1024
+
+
+def check_primitives(rows, width, slots, placement, seed=0):
+  rng = np.random.default_rng(seed)
+  ids = np.sort(rng.choice(rows, slots - 16, replace=False)).astype(np.int32)
+  ids = np.concatenate([ids[:-1], [rows - 1], np.full(16, rows, np.int32)])  # last row, padding
+  home = offload.placement_sharding(placement)
+  dev = offload.placement_sharding("device")
+  table = _table(rows, width, placement)
+  gather = jax.jit(lambda t, i: t.at[i].get(mode="promise_in_bounds"), out_shardings=dev)
+  got = np.asarray(gather(table, jax.device_put(np.minimum(ids, rows - 1), home)))
+  want = _expected_rows(np.minimum(ids, rows - 1), width)
+  out = {"gather": float(np.max(np.abs(got - want)))}
+  space = jax.typeof(table).memory_space
+  scatter = jax.jit(lambda t, i, v: t.at[i].set(jax.device_put(v, space), mode="drop"),
+                    donate_argnums=0)
+  new = -np.arange(slots * width, dtype=np.float32).reshape(slots, width) - 1
+  table = scatter(table, jax.device_put(ids, home), jax.device_put(new, dev))
+  got = np.asarray(gather(table, jax.device_put(np.minimum(ids, rows - 1), home)))
+  real = ids < rows
+  out["scatter: written rows"] = float(np.max(np.abs(got[real] - new[real])))
+  if placement != "device":
+    # The same scatter with the new rows moved to the host by a transfer of their own first
+    # (the program then has only host operands): tells a race between the in-program
+    # device-to-host copy and the host scatter apart from a wrong host scatter.
+    scatter_host = jax.jit(lambda t, i, v: t.at[i].set(v, mode="drop"), donate_argnums=0)
+    new2 = new - 7
+    v = jax.block_until_ready(jax.device_put(new2, home))
+    table = scatter_host(table, jax.device_put(ids, home), v)
+    got = np.asarray(gather(table, jax.device_put(np.minimum(ids, rows - 1), home)))
+    out["scatter, rows put first"] = float(np.max(np.abs(got[real] - new2[real])))
+  # Rows not written keep their values: neighbours of the written ids and a random sample.
+  others = np.setdiff1d(np.concatenate([ids[real] + 1, ids[real] - 1,
+                                        rng.integers(0, rows, 4096)]), ids)
+  others = others[(others >= 0) & (others < rows)].astype(np.int32)
+  got = np.asarray(gather(table, jax.device_put(others, home)))
+  out["scatter: other rows"] = float(np.max(np.abs(got - _expected_rows(others, width))))
+  return out
+
+
+def check_trainer_step(rows, width, seed=0):
+  """One HostTableTrainer step on a pinned_host table vs the same update of an HBM table."""
+  rng = np.random.default_rng(seed)
+  cfg = table_optim.TableOptimizerConfig(kind="adagrad")
+  ids = {1: rng.integers(0, rows, (4, 256, 2)).astype(np.int32)}
+  offsets = {1: np.zeros(2, np.int32)}
+  results = {}
+  for placement in ("pinned_host", "device"):
+    trainer = offload.HostTableTrainer(cfg, {1: _table(rows, width, placement)}, offsets)
+    h = trainer.prefetch(ids)
+    u = h.leaves[1][0].shape[0]
+    grad = jnp.asarray(rng.standard_normal((u, width)), jnp.float32)
+    rng = np.random.default_rng(seed)  # same gradient for both placements
+    rng.integers(0, rows, (4, 256, 2))
+    trainer.apply_grad(h, {1: grad}, 0.5)
+    rid = np.asarray(h.row_ids[1])
+    rid = rid[rid < rows]
+    results[placement] = np.asarray(jax.jit(
+        lambda t, i: t.at[i].get(mode="promise_in_bounds"),
+        out_shardings=offload.placement_sharding("device"))(
+            trainer.tables[1], jax.device_put(rid, trainer.tables[1].sharding)))
+  return {"trainer step host vs HBM": float(np.max(np.abs(results["pinned_host"]
+                                                          - results["device"])))}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--rows", type=int, default=(1 << 24) + 12345)
+  p.add_argument("--width", type=int, default=64)
+  p.add_argument("--slots", type=int, default=262144)
+  args = p.parse_args()
+  bad = False
+  print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
+  for rows, slots in ((args.rows, args.slots), (4099, 1024)):
+    for placement in ("pinned_host", "device"):
+      for name, diff in check_primitives(rows, args.width, slots, placement).items():
+        bad |= diff != 0
+        print(f"  R={rows:>11,} {placement:<11} {name:<22} max |diff| {diff:.3g}"
+              f"{'' if diff == 0 else '   MISMATCH'}", flush=True)
+  for rows in (args.rows, 4099):
+    for name, diff in check_trainer_step(rows, args.width).items():
+      bad |= diff != 0
+      print(f"  R={rows:>11,} {name:<34} max |diff| {diff:.3g}"
+            f"{'' if diff == 0 else '   MISMATCH'}", flush=True)
+  sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+  main()
