@@ -408,14 +408,33 @@ class HostTableTrainer:
 
   @staticmethod
   def _scatter_fn(arrays, row_ids_home, new_leaves):
-    """`arr[rid] = new` for every array, in place (donated); padding ids (R) are dropped."""
+    """`arr[rid] = new` for every array, in place (donated); padding ids (R) are dropped.
+
+    `new_leaves` must already be in the arrays' memory (`_to_home`): on the H200 (jax 0.11.2)
+    a device-to-host copy of the new rows inside the same program as the host scatter that
+    reads them raced with it, and some rows were written with values that had not arrived
+    (`python -m experiments.check_host_rows`: max |diff| 64 and 320 in two runs, 262,144 rows
+    of a 16.8M-row table; 0 when the rows were put on the host by a transfer of their own).
+    """
     out = {}
     for l, arrs in arrays.items():
       rid = row_ids_home[l]
       space = jax.typeof(arrs[0]).memory_space
-      out[l] = tuple(a.at[rid].set(jax.device_put(v.astype(a.dtype), space), mode="drop")
+      for v in new_leaves[l]:
+        if jax.typeof(v).memory_space != space:
+          raise ValueError(f"layer {l}: scatter values in {jax.typeof(v).memory_space}, table "
+                           f"in {space}; move them with _to_home first")
+      out[l] = tuple(a.at[rid].set(v.astype(a.dtype), mode="drop")
                      for a, v in zip(arrs, new_leaves[l]))
     return out
+
+  def _to_home(self, new_leaves):
+    """The updated rows moved, by transfers of their own, to each table's memory (dispatched
+    asynchronously; the scatter program that consumes them waits for them)."""
+    return {l: tuple(jax.device_put(v.astype(a.dtype),
+                                    placement_sharding(self.placements[l], self._device))
+                     for a, v in zip(self._arrays(l), new_leaves[l]))
+            for l in self.layers}
 
   def apply_grad(self, handle: PrefetchHandle, grads: Mapping[int, Any], learning_rate,
                  step=None) -> None:
@@ -449,8 +468,9 @@ class HostTableTrainer:
                                        has_step=step is not None)
     for p, leaves in zip(self._outstanding, patched):
       p.leaves = leaves
+    new_home = self._to_home(new_leaves)
     arrays = {l: self._arrays(l) for l in self.layers}
-    out = self._scatter(arrays, handle.row_ids_home, new_leaves)
+    out = self._scatter(arrays, handle.row_ids_home, new_home)
     for l in self.layers:
       self._set_arrays(l, out[l])
 
@@ -474,7 +494,9 @@ class HostTableTrainer:
               the next rows with the rows it just updated (so they equal the table after
               this step, as in `apply_grad`).
 
-    This step's own update stays pending (device arrays) until the next program, `flush()`, or
+    This step's own update is moved to the tables' memory by transfers of their own (not
+    inside a program that scatters it: `_scatter_fn` says why) and stays pending until the next
+    program, `flush()`, or
     any read of `tables` / `states` / `prefetch` / `apply_grad`, so a run equals the separate
     `prefetch` / `apply_grad` pipeline and the HBM placement (to f32 rounding: the gradient and
     the update now share one XLA program). `run.compiled_text(...)` returns the optimised HLO of
@@ -530,7 +552,9 @@ class HostTableTrainer:
       outputs, arrays, new_leaves, next_leaves = fn(*args)
       for l in self.layers:
         self._set_arrays(l, arrays[l])
-      self._pending = (handle.row_ids_home, new_leaves)
+      # Moved home right away (a D2H transfer beside the next dispatch), never inside the
+      # program that scatters them (see `_scatter_fn`).
+      self._pending = (handle.row_ids_home, self._to_home(new_leaves))
       self._outstanding.remove(handle)
       handle.consumed = True
       if nxt is not None:
@@ -550,7 +574,7 @@ class HostTableTrainer:
     """Optimised HLO of the gather and scatter programs (tests look for table-sized copies)."""
     arrays = {l: self._arrays(l) for l in self.layers}
     gather_ids = {l: handle.row_ids_home[l] for l in self.layers}
-    new_leaves = {l: handle.leaves[l] for l in self.layers}
+    new_leaves = self._to_home({l: handle.leaves[l] for l in self.layers})
     return {"gather": self._gather.lower(arrays, gather_ids).compile().as_text(),
             "scatter": self._scatter.lower(arrays, handle.row_ids_home,
                                            new_leaves).compile().as_text()}

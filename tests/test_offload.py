@@ -364,6 +364,10 @@ def test_fused_steps_equal_the_hbm_placement():
   ref_losses, ref_tables, ref_states, ref_rows = _reference_run(batches)
   losses, trainer, rows, run = _fused_run(batches)
   assert trainer._pending is not None          # the last update waits for a flush ...
+  # ... already moved to the host: a device-to-host copy inside the program of the host scatter
+  # raced with it on the H200 (offload.HostTableTrainer._scatter_fn).
+  for l in LAYERS:
+    assert {leaf.sharding.memory_kind for leaf in trainer._pending[1][l]} == {"pinned_host"}
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
   for s in range(len(batches)):
     for l in LAYERS:
@@ -405,6 +409,17 @@ def test_fused_program_keeps_tables_on_the_host_and_updates_them_in_place():
   text = run.compiled_text(handle, batches[2][0], w, targets)
   _check_tables_stay_on_host("fused", text)
   _check_every_host_array_aliased(text, trainer)
+
+
+def test_host_scatter_refuses_rows_still_on_the_device():
+  trainer = offload.HostTableTrainer(CFG, _tables("pinned_host"), {l: _offsets(l) for l in LAYERS})
+  handle = trainer.prefetch(_batches(1, seed=6)[0][0])
+  arrays = {l: trainer._arrays(l) for l in LAYERS}
+  with pytest.raises(ValueError, match="move them with _to_home"):
+    trainer._scatter(arrays, handle.row_ids_home, {l: handle.leaves[l] for l in LAYERS})
+  out = trainer._scatter(arrays, handle.row_ids_home,
+                         trainer._to_home({l: handle.leaves[l] for l in LAYERS}))
+  assert {a.sharding.memory_kind for l in LAYERS for a in out[l]} == {"pinned_host"}
 
 
 def test_fused_step_refuses_a_second_outstanding_handle():
