@@ -32,17 +32,19 @@ Timing: after 2 warm-up steps, `--steps` steps with one block_until_ready at the
 one warm-up call, then one timed call. The last table printed is the result; it also prints the
 host-side costs measured alone (prefetch = unique+gather+copy, apply = update+scatter).
 
-Status (H200, jax 0.11.2): the full benchmark has NOT produced numbers yet (its one GPU run,
-`--sizes_gb=1,32 --blocks=16` with a 210 s limit, printed nothing past its header; phase stamps
-were added after it and `--blocks` now defaults to 8). `--probe` (one run, 4 GiB f32 table,
-262,144 random rows of 256 B): host gather -> HBM 3.60 ms, host scatter back 4.33 ms; a 48.29 ms
-matmul program followed by the gather program 50.71 ms, by the scatter program 53.23 ms; the
-same matmul and gather in ONE program 49.86 ms (49.90 ms with the gather annotated onto
-`gpu_stream:1`), matmul + scatter in one program (stream 1) 50.49 ms. Separate programs add the
-host work to the step; one program hides roughly half of it -- hence the fused column. Expected
-overhead of the separate path per step and layer with lazy Adam (table + two moments + count
-gathered and scattered): roughly 4 x (3.6 + 4.3) ms at U = 262,144 slots, whatever the table
-size.
+Agreement: every run also prints, per host mode, the first-step loss next to the HBM one (equal
+inputs, so any difference is a bug), the largest per-step |loss difference| and the largest
+|difference| of 4096 updated rows per table after the run.
+
+Status (H200, jax 0.11.2; numbers in the README): completed at 1 and 32 GB (d=2048, 8 blocks:
++18-47% per training step, host paths ~12-30 ms per step) and at 32 GB with d=4096, 24 blocks,
+--remat (608 ms HBM step, +3.6%); decoding +12-36%. Those runs found wrong updated rows in the
+host modes (max |row diff| 6.9-7.5), traced by experiments/check_host_rows.py to a race between
+an in-program device-to-host copy and the host scatter, now avoided (`HostTableTrainer._to_home`)
+but not yet re-measured. `--probe` (4 GiB f32 table, 262,144 random rows of 256 B): host gather
+-> HBM 3.60 ms, host scatter back 4.33 ms; a 48.29 ms matmul followed by the gather program
+50.71 ms, by the scatter program 53.23 ms; in ONE program 49.86 ms (gather; 49.90 ms on
+`gpu_stream:1`) and 50.49 ms (scatter, stream 1).
 
 Dimension legend: B batch, T time, H hash heads, E row width, U = B*T*H row slots, D width.
 """

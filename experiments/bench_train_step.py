@@ -31,7 +31,8 @@ bytes (`bytes_per_table_param` x E x rows x tables) fit the device's memory limi
 only while table + Adam moments + a dense gradient (+ one update-sized temporary) fit. Tables are
 filled by a fused iota expression (a random init would need a table-sized temporary).
 
-Prints one table: rows, table GB, ms per step for each optimiser, and sparse growth vs the
+Sizes run largest first (a fresh allocator holds the one huge table best). Prints one table:
+rows, table GB, ms per step for each optimiser, and sparse growth vs the
 smallest table. Timing: AOT-compiled step, 3 warm-up steps, then the median of 5 runs of 10
 steps each (block_until_ready at the end of each run).
 
@@ -354,7 +355,9 @@ def main():
         f'{what}; bytes/param (f32 table): '
         + ', '.join(f'{k} {v:.3f}' for k, v in per_param.items()), flush=True)
   results, small_states = {}, {}
-  for num_rows in sizes:
+  # Largest first: after the smaller sizes had run, small_gpu's 857,650,217-row table (one
+  # 102 GiB buffer) failed to allocate although the byte budget had room for it (H200).
+  for num_rows in sorted(sizes, reverse=True):
     for kind in kinds:
       if not args.max_rows and num_rows > fits[kind]:
         results[num_rows, kind] = 'no fit'

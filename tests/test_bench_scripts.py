@@ -45,6 +45,8 @@ def test_part_of_reads_module_paths_and_the_backward():
   assert profile_step.part_of("jit(train_step)/jvp(EngramLM)/layer_2/moe/experts/dot") == (
       "MoE routed experts", False)
   assert profile_step.part_of("jit(train_step)/add")[0] == profile_step.OUTSIDE
+  assert profile_step.part_of("jit(train_step)/jvp(EngramLM)/layers_7_12/layers_7_12._sublayer/"
+                              "btij,btjd->btid/dot_general")[0] == "mHC mixing"
 
 
 def test_bench_offload_runs_and_host_training_matches_hbm(tmp_path, monkeypatch):

@@ -43,7 +43,8 @@ def get_config(arg=None):
   c.model.moe.expert_hidden_size = 384
   # ragged_dot costs 30.0 ms per MoE layer fwd+bwd here vs 5.4 ms for capacity dispatch on the
   # H200 (experiments/bench_moe.py); the train step: 648 ms (ragged) vs 360 ms (capacity, bench_
-  # train_step at 1M rows; lazy Adam vs adagrad tables, < 1 ms apart). At 1.25 no pair
+  # train_step at 1M rows; lazy Adam vs adagrad tables, < 1 ms apart; 258-265 ms once attention
+  # became cuDNN flash attention, experiments/profile_step.py). At 1.25 no pair
   # was dropped on bench_moe's inputs; the run log reports router/dropped_fraction.
   c.model.moe.dispatch = "capacity"
   c.model.moe.capacity_factor = 1.25
