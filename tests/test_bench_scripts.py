@@ -68,3 +68,13 @@ def test_bench_offload_runs_and_host_training_matches_hbm(tmp_path, monkeypatch)
     assert rec[f"{name}_loss_maxdiff"] < 1e-5 and rec[f"{name}_rows_maxdiff"] < 1e-6
   # Decoding from HBM and from pinned_host tables samples the same tokens.
   assert rec["same_tokens"] is True and rec["host_tok_s"] > 0
+
+
+def test_check_host_rows_finds_no_difference_on_this_backend():
+  """experiments/check_host_rows (the GPU race finder) on tiny tables: every check is exact."""
+  from experiments import check_host_rows
+  for placement in ("pinned_host", "device"):
+    diffs = check_host_rows.check_primitives(5000, 8, 512, placement)
+    assert len(diffs) == (4 if placement == "pinned_host" else 3)
+    assert all(d == 0 for d in diffs.values()), diffs
+  assert check_host_rows.check_trainer_step(3000, 8) == {"trainer step host vs HBM": 0.0}
