@@ -80,3 +80,45 @@ def test_four_streams_with_zero_gates_equal_plain_residual():
   l4, _ = fast_jit(EngramLM(cfg4).apply)({"params": p4}, x)
   l1, _ = fast_jit(EngramLM(cfg1).apply)({"params": p1}, x)
   np.testing.assert_allclose(l4, l1, rtol=1e-4, atol=1e-4)
+
+
+def _numpy_mhc(p, x, out, iters, eps=1e-6):
+  """The module docstring's formulas in float64 NumPy: (layer input, x_{l+1})."""
+  f = lambda k: np.asarray(p[k], np.float64)  # noqa: E731
+  b, t, m, d = x.shape
+  x = np.asarray(x, np.float64)
+  inv_rms = 1 / np.sqrt(np.mean(x ** 2, axis=(2, 3)) + eps)
+  xn = (x * inv_rms[:, :, None, None] * f("norm_scale")).reshape(b, t, m * d)
+  sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+  pre = sig(f("alpha_pre") * xn @ f("phi_pre").reshape(m * d, m) + f("bias_pre"))
+  post = 2 * sig(f("alpha_post") * xn @ f("phi_post").reshape(m * d, m) + f("bias_post"))
+  logits = (f("alpha_res") * xn @ f("phi_res").reshape(m * d, m * m)).reshape(b, t, m, m)
+  logits = logits + f("bias_res")
+  r = np.exp(logits - logits.max(axis=(-2, -1), keepdims=True))
+  for _ in range(iters):
+    r = r / r.sum(-1, keepdims=True)
+    r = r / r.sum(-2, keepdims=True)
+  layer_in = np.einsum("btm,btmd->btd", pre, x)
+  new = np.einsum("btij,btjd->btid", r, x) + post[..., None] * np.asarray(out)[:, :, None, :]
+  return layer_in, new
+
+
+def test_hyper_connection_and_combine_match_the_formulas():
+  """HyperConnection + hc_combine == the docstring's equations (NumPy, float64), with gates and
+  biases far from their init so that every term matters."""
+  x = jax.random.normal(jax.random.key(8), (2, 5, 4, 16))
+  out = jax.random.normal(jax.random.key(9), (2, 5, 16))
+  hc = HyperConnection(sinkhorn_iters=7)
+  params = nn.unbox(fast_jit(hc.init)(jax.random.key(10, impl="unsafe_rbg"), x))
+  keys = jax.random.split(jax.random.key(11), 16)
+  p = {}
+  for i, (name, v) in enumerate(sorted(params["params"].items())):
+    p[name] = v + 0.5 * jax.random.normal(keys[i], v.shape)
+  for name in ("alpha_pre", "alpha_post", "alpha_res"):
+    p[name] = jnp.asarray(3.0 + len(name) / 10)
+  layer_in, coeffs = fast_jit(hc.apply)({"params": p}, x)
+  new = hc_combine(x, out, coeffs)
+  want_in, want_new = _numpy_mhc({k: np.asarray(v) for k, v in p.items()}, x, out, 7)
+  np.testing.assert_allclose(layer_in, want_in, rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(new, want_new, rtol=2e-5, atol=2e-5)
+  assert float(np.abs(want_new - np.asarray(x) - np.asarray(out)[:, :, None, :]).max()) > 0.1

@@ -1,0 +1,129 @@
+"""One mHC sub-layer wrapper (coefficients + stream mixing) forward+backward, three ways.
+
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.bench_mhc
+
+Question: which formulation of engram_jax/hyper_connections.py is fastest? The H200 profile of
+small_gpu (experiments/profile_step.py) put ~104 of 265 ms per step in mHC, 52 ms of it in the
+`einsum('btij,btjd->btid')` stream mixing, which XLA:GPU ran as batched 4x4 GEMMs. Timed in one
+run, each as `HyperConnection`-style coefficients + an identity sub-layer + the combine,
+forward + backward w.r.t. the streams and every mHC parameter, outputs and gradients compared:
+
+  before     the previous library code: three einsum projections of the materialised normalised
+             streams, einsum stream sums;
+  now        the library: one [M*D, 2M + M^2] projection with the RMSNorm folded in, einsum
+             stream sums;
+  candidate  as now, with the H_res stream mixing written as elementwise products and a sum
+             over M instead of the einsum (on a 2-core CPU this is slower; the question is
+             the GPU).
+
+Default shapes: small_gpu's (B=32, T=1024, M=4, D=768; bf16 streams, f32 coefficients);
+small_gpu runs 24 of these per step (2 per block).
+
+Timing: bench_moe.time_ms (jitted step, 3 warm-up calls, median of `--reps` timed calls).
+
+Dimension legend: B batch, T length, M streams, D width, K = 2M + M^2 projections.
+"""
+
+import argparse
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from engram_jax.hyper_connections import HyperConnection, hc_combine, sinkhorn_knopp
+from experiments.bench_moe import time_ms
+
+
+def previous_formulation(p, x_BxTxMxD, iters, eps=1e-6):
+  """The formulation before the change (kept here as the baseline): layer input, coeffs."""
+  b, t, m, d = x_BxTxMxD.shape
+  x32 = x_BxTxMxD.astype(jnp.float32)
+  inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=(2, 3)) + eps)
+  xn = x32 * inv_rms[:, :, None, None] * p["norm_scale"]
+  pre = jax.nn.sigmoid(p["alpha_pre"] * jnp.einsum("btmd,mdk->btk", xn, p["phi_pre"])
+                       + p["bias_pre"])
+  post = 2.0 * jax.nn.sigmoid(p["alpha_post"] * jnp.einsum("btmd,mdk->btk", xn, p["phi_post"])
+                              + p["bias_post"])
+  logits = p["alpha_res"] * jnp.einsum("btmd,mdk->btk", xn, p["phi_res"])
+  res = sinkhorn_knopp(logits.reshape(b, t, m, m) + p["bias_res"], iters)
+  return jnp.einsum("btm,btmd->btd", pre, x32).astype(x_BxTxMxD.dtype), (post, res)
+
+
+def previous_combine(x_BxTxMxD, out_BxTxD, coeffs):
+  post, res = coeffs
+  mixed = jnp.einsum("btij,btjd->btid", res, x_BxTxMxD.astype(jnp.float32))
+  new = mixed + post[..., None] * out_BxTxD.astype(jnp.float32)[:, :, None, :]
+  return new.astype(x_BxTxMxD.dtype)
+
+
+def candidate_combine(x_BxTxMxD, out_BxTxD, coeffs):
+  post, res = coeffs
+  x32 = x_BxTxMxD.astype(jnp.float32)
+  mixed = jnp.sum(res[..., None] * x32[:, :, None, :, :], axis=3)
+  new = mixed + post[..., None] * out_BxTxD.astype(jnp.float32)[:, :, None, :]
+  return new.astype(x_BxTxMxD.dtype)
+
+
+def make_steps(iters):
+  hc = HyperConnection(sinkhorn_iters=iters)
+
+  def now(p, x):
+    layer_in, coeffs = hc.apply({"params": p}, x)
+    return hc_combine(x, layer_in, coeffs)
+
+  def before(p, x):
+    layer_in, coeffs = previous_formulation(p, x, iters)
+    return previous_combine(x, layer_in, coeffs)
+
+  def candidate(p, x):
+    layer_in, coeffs = hc.apply({"params": p}, x)
+    return candidate_combine(x, layer_in, coeffs)
+
+  def fwd_bwd(f):
+    def loss(p, x):
+      return jnp.mean(jnp.square(f(p, x).astype(jnp.float32)))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  return hc, {"before": fwd_bwd(before), "now (library)": fwd_bwd(now),
+              "candidate": fwd_bwd(candidate)}
+
+
+def run(batch, seq, streams, width, iters, reps):
+  x = (jax.random.normal(jax.random.key(0), (batch, seq, streams, width))).astype(jnp.bfloat16)
+  hc, steps = make_steps(iters)
+  params = nn.unbox(hc.init(jax.random.key(1), x))["params"]
+  # Gates away from their 0.01 init so the dynamic terms matter in the comparison.
+  params = {k: (jnp.asarray(1.0) if k.startswith("alpha") else v) for k, v in params.items()}
+  results = {name: (time_ms(fn, params, x, reps=reps), fn(params, x))
+             for name, fn in steps.items()}
+  (_, (l0, (gp0, gx0))) = results["before"]
+  agreement = {}
+  for name, (_, (l1, (gp1, gx1))) in results.items():
+    gdiff = max(float(jnp.max(jnp.abs(gp0[k] - gp1[k])) / (jnp.max(jnp.abs(gp0[k])) + 1e-30))
+                for k in gp0)
+    xdiff = float(jnp.max(jnp.abs(gx0.astype(jnp.float32) - gx1.astype(jnp.float32)))
+                  / jnp.max(jnp.abs(gx0.astype(jnp.float32))))
+    agreement[name] = (abs(float(l0 - l1)) / abs(float(l0)), gdiff, xdiff)
+  return {name: ms for name, (ms, _) in results.items()}, agreement
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--seq", type=int, default=1024)
+  p.add_argument("--streams", type=int, default=4)
+  p.add_argument("--width", type=int, default=768)
+  p.add_argument("--iters", type=int, default=20, help="Sinkhorn iterations")
+  p.add_argument("--reps", type=int, default=20)
+  args = p.parse_args()
+  times, agreement = run(args.batch, args.seq, args.streams, args.width, args.iters, args.reps)
+  print(f"{jax.devices()[0].device_kind}: one mHC sub-layer wrapper, fwd+bwd, B={args.batch} "
+        f"T={args.seq} M={args.streams} D={args.width}, Sinkhorn {args.iters}")
+  print(f"  {'variant':<15} {'ms':>9} {'vs before':>9}   agreement with before (relative): "
+        "|loss diff|, max |grad diff| params / streams")
+  for name, ms in times.items():
+    ld, gd, xd = agreement[name]
+    print(f"  {name:<15} {ms:9.3f} {times['before'] / ms:8.2f}x   {ld:.1e}, {gd:.1e} / {xd:.1e}")
+
+
+if __name__ == "__main__":
+  main()
