@@ -154,12 +154,22 @@ def host_step(config: ml_collections.ConfigDict) -> str:
   return config.engram.get("host_step", "separate")
 
 
+def host_row_buckets(config: ml_collections.ConfigDict) -> int:
+  # Workdirs written before `engram.host_row_buckets` existed moved B*T*H slots per step.
+  return int(config.engram.get("host_row_buckets", 0))
+
+
 def _check_placement(config: ml_collections.ConfigDict, err) -> None:
   placement = engram_placement(config)
   if placement not in PLACEMENTS:
     raise err(f"engram.placement must be one of {PLACEMENTS}, got {placement!r}")
   if host_step(config) not in HOST_STEPS:
     raise err(f"engram.host_step must be one of {HOST_STEPS}, got {host_step(config)!r}")
+  if host_row_buckets(config) < 0:
+    raise err(f"engram.host_row_buckets must be >= 0, got {host_row_buckets(config)}")
+  if host_row_buckets(config) and host_step(config) != "fused":
+    raise err("engram.host_row_buckets > 0 needs engram.host_step='fused': the separate "
+              "step is compiled ahead of time for B*T*H row slots")
   if placement != "pinned_host" or not config.engram.enabled:
     return
   if config.table_optim.kind not in SPARSE_KINDS:

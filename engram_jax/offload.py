@@ -230,6 +230,16 @@ def unique_rows_numpy(ids_BxTxH: np.ndarray, offsets_H: np.ndarray,
   return row_ids_U, inverse.reshape(ids.shape).astype(np.int32), int(uniq.size)
 
 
+def bucketed_slots(count: int, slots: int, buckets: int) -> int:
+  """Row slots a step with `count` unique rows (out of `slots` = B*T*H) is given: `slots` when
+  `buckets` <= 0, else `count` rounded up to a multiple of ceil(slots / buckets) (so at most
+  `buckets` distinct shapes, hence compiles, and at most slots / buckets padding)."""
+  if buckets <= 0:
+    return slots
+  step = -(-slots // buckets)
+  return min(slots, max(step, -(-count // step) * step))
+
+
 # ---- the trainer ---------------------------------------------------------------------------------
 
 @dataclasses.dataclass(eq=False)  # handles are compared by identity (fields hold arrays)
@@ -237,7 +247,8 @@ class PrefetchHandle:
   """Rows (and optimiser-state rows) of one step, on the device, for every layer.
 
   leaves: {layer: (table rows, state rows...)} device arrays, U rows each (padding slots hold
-    row R-1 or stale values: they are masked in `rows` and dropped by every scatter).
+    row R-1 or stale values: they are masked in `rows` and dropped by every scatter). U is
+    B*T*H, or with `row_buckets` the step's unique-row count rounded up to a bucket.
   row_ids: {layer: int32[U] device}; row_ids_home: {layer: int32[U]} in the table's memory
     (host ids for host tables: host gathers and scatters need every operand in host memory).
   inverse: {layer: int32[B, T, H] device}.
@@ -257,14 +268,23 @@ class HostTableTrainer:
     tables: {layer_id: [R, E] array}; each table's memory kind is its placement.
     offsets: {layer_id: int[H] per-head first rows} (`NgramHashMapping.offsets`).
     states: optional {layer_id: TableOptState} in the same memory as the table (zeros if None).
+    row_buckets: 0 (default): every step moves U = B*T*H row slots per layer, whatever its
+      unique-row count. k > 0: a step moves its largest per-layer unique count rounded up to a
+      multiple of ceil(U / k), so gathers, transfers and scatters shrink with the batch's
+      repetition (on the shipped corpus at small_gpu's B=32, T=1024, H=16: ~54% of U unique)
+      at the cost of up to k shapes of every program that takes the rows (jitted code
+      recompiles per shape; a step compiled ahead of time for U rows cannot take them).
+      Settable as an attribute.
   """
 
   def __init__(self, cfg: table_optim.TableOptimizerConfig, tables: Mapping[int, jax.Array],
-               offsets: Mapping[int, Any], states: Optional[Mapping] = None):
+               offsets: Mapping[int, Any], states: Optional[Mapping] = None,
+               row_buckets: int = 0):
     if cfg.kind not in table_optim.SPARSE_KINDS:
       raise ValueError(f"HostTableTrainer needs a sparse optimiser kind "
                        f"{table_optim.SPARSE_KINDS}, got {cfg.kind!r}")
     self.cfg = cfg
+    self.row_buckets = int(row_buckets)
     self.layers = tuple(sorted(tables))
     if set(offsets) != set(self.layers):
       raise ValueError(f"offsets layers {sorted(offsets)} != tables layers {list(self.layers)}")
@@ -334,8 +354,8 @@ class HostTableTrainer:
                                     jax.memory.Space.Device) for a in arrs)
     return out
 
-  def prefetch(self, ids: Mapping[int, np.ndarray], *, for_update: bool = True
-               ) -> PrefetchHandle:
+  def prefetch(self, ids: Mapping[int, np.ndarray], *, for_update: bool = True,
+               bucketed: bool = True) -> PrefetchHandle:
     """Starts fetching the rows a batch will read; `ids` are host hash ids {layer: [B, T, H]}.
 
     The NumPy dedup runs on the calling thread; the gather is dispatched asynchronously. Call it
@@ -343,29 +363,38 @@ class HostTableTrainer:
     `apply_grad(s)`; the handle is patched by every `apply_grad` issued after it.
     `for_update=False` (evaluation): table rows only, no optimiser-state rows, and the handle is
     not tracked, so it is neither patched nor accepted by `apply_grad`; read its rows before the
-    next `apply_grad`.
+    next `apply_grad`. `bucketed=False`: U = B*T*H slots even with `row_buckets` (for a step
+    compiled ahead of time for that shape).
     """
     self.flush()  # the gather must see every update
-    handle, gather_ids = self._plan(ids, "prefetch")
+    handle, gather_ids = self._plan(ids, "prefetch", bucketed)
     arrays = {l: self._arrays(l) if for_update else self._arrays(l)[:1] for l in self.layers}
     handle.leaves = self._gather(arrays, gather_ids)
     if for_update:
       self._outstanding.append(handle)
     return handle
 
-  def _plan(self, ids: Mapping[int, np.ndarray], what: str
+  def _plan(self, ids: Mapping[int, np.ndarray], what: str, bucketed: bool = True
             ) -> tuple[PrefetchHandle, dict]:
     """NumPy dedup of a batch's ids and their device/host copies; a handle without leaves."""
     if set(ids) != set(self.layers):
       raise ValueError(f"{what}: ids for layers {sorted(ids)}, trainer has {list(self.layers)}")
     dev = placement_sharding("device", self._device)
     gather_ids, row_ids, row_ids_home, inverse = {}, {}, {}, {}
+    planned = {}
     for l in self.layers:
       if isinstance(ids[l], jax.Array):
         raise ValueError(f"{what}: pass the batch's hash ids as NumPy (the pipeline's host "
                          "copy); rows are deduplicated on the host while the device computes")
+      planned[l] = unique_rows_numpy(ids[l], self.offsets[l], self.num_rows(l))
+    # One U for all layers (the programs take every layer's rows): the largest count's bucket.
+    u = bucketed_slots(max(n for _, _, n in planned.values()),
+                       min(rid.shape[0] for rid, _, _ in planned.values()),
+                       self.row_buckets if bucketed else 0)
+    for l in self.layers:
       num_rows = self.num_rows(l)
-      rid, inv, _ = unique_rows_numpy(ids[l], self.offsets[l], num_rows)
+      rid, inv, _ = planned[l]
+      rid = rid[:u]  # sorted unique ids first, then padding R: the count fits in u
       home = placement_sharding(self.placements[l], self._device)
       # The gather reads in-bounds ids (padding -> R-1); scatters use `rid` (padding R, dropped).
       gather_ids[l] = jax.device_put(np.minimum(rid, num_rows - 1), home)

@@ -265,7 +265,8 @@ def _eval_fns(trainer: Trainer, eval_c, batch_sh):
 
   def eval_step(state, batch):
     # Read right away (before any apply_grad): the handle is not patched by updates.
-    handle = trainer.host.prefetch(trainer.host_ids(batch), for_update=False)
+    # B*T*H slots whatever engram.host_row_buckets: the eval step is compiled for them.
+    handle = trainer.host.prefetch(trainer.host_ids(batch), for_update=False, bucketed=False)
     return eval_c(state, put(_without_ids(batch)), trainer.host.rows(handle))
   return eval_step, lambda batch: batch  # the eval step puts the batch itself
 

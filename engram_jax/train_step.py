@@ -378,6 +378,7 @@ class HostTablesTrainer(Trainer):
       if tuple(host.tables[l].shape) != want:
         raise ValueError(f"host table of layer {l} has shape {tuple(host.tables[l].shape)}, "
                          f"the config's hashing needs {want}")
+    host.row_buckets = experiment_config.host_row_buckets(self.config)
     self.host = host
 
   def host_ids(self, batch: dict) -> dict:

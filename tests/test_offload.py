@@ -336,9 +336,10 @@ def test_temperature_sampling_is_placement_independent():
   np.testing.assert_array_equal(outs[0], outs[1])
 
 
-def _fused_run(batches, placement="pinned_host"):
+def _fused_run(batches, placement="pinned_host", row_buckets=0):
   """One program per step: host scatter of step s-1 and gather of step s+1 fused with step s."""
-  trainer = offload.HostTableTrainer(CFG, _tables(placement), {l: _offsets(l) for l in LAYERS})
+  trainer = offload.HostTableTrainer(CFG, _tables(placement), {l: _offsets(l) for l in LAYERS},
+                                     row_buckets=row_buckets)
   dev = offload.placement_sharding("device")
 
   def model_step(w, targets, rows):
@@ -412,6 +413,35 @@ def test_fused_program_keeps_tables_on_the_host_and_updates_them_in_place():
   text = run.compiled_text(handle, batches[2][0], w, targets)
   _check_tables_stay_on_host("fused", text)
   _check_every_host_array_aliased(text, trainer)
+
+
+def test_bucketed_slots():
+  assert offload.bucketed_slots(17, 30, 0) == 30        # off: always U
+  assert offload.bucketed_slots(17, 30, 6) == 20        # buckets of 5
+  assert offload.bucketed_slots(20, 30, 6) == 20
+  assert offload.bucketed_slots(0, 30, 6) == 5          # never empty
+  assert offload.bucketed_slots(29, 30, 4) == 30        # never above U
+  assert offload.bucketed_slots(262_144 // 2 + 1, 262_144, 16) == 147_456
+
+
+def test_row_buckets_move_fewer_slots_and_give_the_same_results():
+  """With row_buckets the fused steps gather, update and scatter only ~the unique rows; losses,
+  looked-up rows and the final tables equal the HBM placement's all the same."""
+  batches = _batches(5, seed=9)
+  ref_losses, ref_tables, _, ref_rows = _reference_run(batches)
+  losses, trainer, rows, _ = _fused_run(batches, row_buckets=6)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+  sizes = set()
+  for s in range(len(batches)):
+    for l in LAYERS:
+      u = rows[s][l].shape[0]
+      sizes.add(u)
+      np.testing.assert_allclose(rows[s][l], ref_rows[s][l][:u], rtol=1e-6, atol=1e-7)
+      assert not ref_rows[s][l][u:].any()          # only padding was left out
+  assert max(sizes) < B * T * H and len(sizes) <= 6  # fewer slots; at most `buckets` shapes
+  for l in LAYERS:
+    np.testing.assert_allclose(_host_to_numpy(trainer.tables[l]), np.asarray(ref_tables[l]),
+                               rtol=1e-6, atol=1e-7)
 
 
 def test_host_scatter_refuses_rows_still_on_the_device():

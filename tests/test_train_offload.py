@@ -41,18 +41,22 @@ def _host_tables(workdir, step):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   out = {}
-  # 'pinned_host' runs the default fused host step, 'pinned_host_separate' the separate programs.
-  for name, placement, host_step in (("device", "device", "fused"),
-                                     ("pinned_host", "pinned_host", "fused"),
-                                     ("pinned_host_separate", "pinned_host", "separate")):
+  # 'pinned_host' runs the default fused host step, 'pinned_host_separate' the separate programs,
+  # 'pinned_host_buckets' the fused step moving only ~the unique rows (engram.host_row_buckets).
+  for name, placement, host_step, buckets in (
+      ("device", "device", "fused", 0), ("pinned_host", "pinned_host", "fused", 0),
+      ("pinned_host_separate", "pinned_host", "separate", 0),
+      ("pinned_host_buckets", "pinned_host", "fused", 16)):
     workdir = str(tmp_path_factory.mktemp(name))
-    final = train.train_and_evaluate(_host_config(**{"engram.placement": placement,
-                                                     "engram.host_step": host_step}), workdir)
+    final = train.train_and_evaluate(_host_config(**{
+        "engram.placement": placement, "engram.host_step": host_step,
+        "engram.host_row_buckets": buckets}), workdir)
     out[name] = {"workdir": workdir, "final": final, "losses": _losses(workdir)[0]}
   return out
 
 
-@pytest.mark.parametrize("host_run", ["pinned_host", "pinned_host_separate"])
+@pytest.mark.parametrize("host_run", ["pinned_host", "pinned_host_separate",
+                                      "pinned_host_buckets"])
 def test_host_placement_equals_device_placement(runs, host_run):
   dev, host = runs["device"], runs[host_run]
   assert len(host["losses"]) == STEPS
@@ -142,6 +146,9 @@ def test_resuming_a_host_run_on_the_device_is_refused(runs, tmp_path):
     ({"train.data_parallel": 2}, r"train.data_parallel=2"),
     ({"engram.placement": "hbm"}, r"engram.placement must be one of"),
     ({"engram.host_step": "overlapped"}, r"engram.host_step must be one of"),
+    ({"engram.host_row_buckets": -1}, r"engram.host_row_buckets must be >= 0"),
+    ({"engram.host_step": "separate", "engram.host_row_buckets": 4},
+     r"host_row_buckets > 0 needs engram.host_step='fused'"),
 ])
 def test_unsupported_host_configs_are_refused(overrides, match):
   config = _config()

@@ -97,6 +97,10 @@ def get_config(arg=None):
   # XLA runs separate programs in order on the GPU stream, so 'separate' adds the host time to
   # every step); 'separate' dispatches gather, step and update as their own programs.
   c.engram.host_step = "fused"
+  # pinned_host + fused only: 0 moves B*T*H row slots per step and layer; k > 0 moves the
+  # step's unique rows rounded up to a multiple of B*T*H / k (offload.HostTableTrainer
+  # row_buckets: less host traffic, up to k compiled shapes of the step).
+  c.engram.host_row_buckets = 0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.kind = "adamw"
