@@ -28,8 +28,9 @@ new position's B*H rows per layer are fetched as soon as its token is sampled, i
 program of that token's forward -- `host tok/s` -- or as a program of its own before it --
 `sep. tok/s`). Tokens/s count the new tokens over the whole call, prompt forward included.
 
-Timing: after 2 warm-up steps, `--steps` steps with one block_until_ready at the end; decoding:
-one warm-up call, then one timed call. The last table printed is the result; it also prints the
+Timing: after WARMUP = 4 warm-up steps (one pass over the 4 batches, so every shape
+`--row_buckets` can give is compiled), `--steps` steps with one block_until_ready at the end;
+decoding: one warm-up call, then one timed call. The last table printed is the result; it also prints the
 host-side costs measured alone (prefetch = unique+gather+copy, apply = update+scatter).
 
 Agreement: every run also prints, per host mode, the first-step loss next to the HBM one (equal
@@ -69,6 +70,7 @@ H = (N - 1) * K
 LAYERS = (1, 2)      # hash layer ids; block index where each is injected is below
 CFG = table_optim.TableOptimizerConfig(moment_dtype="bfloat16")
 LR = 1e-3
+WARMUP = 4           # warm-up steps: one pass over the `batches` (n=4)
 
 
 def parse():
@@ -89,6 +91,12 @@ def parse():
                  help="what to run per size: hbm (baseline, always), separate, fused, gen")
   p.add_argument("--optimizer", default="lazy_adam", choices=["lazy_adam", "adagrad"],
                  help="table optimiser: lazy_adam (bf16 moments) or row-wise adagrad")
+  p.add_argument("--tokens", default="zipf", choices=["zipf", "corpus"],
+                 help="batch tokens: Zipf(1.1) ids (~94%% of row slots unique at the default "
+                      "shapes) or windows of the shipped corpus (real n-gram repetition)")
+  p.add_argument("--row_buckets", type=int, default=0,
+                 help="host modes: HostTableTrainer(row_buckets=k), move ~the unique rows "
+                      "instead of B*T*H slots (0: off)")
   p.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
   return p.parse_args()
 
@@ -98,11 +106,26 @@ def mapping_for(gb: float) -> NgramHashMapping:
   return NgramHashMapping((rows_per_head, rows_per_head), N, K, LAYERS, 0, 0, VOCAB)
 
 
-def batches(mapping, b, t, n=4, seed=0):
+def _corpus_tokens():
+  from engram_jax import data as data_lib
+  from engram_jax import tokenizer as tokenizer_lib
+  corpus = data_lib.TokenizedCorpus(data_lib.default_corpus_paths()["train"],
+                                    tokenizer_lib.default_tokenizer_path())
+  return corpus.tokens
+
+
+def batches(mapping, b, t, n=4, seed=0, tokens="zipf"):
+  """n batches (tokens, targets, {layer: hash ids}): Zipf(1.1) token ids, or windows of the
+  shipped corpus (its 8k-token tokenizer's ids; real n-gram repetition)."""
   rng = np.random.default_rng(seed)
+  text = _corpus_tokens() if tokens == "corpus" else None
   out = []
   for _ in range(n):
-    toks = (rng.zipf(1.1, size=(b, t + 1)) - 1) % VOCAB
+    if text is None:
+      toks = (rng.zipf(1.1, size=(b, t + 1)) - 1) % VOCAB
+    else:
+      starts = rng.integers(0, text.size - (t + 1), size=b)
+      toks = np.stack([text[s:s + t + 1] for s in starts])
     toks = toks.astype(np.int32)
     ids = mapping.hash_numpy(toks[:, :-1])
     out.append((toks[:, :-1], toks[:, 1:], {l: v.astype(np.int32) for l, v in ids.items()}))
@@ -193,14 +216,14 @@ def bench_hbm(args, params, tables, mapping, data, dev):
   step = make_hbm_step(args, offsets)
   dd = [jax.device_put(b, dev) for b in data]  # device_put takes the whole pytree
   losses = []
-  for s in range(2):
+  for s in range(WARMUP):
     tok, tgt, ids = dd[s % len(dd)]
     params, tables, states, loss = step(params, tables, states, tok, tgt, ids)
     losses.append(loss)
   jax.block_until_ready(loss)
-  log("hbm: compiled + 2 warm-up steps")
+  log(f"hbm: compiled + {WARMUP} warm-up steps")
   t0 = time.perf_counter()
-  for s in range(2, 2 + args.steps):     # the host run sees the same batch sequence
+  for s in range(WARMUP, WARMUP + args.steps):  # the host runs see the same batch sequence
     tok, tgt, ids = dd[s % len(dd)]
     params, tables, states, loss = step(params, tables, states, tok, tgt, ids)
     losses.append(loss)
@@ -211,7 +234,8 @@ def bench_hbm(args, params, tables, mapping, data, dev):
 
 
 def bench_host(args, params, tables, mapping, data, dev):
-  trainer = offload.HostTableTrainer(CFG, tables, {l: mapping.offsets(l) for l in LAYERS})
+  trainer = offload.HostTableTrainer(CFG, tables, {l: mapping.offsets(l) for l in LAYERS},
+                                     row_buckets=args.row_buckets)
   step = _MODEL_STEP.setdefault("step", make_model_step(args))
   dd = [(jax.device_put(tok, dev), jax.device_put(tgt, dev)) for tok, tgt, _ in data]
 
@@ -233,23 +257,23 @@ def bench_host(args, params, tables, mapping, data, dev):
 
   params_box = [params]
   handle = trainer.prefetch(data[0][2])
-  handle, loss = run(2, handle, 0)
+  handle, loss = run(WARMUP, handle, 0)
   jax.block_until_ready((loss, trainer.tables))
-  log("host: compiled + 2 warm-up steps")
+  log(f"host: compiled + {WARMUP} warm-up steps")
   t0 = time.perf_counter()
-  handle, loss = run(args.steps, handle, 2)
+  handle, loss = run(args.steps, handle, WARMUP)
   jax.block_until_ready((loss, trainer.tables, handle.leaves))
   ms = (time.perf_counter() - t0) / args.steps * 1e3
   # Host-side pieces alone (serialised), for the analysis; the 2nd round is timed.
-  g = {l: jnp.zeros(handle.leaves[l][0].shape, jnp.float32) for l in LAYERS}
-  trainer.apply_grad(handle, g, LR)
+  zero = lambda h: {l: jnp.zeros(h.leaves[l][0].shape, jnp.float32) for l in LAYERS}  # noqa
+  trainer.apply_grad(handle, zero(handle), LR)
   jax.block_until_ready(trainer.tables)
   for s in range(2):
     t0 = time.perf_counter()
     h = trainer.prefetch(data[s % len(data)][2])
     jax.block_until_ready(h.leaves)
     t1 = time.perf_counter()
-    trainer.apply_grad(h, g, LR)
+    trainer.apply_grad(h, zero(h), LR)
     jax.block_until_ready(trainer.tables)
     pre_ms, apply_ms = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
   uniq = np.mean([offload.unique_rows_numpy(ids[l], mapping.offsets(l), mapping.num_rows(l))[2]
@@ -260,7 +284,8 @@ def bench_host(args, params, tables, mapping, data, dev):
 def bench_host_fused(args, params, tables, mapping, data, dev):
   """As bench_host, through `HostTableTrainer.make_fused_step`: one program per step holding
   the host scatter of step s-1 and the host gather of step s+1 beside step s."""
-  trainer = offload.HostTableTrainer(CFG, tables, {l: mapping.offsets(l) for l in LAYERS})
+  trainer = offload.HostTableTrainer(CFG, tables, {l: mapping.offsets(l) for l in LAYERS},
+                                     row_buckets=args.row_buckets)
 
   def model_step(p, batch, rows):
     tok, tgt = batch
@@ -284,11 +309,11 @@ def bench_host_fused(args, params, tables, mapping, data, dev):
   # Committed params from the start: otherwise the first-step program, compiled for the
   # uncommitted initial params, recompiles when the timed run restarts it after the flush.
   params = jax.device_put(params, dev)
-  handle, loss, params = steps(2, trainer.prefetch(data[0][2]), 0, params)
+  handle, loss, params = steps(WARMUP, trainer.prefetch(data[0][2]), 0, params)
   jax.block_until_ready((loss, trainer.tables))    # `tables` flushes the pending update
-  log("host fused: compiled + 2 warm-up steps")
+  log(f"host fused: compiled + {WARMUP} warm-up steps")
   t0 = time.perf_counter()
-  handle, loss, params = steps(args.steps, handle, 2, params)
+  handle, loss, params = steps(args.steps, handle, WARMUP, params)
   jax.block_until_ready((loss, trainer.tables))
   ms = (time.perf_counter() - t0) / args.steps * 1e3
   return ms, [float(x) for x in losses], trainer
@@ -435,7 +460,8 @@ def main():
   print(f"jax {jax.__version__} {jax.devices()[0].device_kind}; model d={args.d} "
         f"blocks={args.blocks} B={args.batch} T={args.seq} H={H} E={E}; tables "
         f"{args.optimizer} ({table_optim.bytes_per_table_param(CFG, jnp.float32, row_width=E):.2f}"
-        f" bytes/param); modes {modes}; host limit {offload.host_memory_limit_bytes()[1]}",
+        f" bytes/param); modes {modes}; tokens {args.tokens}; row buckets {args.row_buckets}; "
+        f"host limit {offload.host_memory_limit_bytes()[1]}",
         flush=True)
   rows_out = []
   tables_in = lambda mapping, placement: {l: offload.create_table(  # noqa: E731
@@ -444,7 +470,7 @@ def main():
   for gb in [float(s) for s in args.sizes_gb.split(",") if s]:
     mapping = mapping_for(gb)
     table_gb = sum(mapping.num_rows(l) for l in LAYERS) * E * 4 / 2**30
-    data = batches(mapping, args.batch, args.seq)
+    data = batches(mapping, args.batch, args.seq, tokens=args.tokens)
     rec = {"table_gb": table_gb}
     t0 = time.perf_counter()
     tables = tables_in(mapping, "device")

@@ -56,7 +56,8 @@ def test_bench_offload_runs_and_host_training_matches_hbm(tmp_path, monkeypatch)
   monkeypatch.setattr(sys, "argv", [
       "bench_offload", "--sizes_gb=0.002", "--batch=2", "--seq=32", "--d=64", "--blocks=2",
       "--steps=2", "--modes=hbm,separate,fused,gen", "--optimizer=adagrad", "--gen_batch=2",
-      "--gen_prompt=6", "--gen_new=8", "--remat", f"--out={tmp_path}"])
+      "--gen_prompt=6", "--gen_new=8", "--remat", "--tokens=corpus", "--row_buckets=4",
+      f"--out={tmp_path}"])
   bench_offload.main()
   (rec,) = json.load(open(tmp_path / "bench_offload.json"))
   assert rec["hbm_ms"] > 0 and rec["host_ms"] > 0 and rec["fused_ms"] > 0
