@@ -272,9 +272,9 @@ class HostTableTrainer:
       unique-row count. k > 0: a step moves its largest per-layer unique count rounded up to a
       multiple of ceil(U / k), so gathers, transfers and scatters shrink with the batch's
       repetition (`bench_offload --tokens corpus`, B=8, T=2048, H=16: 198,349 of 262,144 slots
-      unique on the shipped corpus, 243,628 with Zipf tokens) at the cost of up to k shapes of every program that takes the rows (jitted code
-      recompiles per shape; a step compiled ahead of time for U rows cannot take them).
-      Settable as an attribute.
+      unique on the shipped corpus, 243,628 with Zipf tokens) at the cost of up to k shapes
+      of every program that takes the rows (jitted code recompiles per shape; a step
+      compiled ahead of time for U rows cannot take them). Settable as an attribute.
   """
 
   def __init__(self, cfg: table_optim.TableOptimizerConfig, tables: Mapping[int, jax.Array],

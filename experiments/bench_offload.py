@@ -30,8 +30,9 @@ program of that token's forward -- `host tok/s` -- or as a program of its own be
 
 Timing: after WARMUP = 4 warm-up steps (one pass over the 4 batches, so every shape
 `--row_buckets` can give is compiled), `--steps` steps with one block_until_ready at the end;
-decoding: one warm-up call, then one timed call. The last table printed is the result; it also prints the
-host-side costs measured alone (prefetch = unique+gather+copy, apply = update+scatter).
+decoding: one warm-up call, then one timed call. The last table printed is the result; it also
+prints the host-side costs measured alone (prefetch = unique+gather+copy, apply =
+update+scatter).
 
 Agreement: every run also prints, per host mode, the first-step loss next to the HBM one (equal
 inputs, so any difference is a bug), the largest per-step |loss difference| and the largest
