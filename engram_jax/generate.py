@@ -58,14 +58,6 @@ def buffer_rows(buffer_BxTxHxE: jax.Array) -> PrefetchedRows:
                         jnp.zeros((b * t * h,), jnp.int32))
 
 
-@jax.jit
-def _fetch(table_RxE, rows_N):
-  """Rows `table[rows_N]` into a device array; ids must live where the table lives (a host
-  table is gathered by host compute, then copied)."""
-  out = table_RxE.at[rows_N].get(mode="promise_in_bounds")
-  return jax.device_put(out, jax.memory.Space.Device)
-
-
 def _sample(logits_BxV, key, temperature, greedy):
   sampled = jax.random.categorical(key, logits_BxV / temperature)
   return jnp.where(greedy, jnp.argmax(logits_BxV, -1), sampled).astype(jnp.int32)
@@ -121,7 +113,7 @@ class Generator:
     for l in self.layers:
       shape = rows_dev_BxTxH[l].shape
       ids_home = jax.device_put(rows_dev_BxTxH[l].reshape(-1), self.home[l])
-      rows = _fetch(tables[l], ids_home)
+      rows = offload.fetch_rows(tables[l], ids_home)
       out[l] = rows.reshape(shape + (rows.shape[-1],))
     return out
 

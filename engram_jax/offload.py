@@ -230,6 +230,16 @@ def unique_rows_numpy(ids_BxTxH: np.ndarray, offsets_H: np.ndarray,
   return row_ids_U, inverse.reshape(ids.shape).astype(np.int32), int(uniq.size)
 
 
+@jax.jit
+def fetch_rows(table_RxE: jax.Array, ids_N: jax.Array) -> jax.Array:
+  """`table[ids]` as a device array, from a table in any placement. `ids` must be in bounds
+  and live where the table lives (a pinned_host table is gathered by host compute, then the
+  rows are copied to the device). The trainer's gathers, the generators' fetches and the
+  benchmarks' row reads all go through it."""
+  return jax.device_put(table_RxE.at[ids_N].get(mode="promise_in_bounds"),
+                        jax.memory.Space.Device)
+
+
 def bucketed_slots(count: int, slots: int, buckets: int) -> int:
   """Row slots a step with `count` unique rows (out of `slots` = B*T*H) is given: `slots` when
   `buckets` <= 0, else `count` rounded up to a multiple of ceil(slots / buckets) (so at most
@@ -347,12 +357,7 @@ class HostTableTrainer:
   @staticmethod
   def _gather_fn(arrays, gather_ids):
     """Device copies of `arr[ids]` for every array; host gathers run as host compute."""
-    out = {}
-    for l, arrs in arrays.items():
-      ids = gather_ids[l]
-      out[l] = tuple(jax.device_put(a.at[ids].get(mode="promise_in_bounds"),
-                                    jax.memory.Space.Device) for a in arrs)
-    return out
+    return {l: tuple(fetch_rows(a, gather_ids[l]) for a in arrs) for l, arrs in arrays.items()}
 
   def prefetch(self, ids: Mapping[int, np.ndarray], *, for_update: bool = True,
                bucketed: bool = True) -> PrefetchHandle:
@@ -525,9 +530,8 @@ class HostTableTrainer:
 
     This step's own update is moved to the tables' memory by transfers of their own (not
     inside a program that scatters it: `_scatter_fn` says why) and stays pending until the next
-    program, `flush()`, or
-    any read of `tables` / `states` / `prefetch` / `apply_grad`, so a run equals the separate
-    `prefetch` / `apply_grad` pipeline and the HBM placement (to f32 rounding: the gradient and
+    program, `flush()`, or any read of `tables` / `states` / `prefetch` / `apply_grad`, so a
+    run equals the separate `prefetch` / `apply_grad` pipeline and the HBM placement (to f32 rounding: the gradient and
     the update now share one XLA program). `run.compiled_text(...)` returns the optimised HLO of
     the program a call with the same arguments would dispatch.
 

@@ -418,14 +418,9 @@ def _check_ids(mapping, data, n=4096):
 
 
 def _rows_of(tables, ids):
-  """{layer: those rows as NumPy}, from HBM or pinned_host tables (a jitted gather; the host
-  table's rows are read by the program, the table is never copied whole)."""
-  out = {}
-  for l, t in tables.items():
-    i = jax.device_put(ids[l], t.sharding)
-    out[l] = np.asarray(jax.jit(lambda t, i: t.at[i].get(mode="promise_in_bounds"),
-                                out_shardings=offload.placement_sharding("device"))(t, i))
-  return out
+  """{layer: those rows as NumPy}, from HBM or pinned_host tables (never copied whole)."""
+  return {l: np.asarray(offload.fetch_rows(t, jax.device_put(ids[l], t.sharding)))
+          for l, t in tables.items()}
 
 
 def _max_diff(a, b):

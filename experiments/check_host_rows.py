@@ -6,7 +6,7 @@ For a pinned_host table and an HBM table of `--rows` x `--width` f32 (default 16
 above 2^31 bytes, so 32-bit byte offsets would overflow) and a small one, with sorted unique row
 ids plus padding (the `offload.HostTableTrainer` layout: padding id R, dropped by scatters;
 gathers clamp it to R-1), compares with NumPy:
-  gather   `table.at[ids].get(mode='promise_in_bounds')` -> device
+  gather   `offload.fetch_rows` (`table.at[ids].get(mode='promise_in_bounds')` -> device)
   scatter  `table.at[ids].set(rows, mode='drop')` (donated), then the whole table read back
 and then one `HostTableTrainer` step against the same step on an HBM table.
 Prints one line per check (max |difference|, which must be 0) and exits non-zero on a mismatch.
@@ -44,8 +44,8 @@ def check_primitives(rows, width, slots, placement, seed=0):
   home = offload.placement_sharding(placement)
   dev = offload.placement_sharding("device")
   table = _table(rows, width, placement)
-  gather = jax.jit(lambda t, i: t.at[i].get(mode="promise_in_bounds"), out_shardings=dev)
-  got = np.asarray(gather(table, jax.device_put(np.minimum(ids, rows - 1), home)))
+  read = lambda t, i: np.asarray(offload.fetch_rows(t, jax.device_put(i, home)))  # noqa: E731
+  got = read(table, np.minimum(ids, rows - 1))
   want = _expected_rows(np.minimum(ids, rows - 1), width)
   out = {"gather": float(np.max(np.abs(got - want)))}
   space = jax.typeof(table).memory_space
@@ -53,7 +53,7 @@ def check_primitives(rows, width, slots, placement, seed=0):
                     donate_argnums=0)
   new = -np.arange(slots * width, dtype=np.float32).reshape(slots, width) - 1
   table = scatter(table, jax.device_put(ids, home), jax.device_put(new, dev))
-  got = np.asarray(gather(table, jax.device_put(np.minimum(ids, rows - 1), home)))
+  got = read(table, np.minimum(ids, rows - 1))
   real = ids < rows
   out["scatter: written rows"] = float(np.max(np.abs(got[real] - new[real])))
   if placement != "device":
@@ -64,13 +64,13 @@ def check_primitives(rows, width, slots, placement, seed=0):
     new2 = new - 7
     v = jax.block_until_ready(jax.device_put(new2, home))
     table = scatter_host(table, jax.device_put(ids, home), v)
-    got = np.asarray(gather(table, jax.device_put(np.minimum(ids, rows - 1), home)))
+    got = read(table, np.minimum(ids, rows - 1))
     out["scatter, rows put first"] = float(np.max(np.abs(got[real] - new2[real])))
   # Rows not written keep their values: neighbours of the written ids and a random sample.
   others = np.setdiff1d(np.concatenate([ids[real] + 1, ids[real] - 1,
                                         rng.integers(0, rows, 4096)]), ids)
   others = others[(others >= 0) & (others < rows)].astype(np.int32)
-  got = np.asarray(gather(table, jax.device_put(others, home)))
+  got = read(table, others)
   out["scatter: other rows"] = float(np.max(np.abs(got - _expected_rows(others, width))))
   return out
 
@@ -89,10 +89,9 @@ def check_trainer_step(rows, width, seed=0):
     trainer.apply_grad(h, {1: jax.device_put(grad, offload.placement_sharding("device"))}, 0.5)
     rid = np.asarray(h.row_ids[1])
     rid = rid[rid < rows]
-    results[placement] = np.asarray(jax.jit(
-        lambda t, i: t.at[i].get(mode="promise_in_bounds"),
-        out_shardings=offload.placement_sharding("device"))(
-            trainer.tables[1], jax.device_put(rid, trainer.tables[1].sharding)))
+    table = trainer.tables[1]
+    results[placement] = np.asarray(offload.fetch_rows(table,
+                                                       jax.device_put(rid, table.sharding)))
   return {"trainer step host vs HBM": float(np.max(np.abs(results["pinned_host"]
                                                           - results["device"])))}
 
