@@ -195,10 +195,9 @@ class EngramLM(nn.Module):
     for seg in layer_segments(cfg):
       if seg.engram or not cfg.scan_layers:
         for l in range(seg.start, seg.stop):
-          x_BxTxMxD, s = block_cls(cfg, seg.use_moe, l if seg.engram else None, deterministic,
-                                   self.decode, name=f"layer_{l}")(x_BxTxMxD, positions,
-                                                                   segment_ids,
-                                                      engram_inputs.get(l))
+          block = block_cls(cfg, seg.use_moe, l if seg.engram else None, deterministic,
+                            self.decode, name=f"layer_{l}")
+          x_BxTxMxD, s = block(x_BxTxMxD, positions, segment_ids, engram_inputs.get(l))
           if seg.use_moe:
             moe_stats.append(jax.tree.map(lambda a: a[None], s))
         continue

@@ -32,8 +32,7 @@ only while table + Adam moments + a dense gradient (+ one update-sized temporary
 filled by a fused iota expression (a random init would need a table-sized temporary).
 
 Sizes run largest first (a fresh allocator holds the one huge table best). Prints one table:
-rows, table GB, ms per step for each optimiser, and sparse growth vs the
-smallest table. Timing: AOT-compiled step, 3 warm-up steps, then the median of 5 runs of 10
+rows, table GB, ms per step for each optimiser, and sparse growth vs the smallest table. Timing: AOT-compiled step, 3 warm-up steps, then the median of 5 runs of 10
 steps each (block_until_ready at the end of each run).
 
 Dimension legend: B batch, T time, H hash heads, E row width, R table rows, D model width,
