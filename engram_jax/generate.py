@@ -88,22 +88,22 @@ class Generator:
     device = next(iter(tables.values())).sharding._device
     self.dev = offload.placement_sharding("device", device)
     self.home = {l: offload.placement_sharding(p, device) for l, p in self.placements.items()}
-    self.offsets = {l: jax.device_put(np.asarray(mapping.offsets(l), np.int32), self.dev)
-                    for l in self.layers}
+    # NumPy, not device arrays: the jitted steps close over these, and a closed-over device
+    # array becomes a program constant read back from the device (on a GPU a device-to-host
+    # copy, which jax.transfer_guard("disallow") refuses).
+    self.offsets = {l: np.asarray(mapping.offsets(l), np.int32) for l in self.layers}
     for l in self.layers:
       if tables[l].shape[0] != mapping.num_rows(l):
         raise ValueError(f"layer {l}: table has {tables[l].shape[0]} rows, mapping "
                          f"{mapping.num_rows(l)}")
-    self._compression_host = None if compression is None else np.asarray(compression, np.int32)
-    self.compression = None if compression is None else jax.device_put(
-        self._compression_host, self.dev)
+    self.compression = None if compression is None else np.asarray(compression, np.int32)
     self._step = jax.jit(self._step_fn, donate_argnums=(0, 2))  # tokens, history in place
     self._write = jax.jit(self._write_fn, donate_argnums=0)
 
   # -- pieces ----------------------------------------------------------------------------------------
 
   def _compress(self, tokens):
-    return tokens if self.compression is None else self.compression[tokens]
+    return tokens if self.compression is None else jnp.asarray(self.compression)[tokens]
 
   def _fetch_rows(self, rows_dev_BxTxH: dict, tables: Optional[Mapping] = None) -> dict:
     """Starts the fetch of `rows` for every layer (explicit puts; async). Inside a jitted step
@@ -155,7 +155,7 @@ class Generator:
     if temperature < 0:
       raise ValueError(f"temperature must be >= 0, got {temperature}")
     b, p = prompt.shape
-    comp = prompt if self.compression is None else self._compression_host[prompt]
+    comp = prompt if self.compression is None else self.compression[prompt]
     ids = self.mapping.hash_numpy(comp)
     put = lambda x: jax.device_put(x, self.dev)  # noqa: E731
     rows = {l: put(np.clip(ids[l] + np.asarray(self.mapping.offsets(l)), 0,

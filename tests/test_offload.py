@@ -288,15 +288,17 @@ def _gen_setup():
   compression = np.random.default_rng(5).integers(0, GEN_VC, GEN_V)
   rng = np.random.default_rng(6)
   h = mapping.num_heads
-  w_FxV = jnp.asarray(rng.normal(size=(len(mapping.layer_ids) * h * E, GEN_V)), jnp.float32)
-  emb_VxV = jnp.asarray(rng.normal(size=(GEN_V, GEN_V)), jnp.float32)
+  # NumPy, not jax arrays: a jax array closed over by logits_fn becomes a constant of the traced
+  # program, which on a GPU is a device-to-host copy that transfer_guard("disallow") refuses.
+  w_FxV = rng.normal(size=(len(mapping.layer_ids) * h * E, GEN_V)).astype(np.float32)
+  emb_VxV = rng.normal(size=(GEN_V, GEN_V)).astype(np.float32)
 
   def logits_fn(tokens_BxT, engram_inputs):        # position-wise, hence causal
     feats = jnp.concatenate([expand_rows(engram_inputs[l].rows_UxE,
                                          engram_inputs[l].inverse_BxTxH)
                              for l in mapping.layer_ids], -1)
     # HIGHEST: a GPU's default f32 matmul (TF32) would change argmaxes vs the NumPy reference.
-    return jnp.matmul(feats, w_FxV, precision="highest") + emb_VxV[tokens_BxT]
+    return jnp.matmul(feats, w_FxV, precision="highest") + jnp.asarray(emb_VxV)[tokens_BxT]
 
   def reference(tables_np, prompt, new):
     toks = prompt.copy()
@@ -304,7 +306,7 @@ def _gen_setup():
       ids = mapping.hash_numpy(compression[toks])
       feats = np.concatenate([tables_np[l][ids[l] + mapping.offsets(l)].reshape(
           toks.shape + (-1,)) for l in mapping.layer_ids], -1)
-      logits = feats @ np.asarray(w_FxV) + np.asarray(emb_VxV)[toks]
+      logits = feats @ w_FxV + emb_VxV[toks]
       toks = np.concatenate([toks, logits[:, -1].argmax(-1)[:, None].astype(np.int32)], 1)
     return toks
   return mapping, compression, logits_fn, reference
