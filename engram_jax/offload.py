@@ -312,7 +312,7 @@ class HostTableTrainer:
     # (row_ids_home, new leaves) of the last fused step, scattered by the next program.
     self._pending: Optional[tuple[dict, dict]] = None
     self._gather = jax.jit(self._gather_fn)
-    self._update = jax.jit(self._update_fn, static_argnames=("has_step",))
+    self._update = jax.jit(self._update_home_fn, static_argnames=("has_step",))
     self._scatter = jax.jit(self._scatter_fn, donate_argnums=0)
     self._device = next(iter(self._tables.values())).sharding._device
 
@@ -440,15 +440,21 @@ class HostTableTrainer:
         out[l] = _patch(p_rid, p_leaves, rid, new_leaves[l], num_rows)
     return new_leaves, patched
 
+  def _update_home_fn(self, *args, **kw):
+    """`_update_fn` whose new rows are output in the tables' memory (for `_scatter_fn`)."""
+    new_leaves, patched = self._update_fn(*args, **kw)
+    return self._to_home(new_leaves), patched
+
   @staticmethod
   def _scatter_fn(arrays, row_ids_home, new_leaves):
     """`arr[rid] = new` for every array, in place (donated); padding ids (R) are dropped.
 
-    `new_leaves` must already be in the arrays' memory (`_to_home`): on the H200 (jax 0.11.2)
-    a device-to-host copy of the new rows inside the same program as the host scatter that
-    reads them raced with it, and some rows were written with values that had not arrived
+    `new_leaves` must already be in the arrays' memory, put there by an earlier program (the
+    update's own output, `_to_home` inside it) or transfer: on the H200 (jax 0.11.2) a
+    device-to-host copy of the new rows inside the same program as the host scatter that reads
+    them raced with it, and some rows were written with values that had not arrived
     (`python -m experiments.check_host_rows`: max |diff| 64 and 320 in two runs, 262,144 rows
-    of a 16.8M-row table; 0 when the rows were put on the host by a transfer of their own).
+    of a 16.8M-row table; 0 when the rows reached the host before the scatter's program).
     """
     out = {}
     for l, arrs in arrays.items():
@@ -463,8 +469,9 @@ class HostTableTrainer:
     return out
 
   def _to_home(self, new_leaves):
-    """The updated rows moved, by transfers of their own, to each table's memory (dispatched
-    asynchronously; the scatter program that consumes them waits for them)."""
+    """The updated rows placed in each table's memory. Called at the end of the programs that
+    compute them (the update, the fused step), so the copy leaves with their outputs and the
+    host scatter of a later program reads rows that have arrived."""
     return {l: tuple(jax.device_put(v.astype(a.dtype),
                                     placement_sharding(self.placements[l], self._device))
                      for a, v in zip(self._arrays(l), new_leaves[l]))
@@ -497,12 +504,11 @@ class HostTableTrainer:
         learning_rate, jax.Array) else learning_rate
     step_arr = step if isinstance(step, jax.Array) else jax.device_put(
         np.int32(0 if step is None else step), dev)
-    new_leaves, patched = self._update(handle.leaves, handle.row_ids, g, pending,
-                                       lr.astype(jnp.float32), step_arr,
-                                       has_step=step is not None)
+    new_home, patched = self._update(handle.leaves, handle.row_ids, g, pending,
+                                     lr.astype(jnp.float32), step_arr,
+                                     has_step=step is not None)
     for p, leaves in zip(self._outstanding, patched):
       p.leaves = leaves
-    new_home = self._to_home(new_leaves)
     arrays = {l: self._arrays(l) for l in self.layers}
     out = self._scatter(arrays, handle.row_ids_home, new_home)
     for l in self.layers:
@@ -528,11 +534,11 @@ class HostTableTrainer:
               the next rows with the rows it just updated (so they equal the table after
               this step, as in `apply_grad`).
 
-    This step's own update is moved to the tables' memory by transfers of their own (not
-    inside a program that scatters it: `_scatter_fn` says why) and stays pending until the next
-    program, `flush()`, or any read of `tables` / `states` / `prefetch` / `apply_grad`, so a
-    run equals the separate `prefetch` / `apply_grad` pipeline and the HBM placement (to f32 rounding: the gradient and
-    the update now share one XLA program). `run.compiled_text(...)` returns the optimised HLO of
+    This step's own update leaves the program in the tables' memory (it is not scattered by the
+    program that computes it: `_scatter_fn` says why) and stays pending until the next program,
+    `flush()`, or any read of `tables` / `states` / `prefetch` / `apply_grad`, so a run equals
+    the separate `prefetch` / `apply_grad` pipeline and the HBM placement (to f32 rounding: the
+    gradient and the update share one XLA program). `run.compiled_text(...)` returns the optimised HLO of
     the program a call with the same arguments would dispatch.
 
     Why one program: XLA runs programs in order on the device's stream, so a separate gather or
@@ -556,7 +562,10 @@ class HostTableTrainer:
            for l, x in grads.items()}
       nxt = [{l: (next_row_ids[l], next_leaves[l]) for l in self.layers}] if has_next else []
       new_leaves, patched = self._update_fn(leaves, row_ids, g, nxt, lr, step, has_step)
-      return outputs, arrays, new_leaves, (patched[0] if has_next else None)
+      # The update leaves this program already in the tables' memory; the next program's host
+      # scatter reads it (never this program's: `_scatter_fn` says why).
+      return (outputs, arrays, self._to_home(new_leaves),
+              (patched[0] if has_next else None))
 
     def prepare(handle, next_ids, model_state, inputs, step):
       if handle.consumed or handle not in self._outstanding:
@@ -582,12 +591,10 @@ class HostTableTrainer:
 
     def run(handle: PrefetchHandle, next_ids, state, inputs, step=None):
       fn, args, nxt = prepare(handle, next_ids, state, inputs, step)
-      outputs, arrays, new_leaves, next_leaves = fn(*args)
+      outputs, arrays, new_home, next_leaves = fn(*args)
       for l in self.layers:
         self._set_arrays(l, arrays[l])
-      # Moved home right away (a D2H transfer beside the next dispatch), never inside the
-      # program that scatters them (see `_scatter_fn`).
-      self._pending = (handle.row_ids_home, self._to_home(new_leaves))
+      self._pending = (handle.row_ids_home, new_home)
       self._outstanding.remove(handle)
       handle.consumed = True
       if nxt is not None:

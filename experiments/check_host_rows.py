@@ -48,6 +48,8 @@ def check_primitives(rows, width, slots, placement, seed=0):
   got = read(table, np.minimum(ids, rows - 1))
   want = _expected_rows(np.minimum(ids, rows - 1), width)
   out = {"gather": float(np.max(np.abs(got - want)))}
+  # "*": the pattern the library avoids (in-program D2H copy + host scatter of it); reported,
+  # not required to be exact.
   space = jax.typeof(table).memory_space
   scatter = jax.jit(lambda t, i, v: t.at[i].set(jax.device_put(v, space), mode="drop"),
                     donate_argnums=0)
@@ -55,7 +57,7 @@ def check_primitives(rows, width, slots, placement, seed=0):
   table = scatter(table, jax.device_put(ids, home), jax.device_put(new, dev))
   got = read(table, np.minimum(ids, rows - 1))
   real = ids < rows
-  out["scatter: written rows"] = float(np.max(np.abs(got[real] - new[real])))
+  out["scatter: written rows" + ("*" if placement != "device" else "")] = float(np.max(np.abs(got[real] - new[real])))
   if placement != "device":
     # The same scatter with the new rows moved to the host by a transfer of their own first
     # (the program then has only host operands): tells a race between the in-program
@@ -66,6 +68,14 @@ def check_primitives(rows, width, slots, placement, seed=0):
     table = scatter_host(table, jax.device_put(ids, home), v)
     got = read(table, np.minimum(ids, rows - 1))
     out["scatter, rows put first"] = float(np.max(np.abs(got[real] - new2[real])))
+    # The library's pattern: the rows are computed on the device and output to the host by one
+    # program, and the next program scatters them (dispatched back to back, no wait between).
+    produce = jax.jit(lambda v: jax.device_put(v - 11, space))
+    v = produce(jax.device_put(new, dev))
+    table = scatter_host(table, jax.device_put(ids, home), v)
+    got = read(table, np.minimum(ids, rows - 1))
+    out["scatter, rows output by the previous program"] = float(
+        np.max(np.abs(got[real] - (new[real] - 11))))
   # Rows not written keep their values: neighbours of the written ids and a random sample.
   others = np.setdiff1d(np.concatenate([ids[real] + 1, ids[real] - 1,
                                         rng.integers(0, rows, 4096)]), ids)
@@ -92,8 +102,32 @@ def check_trainer_step(rows, width, seed=0):
     table = trainer.tables[1]
     results[placement] = np.asarray(offload.fetch_rows(table,
                                                        jax.device_put(rid, table.sharding)))
-  return {"trainer step host vs HBM": float(np.max(np.abs(results["pinned_host"]
-                                                          - results["device"])))}
+  out = {"trainer step host vs HBM": float(np.max(np.abs(results["pinned_host"]
+                                                         - results["device"])))}
+  # Two fused steps (make_fused_step): step 0's update is output to the host by its program and
+  # scattered by step 1's; every row either step touched is compared.
+  ids2 = [np.random.default_rng(seed + 2 + i).integers(0, rows, (4, 256, 2)).astype(np.int32)
+          for i in range(2)]
+  dev = offload.placement_sharding("device")
+  results = {}
+  for placement in ("pinned_host", "device"):
+    trainer = offload.HostTableTrainer(cfg, {1: _table(rows, width, placement)}, offsets)
+    run = trainer.make_fused_step(lambda state, g, rows_: (state, {1: g}, 0.5))
+    h = trainer.prefetch({1: ids2[0]})
+    u = h.leaves[1][0].shape[0]
+    touched = []
+    for s, nxt in ((0, {1: ids2[1]}), (1, None)):
+      touched.append(np.asarray(h.row_ids[1]))
+      grad = np.random.default_rng(seed + 5 + s).standard_normal((u, width)).astype(np.float32)
+      _, h = run(h, nxt, None, jax.device_put(grad, dev))
+    rid = np.unique(np.concatenate(touched))
+    rid = rid[rid < rows].astype(np.int32)
+    table = trainer.tables[1]
+    results[placement] = np.asarray(offload.fetch_rows(table,
+                                                       jax.device_put(rid, table.sharding)))
+  out["2 fused steps host vs HBM"] = float(np.max(np.abs(results["pinned_host"]
+                                                         - results["device"])))
+  return out
 
 
 def main():
@@ -107,13 +141,14 @@ def main():
   for rows, slots in ((args.rows, args.slots), (4099, 1024)):
     for placement in ("pinned_host", "device"):
       for name, diff in check_primitives(rows, args.width, slots, placement).items():
-        bad |= diff != 0
-        print(f"  R={rows:>11,} {placement:<11} {name:<22} max |diff| {diff:.3g}"
-              f"{'' if diff == 0 else '   MISMATCH'}", flush=True)
+        bad |= diff != 0 and not name.endswith("*")
+        print(f"  R={rows:>11,} {placement:<11} {name:<46} max |diff| {diff:.3g}"
+              f"{'' if diff == 0 else '   MISMATCH' + (' (expected)' if name.endswith('*') else '')}",
+              flush=True)
   for rows in (args.rows, 4099):
     for name, diff in check_trainer_step(rows, args.width).items():
       bad |= diff != 0
-      print(f"  R={rows:>11,} {name:<34} max |diff| {diff:.3g}"
+      print(f"  R={rows:>11,} {name:<46} max |diff| {diff:.3g}"
             f"{'' if diff == 0 else '   MISMATCH'}", flush=True)
   sys.exit(1 if bad else 0)
 
