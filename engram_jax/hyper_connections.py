@@ -25,11 +25,11 @@ simplify (documented, not hidden):
   * No custom kernels and no recomputation tricks of the paper's infrastructure section; the
     coefficients are computed in float32 by XLA: one [M*D, 2M + M^2] projection per token (the
     three phi concatenated, the RMSNorm's 1/rms applied to its output and its scale folded into
-    phi, so the normalised streams are never materialised), and einsums for the M-term
-    stream sums. On an H200 those einsums ran as batched 4x4 GEMMs (52 ms of small_gpu's
-    265 ms step, experiments/profile_step.py); experiments/bench_mhc.py times this
-    formulation against the previous one (three projections of the normalised streams) and
-    an elementwise candidate for the sums, in one run.
+    phi, so the normalised streams are never materialised). The H_res stream mixing
+    (`mix_streams`) is an einsum on CPU and elementwise products + a sum elsewhere: on an H200
+    the einsum ran as batched 4x4 GEMMs (52 ms of small_gpu's 265 ms step,
+    experiments/profile_step.py), and experiments/bench_mhc.py timed the wrapper at 3.22 ms
+    with it and 2.49 ms elementwise (the 2-core CPU: 38.6 vs 80.9 ms).
   * Sinkhorn runs a fixed `sinkhorn_iters` (paper: 20) row-then-column normalisations; the
     result is exactly column-stochastic and row sums converge to 1.
 Stream expansion (`expand_streams`) copies the embedding to the M streams; contraction
@@ -43,7 +43,7 @@ Dimension legend: B batch, T length, M streams (hc_mult), D hidden size.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -132,9 +132,28 @@ class HyperConnection(nn.Module):
     return layer_in_BxTxD, (post_BxTxM, res_BxTxMxM)
 
 
-def hc_combine(x_BxTxMxD: jax.Array, out_BxTxD: jax.Array, coeffs) -> jax.Array:
-  """x_{l+1} = H_res x_l + H_post^T out, in float32, returned in x's dtype."""
+def mix_streams(res_BxTxMxM: jax.Array, x_BxTxMxD: jax.Array, how: Optional[str] = None
+                ) -> jax.Array:
+  """H_res x per token: sum_j res[b,t,i,j] x[b,t,j,:].
+
+  `how`: "einsum" (a batched MxM GEMM per token), "elementwise" (M^2 broadcast products and a
+  sum over j), or None: einsum on CPU, elementwise elsewhere. Measured by
+  `python -m experiments.bench_mhc` (one sub-layer wrapper, fwd+bwd, B=32 T=1024 M=4 D=768):
+  H200 3.22 ms (einsum) vs 2.49 ms (elementwise); 2-core CPU (B=4 T=256) 38.6 vs 80.9 ms.
+  """
+  how = how or ("einsum" if jax.default_backend() == "cpu" else "elementwise")
+  if how == "einsum":
+    return jnp.einsum("btij,btjd->btid", res_BxTxMxM, x_BxTxMxD)
+  if how == "elementwise":
+    return jnp.sum(res_BxTxMxM[..., None] * x_BxTxMxD[:, :, None, :, :], axis=3)
+  raise ValueError(f"mix_streams: how must be 'einsum', 'elementwise' or None, got {how!r}")
+
+
+def hc_combine(x_BxTxMxD: jax.Array, out_BxTxD: jax.Array, coeffs, how: Optional[str] = None
+               ) -> jax.Array:
+  """x_{l+1} = H_res x_l + H_post^T out, in float32, returned in x's dtype (`how`: as in
+  `mix_streams`)."""
   post_BxTxM, res_BxTxMxM = coeffs
-  mixed = jnp.einsum("btij,btjd->btid", res_BxTxMxM, x_BxTxMxD.astype(jnp.float32))
+  mixed = mix_streams(res_BxTxMxM, x_BxTxMxD.astype(jnp.float32), how)
   new = mixed + post_BxTxM[..., None] * out_BxTxD.astype(jnp.float32)[:, :, None, :]
   return new.astype(x_BxTxMxD.dtype)

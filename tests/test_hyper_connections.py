@@ -10,7 +10,7 @@ import pytest
 
 from engram_jax.config import ModelConfig
 from engram_jax.hyper_connections import (HyperConnection, contract_streams, expand_streams,
-                                          hc_combine, sinkhorn_knopp)
+                                          hc_combine, mix_streams, sinkhorn_knopp)
 from engram_jax.model import EngramLM
 
 
@@ -103,9 +103,10 @@ def _numpy_mhc(p, x, out, iters, eps=1e-6):
   return layer_in, new
 
 
-def test_hyper_connection_and_combine_match_the_formulas():
+@pytest.mark.parametrize("how", ["einsum", "elementwise"])
+def test_hyper_connection_and_combine_match_the_formulas(how):
   """HyperConnection + hc_combine == the docstring's equations (NumPy, float64), with gates and
-  biases far from their init so that every term matters."""
+  biases far from their init so that every term matters; both stream-mixing formulations."""
   x = jax.random.normal(jax.random.key(8), (2, 5, 4, 16))
   out = jax.random.normal(jax.random.key(9), (2, 5, 16))
   hc = HyperConnection(sinkhorn_iters=7)
@@ -117,8 +118,13 @@ def test_hyper_connection_and_combine_match_the_formulas():
   for name in ("alpha_pre", "alpha_post", "alpha_res"):
     p[name] = jnp.asarray(3.0 + len(name) / 10)
   layer_in, coeffs = fast_jit(hc.apply)({"params": p}, x)
-  new = hc_combine(x, out, coeffs)
+  new = hc_combine(x, out, coeffs, how)
   want_in, want_new = _numpy_mhc({k: np.asarray(v) for k, v in p.items()}, x, out, 7)
   np.testing.assert_allclose(layer_in, want_in, rtol=2e-5, atol=2e-5)
   np.testing.assert_allclose(new, want_new, rtol=2e-5, atol=2e-5)
   assert float(np.abs(want_new - np.asarray(x) - np.asarray(out)[:, :, None, :]).max()) > 0.1
+
+
+def test_mix_streams_rejects_an_unknown_formulation():
+  with pytest.raises(ValueError, match="how must be"):
+    mix_streams(jnp.ones((1, 1, 2, 2)), jnp.ones((1, 1, 2, 3)), "matmul")
