@@ -7,11 +7,17 @@ above 2^31 bytes, so 32-bit byte offsets would overflow) and a small one, with s
 ids plus padding (the `offload.HostTableTrainer` layout: padding id R, dropped by scatters;
 gathers clamp it to R-1), compares with NumPy:
   gather   `offload.fetch_rows` (`table.at[ids].get(mode='promise_in_bounds')` -> device)
-  scatter  `table.at[ids].set(rows, mode='drop')` (donated), then the whole table read back
-and then one `HostTableTrainer` step against the same step on an HBM table.
-Prints one line per check (max |difference|, which must be 0) and exits non-zero on a mismatch.
-Added after bench_offload's first GPU runs, where rows updated through pinned_host tables
-differed from the HBM placement's.
+  scatter  `table.at[ids].set(rows, mode='drop')` (donated), with the new rows
+           * copied to the host inside the scatter's program (the pattern the library avoids:
+             on the H200 it writes wrong rows; reported, marked `*`, not required),
+           put on the host first, or output to the host by the previous program (the
+           library's pattern); then the written and other rows read back,
+and then one `HostTableTrainer.apply_grad` step and two fused steps (`make_fused_step`)
+against the same steps on an HBM table.
+Prints one line per check (max |difference|, which must be 0 except `*`) and exits non-zero on a
+mismatch. Added after bench_offload's first GPU runs, where rows updated through pinned_host
+tables differed from the HBM placement's. H200 (jax 0.11.2): every required check 0; `*` 64
+and 832 in two runs.
 
 Dimension legend: R table rows, E row width, U row slots.
 """
