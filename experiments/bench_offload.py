@@ -38,19 +38,17 @@ Agreement: every run also prints, per host mode, the first-step loss next to the
 inputs, so any difference is a bug), the largest per-step |loss difference| and the largest
 |difference| of 4096 updated rows per table after the run.
 
-Status (H200, jax 0.11.2; numbers in the README): after the race fix, 32 GB with d=4096, 24
-blocks, --remat: HBM 602.83 ms, separate +5.8%, fused +4.4% (Zipf tokens, no buckets); with
---row_buckets 16 the host side cost 227-360 ms per step (unexplained; Zipf or corpus). Runs
-before the fix found wrong updated rows in the host modes, traced by
-experiments/check_host_rows.py to a race between an in-program device-to-host copy and the host
-scatter, now avoided (`HostTableTrainer._to_home` runs at the end of the producing program).
-The end-of-run row and loss agreement still differ after the fix; after one update the
-losses agree to ~1e-4 relative (8 GB run), so the later differences are this bf16 stand-in
-amplifying rounding. `--probe` (4 GiB
-f32 table, 262,144 random rows of 256 B): host gather -> HBM 3.60 ms, host scatter back
-4.33 ms; a 48.29 ms matmul followed by the gather program 50.71 ms, by the scatter program
-53.23 ms; in ONE program 49.86 ms (gather; 49.90 ms on `gpu_stream:1`) and 50.49 ms (scatter,
-stream 1).
+Status (H200, jax 0.11.2; numbers in the README): after the race fix, 32 GB with d=4096, 24 blocks,
+--remat: HBM 602.83 ms, separate +5.8%, fused +4.4% (Zipf tokens, no buckets); with --row_buckets
+16 the host side cost 227-360 ms per step (unexplained; Zipf or corpus). Runs before the fix found
+wrong updated rows in the host modes, traced by experiments/check_host_rows.py to a race between an
+in-program device-to-host copy and the host scatter, now avoided (`HostTableTrainer._to_home` runs
+at the end of the producing program). The end-of-run row and loss agreement still differ after the
+fix; after one update the losses agree to ~1e-4 relative (8 GB run), so the later differences fit
+this bf16 stand-in amplifying rounding. `--probe` (4 GiB f32 table, 262,144 random rows of 256 B):
+host gather -> HBM 3.60 ms, host scatter back 4.33 ms; a 48.29 ms matmul followed by the gather
+program 50.71 ms, by the scatter program 53.23 ms; in ONE program 49.86 ms (gather; 49.90 ms on
+`gpu_stream:1`) and 50.49 ms (scatter, stream 1).
 
 Dimension legend: B batch, T time, H hash heads, E row width, U = B*T*H row slots, D width.
 """
