@@ -72,6 +72,11 @@ class Generator:
     mapping: the hash mapping (its layer_ids must cover `tables`).
     compression: int[V] raw -> compressed id lookup (CompressedTokenizer.lookup_table), or None
       if the inputs are already compressed-vocabulary ids.
+
+  The windowed reference for `CachedGenerator`. Whatever `logits_fn` closes over (e.g. model
+  params) becomes a constant of the jitted step: device arrays are then read back from the
+  device at compile time, which a GPU refuses under `jax.transfer_guard("disallow")`; close
+  over NumPy copies, or use `CachedGenerator`, which takes the variables as an argument.
   """
 
   def __init__(self, logits_fn: LogitsFn, tables: Mapping[int, jax.Array],

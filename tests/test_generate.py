@@ -96,3 +96,46 @@ def test_in_step_fetch_keeps_host_tables_on_the_host():
               if re.search(r"= " + re.escape(shape) + r"\{[^}]*\} (copy|copy-start|copy-done)\(",
                            line)]
     assert not copies, copies
+
+
+def _device_array_constants(obj, names, run):
+  """Runs `run()` with `obj`'s jitted methods `names` traced at their first call; returns
+  {name: number of jax.Array constants its program closes over}. A closed-over device array
+  becomes a program constant that XLA reads back from the device: on a GPU a device-to-host
+  copy, refused under jax.transfer_guard("disallow") (the CPU backend copies nothing, so the
+  guard alone cannot catch it here)."""
+  found = {}
+  for name in names:
+    fn = getattr(obj, name)
+
+    def recording(*args, _name=name, _fn=fn, **kw):
+      if _name not in found:      # traced before the call: donated arguments die in it
+        consts = _fn.trace(*args, **kw).jaxpr.consts
+        found[_name] = sum(isinstance(c, jax.Array) for c in consts)
+      return _fn(*args, **kw)
+    setattr(obj, name, recording)
+  run()
+  return found
+
+
+@pytest.mark.parametrize("fetch_in_step", [True, False])
+def test_generator_programs_close_over_no_device_arrays(fetch_in_step):
+  """Found on the H200: the generators' offsets and compression table were device arrays that
+  their jitted steps closed over, and generation under transfer_guard("disallow") failed."""
+  cfg, mapping, tables, variables = _setup("pinned_host")
+  model = EngramLM(cfg)
+  prompt = np.random.default_rng(3).integers(0, V, (B, P)).astype(np.int32)
+  compression = np.arange(V, dtype=np.int32)[::-1].copy() % V
+  # The windowed Generator takes no variables argument: its logits_fn closes over NumPy copies
+  # (constants of the program either way; NumPy ones need no read-back).
+  np_variables = jax.tree.map(np.asarray, variables)
+  windowed = Generator(lambda tok, rows: model.apply(np_variables, tok, engram_inputs=rows)[0],
+                       tables, mapping, compression)
+  found = _device_array_constants(windowed, ["_step", "_write"], lambda: windowed(prompt, 3))
+  assert found == {"_step": 0, "_write": 0}
+  init_cache, decode_fn = engram_lm_decoder(cfg)
+  cached = CachedGenerator(decode_fn, init_cache, variables, tables, mapping, compression,
+                           fetch_in_step=fetch_in_step)
+  decode = "_decode_fetching" if fetch_in_step else "_decode"
+  found = _device_array_constants(cached, ["_prefill", decode], lambda: cached(prompt, 3))
+  assert found == {"_prefill": 0, decode: 0}

@@ -466,3 +466,21 @@ def test_fused_step_refuses_a_second_outstanding_handle():
   trainer.prefetch(batches[1][0])
   with pytest.raises(ValueError, match="another prefetched handle"):
     run(h0, None, (), ())
+
+
+def test_trainer_programs_close_over_no_device_arrays():
+  """As the generators' check (tests/test_generate.py): the gather, update and scatter programs
+  take every array as an argument (a closed-over device array is read back to the host at
+  compile time, which a GPU refuses under transfer_guard)."""
+  from tests.test_generate import _device_array_constants
+  trainer = offload.HostTableTrainer(CFG, _tables("pinned_host"), {l: _offsets(l) for l in LAYERS})
+  batches = _batches(2, seed=9)
+
+  def run():
+    h = trainer.prefetch(batches[0][0])
+    nxt = trainer.prefetch(batches[1][0])                     # patched by the update
+    trainer.apply_grad(h, {l: jnp.ones(h.leaves[l][0].shape, jnp.float32) for l in LAYERS}, LR)
+    trainer.apply_grad(nxt, {l: jnp.ones(nxt.leaves[l][0].shape, jnp.float32) for l in LAYERS},
+                       LR)
+  found = _device_array_constants(trainer, ["_gather", "_update", "_scatter"], run)
+  assert found == {"_gather": 0, "_update": 0, "_scatter": 0}
