@@ -154,6 +154,7 @@ def hc_combine(x_BxTxMxD: jax.Array, out_BxTxD: jax.Array, coeffs, how: Optional
   """x_{l+1} = H_res x_l + H_post^T out, in float32, returned in x's dtype (`how`: as in
   `mix_streams`)."""
   post_BxTxM, res_BxTxMxM = coeffs
-  mixed = mix_streams(res_BxTxMxM, x_BxTxMxD.astype(jnp.float32), how)
-  new = mixed + post_BxTxM[..., None] * out_BxTxD.astype(jnp.float32)[:, :, None, :]
-  return new.astype(x_BxTxMxD.dtype)
+  with jax.named_scope("hc_combine"):       # experiments/profile_step.py files it under mHC
+    mixed = mix_streams(res_BxTxMxM, x_BxTxMxD.astype(jnp.float32), how)
+    new = mixed + post_BxTxM[..., None] * out_BxTxD.astype(jnp.float32)[:, :, None, :]
+    return new.astype(x_BxTxMxD.dtype)

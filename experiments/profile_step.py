@@ -49,8 +49,9 @@ PARTS = (
     (r"/moe/experts", "MoE routed experts"),
     (r"/moe/shared", "MoE shared expert"),
     (r"/moe/", "MoE router + dispatch"),
-    # `_sublayer/btij,btjd->btid`: hyper_connections' stream mixing, traced outside the hc_*
-    # module scope (the first small_gpu profile put its 52 ms under "model (other)").
+    # The stream mixing runs in hc_combine's `hc_combine` named scope (`/hc_`); before it had
+    # one, the einsum was `_sublayer/btij,btjd->btid` (52 ms under "model (other)" in the first
+    # small_gpu profile).
     (r"/hc_(attn|ffn)/|/hc_|hyper|_sublayer/btij,btjd->btid", "mHC mixing"),
     (r"/attn_norm/|/ffn_norm/|norm", "norms"),
     (r"/attn/", "attention"),
