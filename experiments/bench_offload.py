@@ -34,6 +34,10 @@ decoding: one warm-up call, then one timed call. The last table printed is the r
 prints the host-side costs measured alone (prefetch = unique+gather+copy, apply =
 update+scatter).
 
+`--trace_steps n`: every training mode then runs n more steps under the profiler and prints
+the busy time of each GPU stream and host thread against the wall time (experiments/
+trace_lines.py): whether the host gather / scatter overlap the device's compute.
+
 Agreement: every run also prints, per host mode, the first-step loss next to the HBM one (equal
 inputs, so any difference is a bug), the largest per-step |loss difference| and the largest
 |difference| of 4096 updated rows per table after the run.
@@ -66,6 +70,7 @@ import numpy as np
 from engram_jax import offload, table_optim
 from engram_jax.generate import CachedGenerator
 from engram_jax.hashing import NgramHashMapping
+from experiments import trace_lines
 from pallas_kernels.engram_lookup.row_sparse import RowSparse, expand_rows, prefetch_rows
 
 VOCAB, N, K, E = 32768, 3, 8, 64
@@ -100,6 +105,9 @@ def parse():
   p.add_argument("--row_buckets", type=int, default=0,
                  help="host modes: HostTableTrainer(row_buckets=k), move ~the unique rows "
                       "instead of B*T*H slots (0: off)")
+  p.add_argument("--trace_steps", type=int, default=0,
+                 help="every training mode then runs this many more steps under the profiler "
+                      "and prints busy time per GPU stream / host thread (trace_lines)")
   p.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
   return p.parse_args()
 
@@ -213,6 +221,15 @@ def log(msg):
   print(f"  [{time.perf_counter() - _T0:7.1f} s] {msg}", flush=True)
 
 
+def _trace(args, name, run):
+  """`run(n)` runs n more steps and blocks; with --trace_steps, under the profiler (every
+  training mode runs them, so the end-of-run agreement still compares equal step counts)."""
+  if args.trace_steps:
+    rows, wall_ms = trace_lines.traced(lambda: run(args.trace_steps))
+    log(f"{name}: {args.trace_steps} traced steps\n"
+        + trace_lines.format_rows(rows, wall_ms, args.trace_steps))
+
+
 def bench_hbm(args, params, tables, mapping, data, dev):
   offsets = {l: jnp.asarray(mapping.offsets(l), jnp.int32) for l in LAYERS}
   states = {l: offload.init_state(CFG, tables[l]) for l in LAYERS}
@@ -232,6 +249,18 @@ def bench_hbm(args, params, tables, mapping, data, dev):
     losses.append(loss)
   jax.block_until_ready((loss, tables))
   ms = (time.perf_counter() - t0) / args.steps * 1e3
+  box = [params, tables, states]
+
+  def more(n):
+    p, t, st = box
+    for s in range(WARMUP + args.steps, WARMUP + args.steps + n):
+      tok, tgt, ids = dd[s % len(dd)]
+      p, t, st, loss = step(p, t, st, tok, tgt, ids)
+      losses.append(loss)
+    jax.block_until_ready((loss, t))
+    box[:] = [p, t, st]
+  _trace(args, "hbm", more)
+  params, tables, states = box
   del states
   return ms, [float(x) for x in losses], params, tables
 
@@ -267,6 +296,13 @@ def bench_host(args, params, tables, mapping, data, dev):
   handle, loss = run(args.steps, handle, WARMUP)
   jax.block_until_ready((loss, trainer.tables, handle.leaves))
   ms = (time.perf_counter() - t0) / args.steps * 1e3
+  box = [handle]
+
+  def more(n):
+    box[0], loss = run(n, box[0], WARMUP + args.steps)
+    jax.block_until_ready((loss, trainer.tables, box[0].leaves))
+  _trace(args, "host separate", more)
+  handle = box[0]
   # Host-side pieces alone (serialised), for the analysis; the 2nd round is timed.
   zero = lambda h: {l: jnp.zeros(h.leaves[l][0].shape, jnp.float32) for l in LAYERS}  # noqa
   trainer.apply_grad(handle, zero(handle), LR)
@@ -319,6 +355,13 @@ def bench_host_fused(args, params, tables, mapping, data, dev):
   handle, loss, params = steps(args.steps, handle, WARMUP, params)
   jax.block_until_ready((loss, trainer.tables))
   ms = (time.perf_counter() - t0) / args.steps * 1e3
+  box = [handle, params]
+
+  def more(n):
+    box[0], loss, box[1] = steps(n, box[0], WARMUP + args.steps, box[1])
+    jax.block_until_ready((loss, trainer.tables))
+  _trace(args, "host fused", more)
+  handle, params = box
   return ms, [float(x) for x in losses], trainer
 
 

@@ -38,6 +38,21 @@ def test_profile_step_attributes_device_time_to_model_parts():
   assert sum(per_op.values()) == pytest.approx(total)
 
 
+def test_trace_lines_union_and_summary():
+  import jax
+  import jax.numpy as jnp
+  from experiments import trace_lines
+  # Nested and overlapping events count once; a gap does not count.
+  assert trace_lines._union_ns([(0, 10), (2, 5), (8, 14), (20, 25)]) == 19
+  f = jax.jit(lambda x: jnp.tanh(x @ x).sum())
+  x = jnp.ones((128, 128))
+  f(x).block_until_ready()
+  rows, wall_ms = trace_lines.traced(lambda: [f(x).block_until_ready() for _ in range(3)])
+  assert wall_ms > 0 and rows and all(r["busy_ns"] > 0 and r["events"] > 0 for r in rows)
+  assert rows == sorted(rows, key=lambda r: -r["busy_ns"])
+  assert "per step" in trace_lines.format_rows(rows, wall_ms, steps=3)
+
+
 def test_part_of_reads_module_paths_and_the_backward():
   from experiments import profile_step
   assert profile_step.part_of("jit(train_step)/transpose(jvp(EngramLM))/layer_1/engram/x") == (
@@ -49,7 +64,7 @@ def test_part_of_reads_module_paths_and_the_backward():
                               "btij,btjd->btid/dot_general")[0] == "mHC mixing"
 
 
-def test_bench_offload_runs_and_host_training_matches_hbm(tmp_path, monkeypatch):
+def test_bench_offload_runs_and_host_training_matches_hbm(tmp_path, monkeypatch, capsys):
   import json
   import sys
   from experiments import bench_offload
@@ -57,8 +72,11 @@ def test_bench_offload_runs_and_host_training_matches_hbm(tmp_path, monkeypatch)
       "bench_offload", "--sizes_gb=0.002", "--batch=2", "--seq=32", "--d=64", "--blocks=2",
       "--steps=2", "--modes=hbm,separate,fused,gen", "--optimizer=adagrad", "--gen_batch=2",
       "--gen_prompt=6", "--gen_new=8", "--remat", "--tokens=corpus", "--row_buckets=4",
-      f"--out={tmp_path}"])
+      "--trace_steps=1", f"--out={tmp_path}"])
   bench_offload.main()
+  printed = capsys.readouterr().out
+  for mode in ("hbm", "host separate", "host fused"):    # one traced step each, summarised
+    assert f"{mode}: 1 traced steps\n  wall " in printed
   (rec,) = json.load(open(tmp_path / "bench_offload.json"))
   assert rec["hbm_ms"] > 0 and rec["host_ms"] > 0 and rec["fused_ms"] > 0
   # Same batches and arithmetic in all three placements: the last losses agree.
