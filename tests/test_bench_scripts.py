@@ -108,3 +108,15 @@ def test_bench_mhc_variants_agree_with_the_previous_formulation():
   for name, (loss_diff, grad_diff, stream_grad_diff) in agreement.items():
     # bf16 streams: outputs round to bf16 (relative 2^-8), f32 sums differ in order only.
     assert loss_diff < 1e-3 and grad_diff < 1e-2 and stream_grad_diff < 2e-2, (name, agreement)
+
+
+def test_hot_rows_bounds_what_a_cache_could_serve():
+  from experiments import hot_rows
+  r = hot_rows.analyse("zipf", table_gb=0.002, caches=(0.0, 0.01, 0.1, 1.0), batch=2, seq=64,
+                       zipf_tokens=20_000)
+  hits = [r["per_cache"][c][1:] for c in (0.0, 0.01, 0.1, 1.0)]
+  assert hits[0] == (0.0, 0.0) and hits[-1] == (1.0, 1.0)        # no cache / the whole table
+  assert hits[1] <= hits[2] and 0 < hits[2][0] < 1               # grows with the cache
+  # Slots repeat hot rows, so a cache serves a larger share of slots than of unique rows.
+  assert hits[2][1] >= hits[2][0]
+  assert 0 < r["unique_per_step"] <= r["slots_per_step"] == 2 * 64 * 16
