@@ -457,8 +457,9 @@ class HostTableTrainer:
     update's own output, `_to_home` inside it) or transfer: on the H200 (jax 0.11.2) a
     device-to-host copy of the new rows inside the same program as the host scatter that reads
     them raced with it, and some rows were written with values that had not arrived
-    (`python -m experiments.check_host_rows`: max |diff| 64 and 320 in two runs, 262,144 rows
-    of a 16.8M-row table; 0 when the rows reached the host before the scatter's program).
+    (`python -m experiments.check_host_rows`: max |diff| 320, 64, 64 and 832 in four runs,
+    262,144 rows of a 16.8M-row table; 0 when the rows reached the host before the scatter's
+    program, as they do here).
     """
     out = {}
     for l, arrs in arrays.items():
