@@ -34,6 +34,9 @@ decoding: one warm-up call, then one timed call. The last table printed is the r
 prints the host-side costs measured alone (prefetch = unique+gather+copy, apply =
 update+scatter).
 
+`--table_dtype bfloat16`: bf16 tables in every placement (the optimiser updates rows in f32
+and stores them rounded), so each host gather / scatter moves half the bytes.
+
 `--trace_steps n`: every training mode then runs n more steps under the profiler and prints
 the busy time of each GPU stream and host thread against the wall time (experiments/
 trace_lines.py): whether the host gather / scatter overlap the device's compute.
@@ -105,6 +108,9 @@ def parse():
   p.add_argument("--row_buckets", type=int, default=0,
                  help="host modes: HostTableTrainer(row_buckets=k), move ~the unique rows "
                       "instead of B*T*H slots (0: off)")
+  p.add_argument("--table_dtype", default="float32", choices=["float32", "bfloat16"],
+                 help="dtype of the tables (all placements; updated in f32, stored rounded): "
+                      "bfloat16 halves the bytes each host gather / scatter moves")
   p.add_argument("--trace_steps", type=int, default=0,
                  help="every training mode then runs this many more steps under the profiler "
                       "and prints busy time per GPU stream / host thread (trace_lines)")
@@ -112,8 +118,8 @@ def parse():
   return p.parse_args()
 
 
-def mapping_for(gb: float) -> NgramHashMapping:
-  rows_per_head = max(64, int(gb * 2**30 / (E * 4) / (len(LAYERS) * H)))
+def mapping_for(gb: float, itemsize: int = 4) -> NgramHashMapping:
+  rows_per_head = max(64, int(gb * 2**30 / (E * itemsize) / (len(LAYERS) * H)))
   return NgramHashMapping((rows_per_head, rows_per_head), N, K, LAYERS, 0, 0, VOCAB)
 
 
@@ -503,17 +509,19 @@ def main():
   dev = offload.placement_sharding("device")
   print(f"jax {jax.__version__} {jax.devices()[0].device_kind}; model d={args.d} "
         f"blocks={args.blocks} B={args.batch} T={args.seq} H={H} E={E}; tables "
-        f"{args.optimizer} ({table_optim.bytes_per_table_param(CFG, jnp.float32, row_width=E):.2f}"
+        f"{args.table_dtype} {args.optimizer} "
+        f"({table_optim.bytes_per_table_param(CFG, args.table_dtype, row_width=E):.2f}"
         f" bytes/param); modes {modes}; tokens {args.tokens}; row buckets {args.row_buckets}; "
         f"host limit {offload.host_memory_limit_bytes()[1]}",
         flush=True)
   rows_out = []
   tables_in = lambda mapping, placement: {l: offload.create_table(  # noqa: E731
-      mapping.num_rows(l), E, jnp.float32, placement, seed=l, chunk_rows=1 << 20)
+      mapping.num_rows(l), E, args.table_dtype, placement, seed=l, chunk_rows=1 << 20)
       for l in LAYERS}  # same seeds: every placement starts from the same tables
   for gb in [float(s) for s in args.sizes_gb.split(",") if s]:
-    mapping = mapping_for(gb)
-    table_gb = sum(mapping.num_rows(l) for l in LAYERS) * E * 4 / 2**30
+    itemsize = jnp.dtype(args.table_dtype).itemsize
+    mapping = mapping_for(gb, itemsize)
+    table_gb = sum(mapping.num_rows(l) for l in LAYERS) * E * itemsize / 2**30
     data = batches(mapping, args.batch, args.seq, tokens=args.tokens)
     rec = {"table_gb": table_gb}
     t0 = time.perf_counter()

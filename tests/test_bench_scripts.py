@@ -38,6 +38,25 @@ def test_profile_step_attributes_device_time_to_model_parts():
   assert sum(per_op.values()) == pytest.approx(total)
 
 
+def test_bench_offload_bf16_tables_match_hbm(tmp_path, monkeypatch, capsys):
+  import json
+  import sys
+  from experiments import bench_offload
+  monkeypatch.setattr(sys, "argv", [
+      "bench_offload", "--sizes_gb=0.001", "--batch=2", "--seq=32", "--d=32", "--blocks=1",
+      "--steps=2", "--modes=hbm,fused", "--optimizer=adagrad", "--table_dtype=bfloat16",
+      f"--out={tmp_path}"])
+  bench_offload.main()
+  from engram_jax import table_optim
+  cfg = table_optim.TableOptimizerConfig(kind="adagrad")
+  per_param = table_optim.bytes_per_table_param(cfg, "bfloat16", row_width=64)
+  assert per_param == table_optim.bytes_per_table_param(cfg, "float32", row_width=64) - 2
+  assert f"bfloat16 adagrad ({per_param:.2f} bytes/param)" in capsys.readouterr().out
+  (rec,) = json.load(open(tmp_path / "bench_offload.json"))
+  # Same arithmetic on the same bf16 tables in HBM and in host memory.
+  assert rec["fused_loss_maxdiff"] == 0 and rec["fused_rows_maxdiff"] == 0
+
+
 def test_trace_lines_union_and_summary():
   import jax
   import jax.numpy as jnp
