@@ -163,7 +163,7 @@ class Generator:
     comp = prompt if self.compression is None else self.compression[prompt]
     ids = self.mapping.hash_numpy(comp)
     put = lambda x: jax.device_put(x, self.dev)  # noqa: E731
-    rows = {l: put(np.clip(ids[l] + np.asarray(self.mapping.offsets(l)), 0,
+    rows = {l: put(np.clip(ids[l] + self.offsets[l], 0,
                            self.tables[l].shape[0] - 1).astype(np.int32)) for l in self.layers}
     hist = np.full((b, self.n), self.mapping.pad_id, np.int32)
     k = min(self.n, p)
