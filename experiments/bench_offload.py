@@ -227,13 +227,16 @@ def log(msg):
   print(f"  [{time.perf_counter() - _T0:7.1f} s] {msg}", flush=True)
 
 
-def _trace(args, name, run):
-  """`run(n)` runs n more steps and blocks; with --trace_steps, under the profiler (every
-  training mode runs them, so the end-of-run agreement still compares equal step counts)."""
-  if args.trace_steps:
-    rows, wall_ms = trace_lines.traced(lambda: run(args.trace_steps))
-    log(f"{name}: {args.trace_steps} traced steps\n"
-        + trace_lines.format_rows(rows, wall_ms, args.trace_steps))
+def _trace(args, name, run, state):
+  """With --trace_steps: `run(n)` (n more steps, blocking; returns the new state) under the
+  profiler, its busy time per line logged. Every training mode runs them, so the end-of-run
+  agreement still compares equal step counts. Returns the state after them (or `state`)."""
+  if not args.trace_steps:
+    return state
+  state, rows, wall_ms = trace_lines.traced(lambda: run(args.trace_steps))
+  log(f"{name}: {args.trace_steps} traced steps\n"
+      + trace_lines.format_rows(rows, wall_ms, args.trace_steps))
+  return state
 
 
 def bench_hbm(args, params, tables, mapping, data, dev):
@@ -242,32 +245,21 @@ def bench_hbm(args, params, tables, mapping, data, dev):
   step = make_hbm_step(args, offsets)
   dd = [jax.device_put(b, dev) for b in data]  # device_put takes the whole pytree
   losses = []
-  for s in range(WARMUP):
-    tok, tgt, ids = dd[s % len(dd)]
-    params, tables, states, loss = step(params, tables, states, tok, tgt, ids)
-    losses.append(loss)
-  jax.block_until_ready(loss)
+
+  def run(n, s0, carry):  # batch s is data[s % 4]: the host runs see the same sequence
+    for s in range(s0, s0 + n):
+      tok, tgt, ids = dd[s % len(dd)]
+      *carry, loss = step(*carry, tok, tgt, ids)
+      losses.append(loss)
+    jax.block_until_ready((loss, carry[1]))
+    return carry
+
+  carry = run(WARMUP, 0, (params, tables, states))
   log(f"hbm: compiled + {WARMUP} warm-up steps")
   t0 = time.perf_counter()
-  for s in range(WARMUP, WARMUP + args.steps):  # the host runs see the same batch sequence
-    tok, tgt, ids = dd[s % len(dd)]
-    params, tables, states, loss = step(params, tables, states, tok, tgt, ids)
-    losses.append(loss)
-  jax.block_until_ready((loss, tables))
+  carry = run(args.steps, WARMUP, carry)
   ms = (time.perf_counter() - t0) / args.steps * 1e3
-  box = [params, tables, states]
-
-  def more(n):
-    p, t, st = box
-    for s in range(WARMUP + args.steps, WARMUP + args.steps + n):
-      tok, tgt, ids = dd[s % len(dd)]
-      p, t, st, loss = step(p, t, st, tok, tgt, ids)
-      losses.append(loss)
-    jax.block_until_ready((loss, t))
-    box[:] = [p, t, st]
-  _trace(args, "hbm", more)
-  params, tables, states = box
-  del states
+  params, tables, _ = _trace(args, "hbm", lambda n: run(n, WARMUP + args.steps, carry), carry)
   return ms, [float(x) for x in losses], params, tables
 
 
@@ -302,13 +294,12 @@ def bench_host(args, params, tables, mapping, data, dev):
   handle, loss = run(args.steps, handle, WARMUP)
   jax.block_until_ready((loss, trainer.tables, handle.leaves))
   ms = (time.perf_counter() - t0) / args.steps * 1e3
-  box = [handle]
 
   def more(n):
-    box[0], loss = run(n, box[0], WARMUP + args.steps)
-    jax.block_until_ready((loss, trainer.tables, box[0].leaves))
-  _trace(args, "host separate", more)
-  handle = box[0]
+    nxt, loss = run(n, handle, WARMUP + args.steps)
+    jax.block_until_ready((loss, trainer.tables, nxt.leaves))
+    return nxt
+  handle = _trace(args, "host separate", more, handle)
   # Host-side pieces alone (serialised), for the analysis; the 2nd round is timed.
   zero = lambda h: {l: jnp.zeros(h.leaves[l][0].shape, jnp.float32) for l in LAYERS}  # noqa
   trainer.apply_grad(handle, zero(handle), LR)
@@ -361,13 +352,12 @@ def bench_host_fused(args, params, tables, mapping, data, dev):
   handle, loss, params = steps(args.steps, handle, WARMUP, params)
   jax.block_until_ready((loss, trainer.tables))
   ms = (time.perf_counter() - t0) / args.steps * 1e3
-  box = [handle, params]
 
   def more(n):
-    box[0], loss, box[1] = steps(n, box[0], WARMUP + args.steps, box[1])
+    nxt, loss, _ = steps(n, handle, WARMUP + args.steps, params)
     jax.block_until_ready((loss, trainer.tables))
-  _trace(args, "host fused", more)
-  handle, params = box
+    return nxt
+  handle = _trace(args, "host fused", more, handle)
   return ms, [float(x) for x in losses], trainer
 
 

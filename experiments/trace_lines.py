@@ -1,9 +1,10 @@
 """Busy time per profiler line (a GPU stream or a host thread) while a piece of code runs.
 
-  rows, wall_ms = trace_lines.traced(lambda: run_steps(3))
+  state, rows, wall_ms = trace_lines.traced(lambda: run_steps(3))
   print(trace_lines.format_rows(rows, wall_ms, steps=3))
 
-`traced` runs the callable under `jax.profiler.trace` (it must block until its work is done)
+`traced` runs the callable under `jax.profiler.trace` (it must block until its work is done),
+returns what it returned,
 and reads the trace back with `jax.profiler.ProfileData`. For every line of every plane that
 has events, `summarize` reports the number of events, the busy time (the union of the events'
 intervals, so nested or overlapping events count once) and the events that took the most
@@ -18,21 +19,22 @@ import collections
 import glob
 import tempfile
 import time
+from typing import Any
 
 import jax
 
 
-def traced(fn) -> tuple[list[dict], float]:
-  """(summarize(...) rows, wall ms) of one call of `fn` under the profiler."""
+def traced(fn) -> tuple[Any, list[dict], float]:
+  """(fn's result, summarize(...) rows, wall ms) of one call of `fn` under the profiler."""
   directory = tempfile.mkdtemp(prefix="trace_lines_")
   with jax.profiler.trace(directory):
     t0 = time.perf_counter()
-    fn()
+    result = fn()
     wall_ms = (time.perf_counter() - t0) * 1e3
   files = glob.glob(directory + "/**/*.xplane.pb", recursive=True)
   if not files:
     raise RuntimeError(f"the profiler wrote no .xplane.pb under {directory}")
-  return summarize(jax.profiler.ProfileData.from_file(files[0])), wall_ms
+  return result, summarize(jax.profiler.ProfileData.from_file(files[0])), wall_ms
 
 
 def _union_ns(intervals) -> int:

@@ -66,7 +66,8 @@ def test_trace_lines_union_and_summary():
   f = jax.jit(lambda x: jnp.tanh(x @ x).sum())
   x = jnp.ones((128, 128))
   f(x).block_until_ready()
-  rows, wall_ms = trace_lines.traced(lambda: [f(x).block_until_ready() for _ in range(3)])
+  outs, rows, wall_ms = trace_lines.traced(lambda: [f(x).block_until_ready() for _ in range(3)])
+  assert len(outs) == 3                                        # fn's result is passed through
   assert wall_ms > 0 and rows and all(r["busy_ns"] > 0 and r["events"] > 0 for r in rows)
   assert rows == sorted(rows, key=lambda r: -r["busy_ns"])
   assert "per step" in trace_lines.format_rows(rows, wall_ms, steps=3)
