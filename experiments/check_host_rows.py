@@ -63,7 +63,8 @@ def check_primitives(rows, width, slots, placement, seed=0):
   table = scatter(table, jax.device_put(ids, home), jax.device_put(new, dev))
   got = read(table, np.minimum(ids, rows - 1))
   real = ids < rows
-  out["scatter: written rows" + ("*" if placement != "device" else "")] = float(np.max(np.abs(got[real] - new[real])))
+  written = "scatter: written rows" + ("*" if placement != "device" else "")
+  out[written] = float(np.max(np.abs(got[real] - new[real])))
   if placement != "device":
     # The same scatter with the new rows moved to the host by a transfer of their own first
     # (the program then has only host operands): tells a race between the in-program
@@ -91,49 +92,50 @@ def check_primitives(rows, width, slots, placement, seed=0):
   return out
 
 
-def check_trainer_step(rows, width, seed=0):
-  """One HostTableTrainer step on a pinned_host table vs the same update of an HBM table."""
+def _host_vs_hbm(rows, width, train):
+  """max |difference| between a pinned_host and an HBM table after `train(trainer)`, over the
+  row ids it returns (the rows its steps touched; padding ids R are dropped)."""
   cfg = table_optim.TableOptimizerConfig(kind="adagrad")
-  ids = {1: np.random.default_rng(seed).integers(0, rows, (4, 256, 2)).astype(np.int32)}
-  offsets = {1: np.zeros(2, np.int32)}
   results = {}
   for placement in ("pinned_host", "device"):
-    trainer = offload.HostTableTrainer(cfg, {1: _table(rows, width, placement)}, offsets)
-    h = trainer.prefetch(ids)
-    u = h.leaves[1][0].shape[0]
-    grad = np.random.default_rng(seed + 1).standard_normal((u, width)).astype(np.float32)
-    trainer.apply_grad(h, {1: jax.device_put(grad, offload.placement_sharding("device"))}, 0.5)
-    rid = np.asarray(h.row_ids[1])
-    rid = rid[rid < rows]
-    table = trainer.tables[1]
-    results[placement] = np.asarray(offload.fetch_rows(table,
-                                                       jax.device_put(rid, table.sharding)))
-  out = {"trainer step host vs HBM": float(np.max(np.abs(results["pinned_host"]
-                                                         - results["device"])))}
-  # Two fused steps (make_fused_step): step 0's update is output to the host by its program and
-  # scattered by step 1's; every row either step touched is compared.
-  ids2 = [np.random.default_rng(seed + 2 + i).integers(0, rows, (4, 256, 2)).astype(np.int32)
-          for i in range(2)]
-  dev = offload.placement_sharding("device")
-  results = {}
-  for placement in ("pinned_host", "device"):
-    trainer = offload.HostTableTrainer(cfg, {1: _table(rows, width, placement)}, offsets)
-    run = trainer.make_fused_step(lambda state, g, rows_: (state, {1: g}, 0.5))
-    h = trainer.prefetch({1: ids2[0]})
-    u = h.leaves[1][0].shape[0]
-    touched = []
-    for s, nxt in ((0, {1: ids2[1]}), (1, None)):
-      touched.append(np.asarray(h.row_ids[1]))
-      grad = np.random.default_rng(seed + 5 + s).standard_normal((u, width)).astype(np.float32)
-      _, h = run(h, nxt, None, jax.device_put(grad, dev))
-    rid = np.unique(np.concatenate(touched))
+    trainer = offload.HostTableTrainer(cfg, {1: _table(rows, width, placement)},
+                                       {1: np.zeros(2, np.int32)})
+    rid = np.asarray(train(trainer))
     rid = rid[rid < rows].astype(np.int32)
     table = trainer.tables[1]
     results[placement] = np.asarray(offload.fetch_rows(table,
                                                        jax.device_put(rid, table.sharding)))
-  out["2 fused steps host vs HBM"] = float(np.max(np.abs(results["pinned_host"]
-                                                         - results["device"])))
-  return out
+  return float(np.max(np.abs(results["pinned_host"] - results["device"])))
+
+
+def check_trainer_step(rows, width, seed=0):
+  """HostTableTrainer steps on a pinned_host table vs the same updates of an HBM table: one
+  `apply_grad` step, and two fused steps (make_fused_step: step 0's update is output to the
+  host by its program and scattered by step 1's)."""
+  dev = offload.placement_sharding("device")
+  ids = [np.random.default_rng(seed + i).integers(0, rows, (4, 256, 2)).astype(np.int32)
+         for i in range(3)]
+
+  def grad(u, s):
+    return jax.device_put(np.random.default_rng(seed + 5 + s).standard_normal(
+        (u, width)).astype(np.float32), dev)
+
+  def one_step(trainer):
+    h = trainer.prefetch({1: ids[0]})
+    trainer.apply_grad(h, {1: grad(h.leaves[1][0].shape[0], 0)}, 0.5)
+    return h.row_ids[1]
+
+  def two_fused_steps(trainer):
+    run = trainer.make_fused_step(lambda state, g, rows_: (state, {1: g}, 0.5))
+    h = trainer.prefetch({1: ids[1]})
+    touched = []
+    for s, nxt in ((0, {1: ids[2]}), (1, None)):
+      touched.append(np.asarray(h.row_ids[1]))
+      _, h = run(h, nxt, None, grad(h.leaves[1][0].shape[0], s))
+    return np.unique(np.concatenate(touched))
+
+  return {"trainer step host vs HBM": _host_vs_hbm(rows, width, one_step),
+          "2 fused steps host vs HBM": _host_vs_hbm(rows, width, two_fused_steps)}
 
 
 def main():
