@@ -543,8 +543,8 @@ class HostTableTrainer:
     program that computes it: `_scatter_fn` says why) and stays pending until the next program,
     `flush()`, or any read of `tables` / `states` / `prefetch` / `apply_grad`, so a run equals
     the separate `prefetch` / `apply_grad` pipeline and the HBM placement (to f32 rounding: the
-    gradient and the update share one XLA program). `run.compiled_text(...)` returns the optimised HLO of
-    the program a call with the same arguments would dispatch.
+    gradient and the update share one XLA program). `run.compiled_text(...)` returns the
+    optimised HLO of the program a call with the same arguments would dispatch.
 
     Why one program: XLA runs programs in order on the device's stream, so a separate gather or
     scatter program adds its whole time to the step; inside one program the host offloader's

@@ -32,8 +32,9 @@ only while table + Adam moments + a dense gradient (+ one update-sized temporary
 filled by a fused iota expression (a random init would need a table-sized temporary).
 
 Sizes run largest first (a fresh allocator holds the one huge table best). Prints one table:
-rows, table GB, ms per step for each optimiser, and sparse growth vs the smallest table. Timing: AOT-compiled step, 3 warm-up steps, then the median of 5 runs of 10
-steps each (block_until_ready at the end of each run).
+rows, table GB, ms per step for each optimiser, and sparse growth vs the smallest table.
+Timing: AOT-compiled step, 3 warm-up steps, then the median of 5 runs of 10 steps each
+(block_until_ready at the end of each run).
 
 Dimension legend: B batch, T time, H hash heads, E row width, R table rows, D model width,
 U = B*T*H row slots.
@@ -272,7 +273,7 @@ def _time_trainer_step(kind, rows_per_table, args, small_states):
   train_c, state, batches, table_rows = prepare_trainer_run(kind, rows_per_table, args,
                                                             small_states)
   ms, (state, metrics) = median_step_ms(lambda c, batch: train_c(c[0], batch), (state, None),
-                                         batches, lambda c: c[1]['loss'])
+                                        batches, lambda c: c[1]['loss'])
   if not np.isfinite(float(metrics['loss'])):
     raise FloatingPointError(f'{kind} at {rows_per_table} rows: loss {float(metrics["loss"])}')
   del state, metrics, batches

@@ -138,6 +138,12 @@ def check_trainer_step(rows, width, seed=0):
           "2 fused steps host vs HBM": _host_vs_hbm(rows, width, two_fused_steps)}
 
 
+def _verdict(name, diff):
+  if diff == 0:
+    return ""
+  return "   MISMATCH" + (" (expected)" if name.endswith("*") else "")
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--rows", type=int, default=(1 << 24) + 12345)
@@ -151,13 +157,12 @@ def main():
       for name, diff in check_primitives(rows, args.width, slots, placement).items():
         bad |= diff != 0 and not name.endswith("*")
         print(f"  R={rows:>11,} {placement:<11} {name:<46} max |diff| {diff:.3g}"
-              f"{'' if diff == 0 else '   MISMATCH' + (' (expected)' if name.endswith('*') else '')}",
-              flush=True)
+              f"{_verdict(name, diff)}", flush=True)
   for rows in (args.rows, 4099):
     for name, diff in check_trainer_step(rows, args.width).items():
       bad |= diff != 0
-      print(f"  R={rows:>11,} {name:<46} max |diff| {diff:.3g}"
-            f"{'' if diff == 0 else '   MISMATCH'}", flush=True)
+      print(f"  R={rows:>11,} {name:<46} max |diff| {diff:.3g}{_verdict(name, diff)}",
+            flush=True)
   sys.exit(1 if bad else 0)
 
 

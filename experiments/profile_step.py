@@ -118,7 +118,7 @@ def profile(args):
       args.kind, args.rows, args, {})
   step = lambda c, batch: train_c(c[0], batch)  # noqa: E731
   ms, carry = bench_train_step.median_step_ms(step, (state, None), batches,
-                                               lambda c: c[1]["loss"])
+                                              lambda c: c[1]["loss"])
   directory = tempfile.mkdtemp(prefix="profile_step_")
   with jax.profiler.trace(directory):
     t0 = time.perf_counter()
