@@ -146,7 +146,7 @@ def engram_placement(config: ml_collections.ConfigDict) -> str:
   return config.engram.get("placement", "device")
 
 
-HOST_STEPS = ("fused", "separate")
+HOST_STEPS = ("threads", "fused", "separate")
 
 
 def host_step(config: ml_collections.ConfigDict) -> str:
@@ -167,9 +167,9 @@ def _check_placement(config: ml_collections.ConfigDict, err) -> None:
     raise err(f"engram.host_step must be one of {HOST_STEPS}, got {host_step(config)!r}")
   if host_row_buckets(config) < 0:
     raise err(f"engram.host_row_buckets must be >= 0, got {host_row_buckets(config)}")
-  if host_row_buckets(config) and host_step(config) != "fused":
-    raise err("engram.host_row_buckets > 0 needs engram.host_step='fused': the separate "
-              "step is compiled ahead of time for B*T*H row slots")
+  if host_row_buckets(config) and host_step(config) == "separate":
+    raise err("engram.host_row_buckets > 0 needs engram.host_step='threads' or 'fused': the "
+              "separate step is compiled ahead of time for B*T*H row slots")
   if placement != "pinned_host" or not config.engram.enabled:
     return
   if config.table_optim.kind not in SPARSE_KINDS:

@@ -9,9 +9,11 @@ gate mean/std, router max/mean load), evaluates every `eval_every` steps and at 
 checkpoints every `checkpoint_every` steps, resuming automatically from `workdir`.
 
 With `engram.placement='pinned_host'` (`HostTablesTrainer`) the tables stay in host memory and
-a step is driven by `_HostTableSteps`. `engram.host_step='fused'` (default): one program per
-step runs step s on its prefetched rows, updates those rows, scatters step s-1's update into the
-host tables and gathers step s+1's rows (`offload.HostTableTrainer.make_fused_step`).
+a step is driven by `_HostTableSteps`. `engram.host_step='threads'` (default): one device
+program per step runs step s on its prefetched rows and updates those rows, while NumPy worker
+threads gather step s+1's rows from the host tables and write step s-1's update into them
+(`offload.HostTableTrainer.make_threaded_step`). 'fused': the same, but the host gather and
+scatter are XLA host compute inside the step's program (`make_fused_step`).
 'separate': the rows of step s are prefetched before step s is dispatched, step s+1's rows
 right after it, then step s's clipped row gradients update the host tables
 (`offload.HostTableTrainer.apply_grad`), each its own program. The host tables are
@@ -287,24 +289,29 @@ class _HostTableSteps:
 
   separate:  rows of s (prefetched earlier) -> step s dispatched -> prefetch s+1 -> apply_grad(s)
   fused:     draw batch s+1 -> one program: scatter(s-1), gather(s+1), step s, update rows of s
+  threads:   draw batch s+1 -> one program: step s, update rows of s; NumPy threads: gather
+             s+1 (after scatter s-1), then scatter s
 
   Separate: `prefetch(s+1)` deduplicates step s+1's ids on this thread while the device runs
   step s and queues the host gather; `apply_grad(s)` patches its rows, so step s+1 reads the
   table after step s exactly. Fused: step s+1's ids are deduplicated while step s-1 runs, and
-  the program patches step s+1's rows the same way. Without `lookahead` (checkpoint steps, the
+  the program patches step s+1's rows the same way. Threads: step s+1's ids are deduplicated
+  while step s runs, and step s+1's program patches its rows with step s's update. Without `lookahead` (checkpoint steps, the
   last step) the next batch is not drawn, so the data iterator saved with step s stands exactly
   after batch s.
   """
 
-  def __init__(self, trainer: HostTablesTrainer, train_c, put, batches, fused: bool = False):
+  def __init__(self, trainer: HostTablesTrainer, train_c, put, batches, mode: str = "separate"):
     self._trainer, self._train_c, self._put, self._batches = trainer, train_c, put, batches
     self._ahead = None  # (batch without ids, PrefetchHandle) of the next step
     self._fused = None
-    if fused:
+    if mode in ("fused", "threads"):
       def model_step(state, batch, rows):
         state, metrics, row_grads = trainer.train_step(state, batch, rows)
         return (state, metrics), row_grads, metrics["learning_rate"]
-      self._fused = trainer.host.make_fused_step(model_step, donate_state=True)
+      make = (trainer.host.make_threaded_step if mode == "threads"
+              else trainer.host.make_fused_step)
+      self._fused = make(model_step, donate_state=True)
 
   def _draw(self):
     batch = next(self._batches)
@@ -368,7 +375,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     state = trainer.init_state()
 
-  fused = on_host and experiment_config.host_step(config) == "fused"
+  fused = on_host and experiment_config.host_step(config) in ("threads", "fused")
   log("compiling train and eval steps ..." if not fused else
       "compiling the eval step (the fused host-table train step compiles at its first call) ...")
   t0 = time.perf_counter()
@@ -376,7 +383,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   log(f"compiled in {time.perf_counter() - t0:.1f}s")
   put = _put_fn(batch_sh)
   if on_host:
-    run_step = _HostTableSteps(trainer, train_c, put, train_iter, fused=fused)
+    run_step = _HostTableSteps(trainer, train_c, put, train_iter,
+                               mode=experiment_config.host_step(config))
   else:
     run_step = _DeviceSteps(train_c, put, train_iter)
   eval_step, eval_put = _eval_fns(trainer, eval_c, batch_sh)

@@ -317,9 +317,10 @@ def bench_host(args, params, tables, mapping, data, dev):
   return ms, [float(x) for x in losses], params_box[0], pre_ms, apply_ms, uniq, trainer
 
 
-def bench_host_fused(args, params, tables, mapping, data, dev):
+def bench_host_fused(args, params, tables, mapping, data, dev, threaded=False):
   """As bench_host, through `HostTableTrainer.make_fused_step`: one program per step holding
-  the host scatter of step s-1 and the host gather of step s+1 beside step s."""
+  the host scatter of step s-1 and the host gather of step s+1 beside step s (`threaded`:
+  `make_threaded_step`, NumPy gathers / scatters on worker threads beside the program)."""
   trainer = offload.HostTableTrainer(CFG, tables, {l: mapping.offsets(l) for l in LAYERS},
                                      row_buckets=args.row_buckets)
 
@@ -330,7 +331,9 @@ def bench_host_fused(args, params, tables, mapping, data, dev):
         {l: r.inverse_BxTxH for l, r in rows.items()}, tok, tgt, args)
     return (sgd(p, gp), loss), grows, LR
 
-  run = trainer.make_fused_step(model_step, donate_state=True)
+  name = "host threads" if threaded else "host fused"
+  run = (trainer.make_threaded_step if threaded else trainer.make_fused_step)(
+      model_step, donate_state=True)
   dd = [(jax.device_put(tok, dev), jax.device_put(tgt, dev)) for tok, tgt, _ in data]
 
   losses = []
@@ -347,7 +350,7 @@ def bench_host_fused(args, params, tables, mapping, data, dev):
   params = jax.device_put(params, dev)
   handle, loss, params = steps(WARMUP, trainer.prefetch(data[0][2]), 0, params)
   jax.block_until_ready((loss, trainer.tables))    # `tables` flushes the pending update
-  log(f"host fused: compiled + {WARMUP} warm-up steps")
+  log(f"{name}: compiled + {WARMUP} warm-up steps")
   t0 = time.perf_counter()
   handle, loss, params = steps(args.steps, handle, WARMUP, params)
   jax.block_until_ready((loss, trainer.tables))
@@ -357,7 +360,7 @@ def bench_host_fused(args, params, tables, mapping, data, dev):
     nxt, loss, _ = steps(n, handle, WARMUP + args.steps, params)
     jax.block_until_ready((loss, trainer.tables))
     return nxt
-  handle = _trace(args, "host fused", more, handle)
+  handle = _trace(args, name, more, handle)
   return ms, [float(x) for x in losses], trainer
 
 
@@ -447,9 +450,28 @@ def probe(rows=16 * 2**20, slots=262144, mm_n=8192):
     if donates:
       ok = bool(np.all(np.asarray(gather(box[0], ids)) == 1.0))
       print(f"    the stream-1 scatter wrote every row: {ok}", flush=True)
+  # The threaded step's host side: NumPy on a view of the same pinned_host buffer, outside XLA.
+  view, ids_np = offload.host_view(box[0]), np.asarray(jax.device_get(ids))
+  rows_np = np.empty((slots, E), np.float32)
+  for threads in sorted({1, 8, os.cpu_count() or 1}):
+    worker = offload._HostWorker(threads)
+    timed(f"NumPy gather, {threads} threads", lambda: worker.gather(view, ids_np, rows_np))
+    timed(f"NumPy scatter, {threads} threads", lambda: worker.scatter(view, ids_np, rows_np))
+  worker = offload._HostWorker(offload.default_host_threads())
+  timed("device_put of the gathered rows (pageable)", lambda: jax.device_put(rows_np, dev))
+  on_device = jax.device_put(rows_np, dev)
+  timed(f"device_get of {slots} rows", lambda: jax.device_get(on_device + 0))
+
+  def beside():  # what a threaded step does while the device computes
+    y = mm(x)
+    worker.gather(view, ids_np, rows_np)
+    z = jax.device_put(rows_np, dev)
+    worker.scatter(view, ids_np, jax.device_get(on_device))
+    return y, z
+  timed(f"matmul + NumPy gather, put, get, scatter ({worker.threads} threads) beside it", beside)
 
 
-MODES = ("hbm", "separate", "fused", "gen")
+MODES = ("hbm", "separate", "fused", "threads", "gen")
 
 
 def _check_ids(mapping, data, n=4096):
@@ -539,6 +561,15 @@ def main():
       rec["host_rows_maxdiff"] = _max_diff(_rows_of(trainer.tables, check_ids), hbm_rows)
       del trainer, tables, params_h
       gc.collect()
+    if "threads" in modes:
+      tables = tables_in(mapping, "pinned_host")
+      rec["threads_ms"], losses, trainer = bench_host_fused(
+          args, init_params(args), tables, mapping, data, dev, threaded=True)
+      rec["threads_overhead_pct"] = 100 * (rec["threads_ms"] / rec["hbm_ms"] - 1)
+      _record_losses(rec, "threads", losses, hbm_losses)
+      rec["threads_rows_maxdiff"] = _max_diff(_rows_of(trainer.tables, check_ids), hbm_rows)
+      del trainer, tables
+      gc.collect()
     if "fused" in modes or "gen" in modes:
       tables = tables_in(mapping, "pinned_host")
       if "gen" in modes:  # first: decoding only reads the tables, fused training changes them
@@ -563,25 +594,27 @@ def main():
     with open(os.path.join(args.out, "bench_offload.json"), "w") as f:
       json.dump(rows_out, f, indent=1)
   print(f"\n{'table GB':>9} {'HBM ms':>8} {'sep. ms':>8} {'ovh %':>6} {'fused ms':>8} "
-        f"{'ovh %':>6} | {'HBM tok/s':>9} {'host tok/s':>10} {'ovh %':>6} {'sep. tok/s':>10} | "
+        f"{'ovh %':>6} {'thr. ms':>8} {'ovh %':>6} | {'HBM tok/s':>9} {'host tok/s':>10} {'ovh %':>6} {'sep. tok/s':>10} | "
         f"{'uniq rows':>9} "
-        f"{'prefetch':>8} {'apply':>7} | {'loss hbm':>8} {'sep.':>8} {'fused':>8}")
+        f"{'prefetch':>8} {'apply':>7} | {'loss hbm':>8} {'sep.':>8} {'fused':>8} {'thr.':>8}")
   for r in rows_out:
     print(f"{r['table_gb']:9.2f} {_fmt(r, 'hbm_ms', '8.2f')} {_fmt(r, 'host_ms', '8.2f')} "
           f"{_fmt(r, 'train_overhead_pct', '6.1f')} {_fmt(r, 'fused_ms', '8.2f')} "
-          f"{_fmt(r, 'fused_overhead_pct', '6.1f')} | {_fmt(r, 'hbm_tok_s', '9.0f')} "
+          f"{_fmt(r, 'fused_overhead_pct', '6.1f')} {_fmt(r, 'threads_ms', '8.2f')} "
+          f"{_fmt(r, 'threads_overhead_pct', '6.1f')} | {_fmt(r, 'hbm_tok_s', '9.0f')} "
           f"{_fmt(r, 'host_tok_s', '10.0f')} {_fmt(r, 'gen_overhead_pct', '6.1f')} "
           f"{_fmt(r, 'host_sep_tok_s', '10.0f')} | "
           f"{_fmt(r, 'unique_rows', '9.0f')} {_fmt(r, 'prefetch_ms', '8.2f')} "
           f"{_fmt(r, 'apply_ms', '7.2f')} | {_fmt(r, 'hbm_loss', '8.4f')} "
-          f"{_fmt(r, 'host_loss', '8.4f')} {_fmt(r, 'fused_loss', '8.4f')}")
+          f"{_fmt(r, 'host_loss', '8.4f')} {_fmt(r, 'fused_loss', '8.4f')} "
+          f"{_fmt(r, 'threads_loss', '8.4f')}")
   print("\nAgreement with the HBM placement (same batches, same initial tables and weights): "
         "first-step losses; |loss diff| at the second step (after one update) / max over steps; "
         "max |row diff| of 4096 rows per table after the run")
   for r in rows_out:
-    for name in ("host", "fused"):
+    for name in ("host", "fused", "threads"):
       if f"{name}_loss0" in r:
-        print(f"  {r['table_gb']:6.2f} GB {name:>5}: loss0 {r['hbm_loss0']:.6f} vs "
+        print(f"  {r['table_gb']:6.2f} GB {name:>7}: loss0 {r['hbm_loss0']:.6f} vs "
               f"{r[name + '_loss0']:.6f}; |dloss| step 2 {r[name + '_loss1_diff']:.2e} / max "
               f"{r[name + '_loss_maxdiff']:.2e}; "
               f"max |drow| {r[name + '_rows_maxdiff']:.2e}")

@@ -12,8 +12,9 @@ gathers clamp it to R-1), compares with NumPy:
              on the H200 it writes wrong rows; reported, marked `*`, not required),
            put on the host first, or output to the host by the previous program (the
            library's pattern); then the written and other rows read back,
-and then one `HostTableTrainer.apply_grad` step and two fused steps (`make_fused_step`)
-against the same steps on an HBM table.
+and then one `HostTableTrainer.apply_grad` step, two fused steps (`make_fused_step`) and two
+threaded steps (`make_threaded_step`: NumPy gathers / scatters on views of the pinned_host
+buffers) against the same steps on an HBM table.
 Prints one line per check (max |difference|, which must be 0 except `*`) and exits non-zero on a
 mismatch. Added after bench_offload's first GPU runs, where rows updated through pinned_host
 tables differed from the HBM placement's. H200 (jax 0.11.2): every required check 0; `*` 64
@@ -92,15 +93,16 @@ def check_primitives(rows, width, slots, placement, seed=0):
   return out
 
 
-def _host_vs_hbm(rows, width, train):
-  """max |difference| between a pinned_host and an HBM table after `train(trainer)`, over the
-  row ids it returns (the rows its steps touched; padding ids R are dropped)."""
+def _host_vs_hbm(rows, width, train, train_hbm=None):
+  """max |difference| between a pinned_host and an HBM table after `train(trainer)` (the HBM
+  one after `train_hbm(trainer)` if given), over the row ids it returns (the rows its steps
+  touched; padding ids R are dropped)."""
   cfg = table_optim.TableOptimizerConfig(kind="adagrad")
   results = {}
   for placement in ("pinned_host", "device"):
     trainer = offload.HostTableTrainer(cfg, {1: _table(rows, width, placement)},
                                        {1: np.zeros(2, np.int32)})
-    rid = np.asarray(train(trainer))
+    rid = np.asarray((train_hbm or train)(trainer) if placement == "device" else train(trainer))
     rid = rid[rid < rows].astype(np.int32)
     table = trainer.tables[1]
     results[placement] = np.asarray(offload.fetch_rows(table,
@@ -110,8 +112,9 @@ def _host_vs_hbm(rows, width, train):
 
 def check_trainer_step(rows, width, seed=0):
   """HostTableTrainer steps on a pinned_host table vs the same updates of an HBM table: one
-  `apply_grad` step, and two fused steps (make_fused_step: step 0's update is output to the
-  host by its program and scattered by step 1's)."""
+  `apply_grad` step, two fused steps (make_fused_step: step 0's update is output to the
+  host by its program and scattered by step 1's) and two threaded steps (make_threaded_step;
+  the HBM side runs the fused steps: threaded steps need host tables)."""
   dev = offload.placement_sharding("device")
   ids = [np.random.default_rng(seed + i).integers(0, rows, (4, 256, 2)).astype(np.int32)
          for i in range(3)]
@@ -125,17 +128,21 @@ def check_trainer_step(rows, width, seed=0):
     trainer.apply_grad(h, {1: grad(h.leaves[1][0].shape[0], 0)}, 0.5)
     return h.row_ids[1]
 
-  def two_fused_steps(trainer):
-    run = trainer.make_fused_step(lambda state, g, rows_: (state, {1: g}, 0.5))
+  def two_fused_steps(trainer, threaded=False):
+    make = trainer.make_threaded_step if threaded else trainer.make_fused_step
+    run = make(lambda state, g, rows_: (state, {1: g}, 0.5))
     h = trainer.prefetch({1: ids[1]})
     touched = []
     for s, nxt in ((0, {1: ids[2]}), (1, None)):
       touched.append(np.asarray(h.row_ids[1]))
-      _, h = run(h, nxt, None, grad(h.leaves[1][0].shape[0], s))
+      _, h = run(h, nxt, None, grad(h.row_ids[1].shape[0], s))
     return np.unique(np.concatenate(touched))
 
   return {"trainer step host vs HBM": _host_vs_hbm(rows, width, one_step),
-          "2 fused steps host vs HBM": _host_vs_hbm(rows, width, two_fused_steps)}
+          "2 fused steps host vs HBM": _host_vs_hbm(rows, width, two_fused_steps),
+          # NumPy views of the pinned_host buffers written by worker threads (HBM: fused).
+          "2 threaded steps host vs HBM": _host_vs_hbm(
+              rows, width, lambda t: two_fused_steps(t, threaded=True), two_fused_steps)}
 
 
 def _verdict(name, diff):

@@ -338,8 +338,9 @@ def test_temperature_sampling_is_placement_independent():
   np.testing.assert_array_equal(outs[0], outs[1])
 
 
-def _fused_run(batches, placement="pinned_host", row_buckets=0):
-  """One program per step: host scatter of step s-1 and gather of step s+1 fused with step s."""
+def _fused_run(batches, placement="pinned_host", row_buckets=0, threaded=False):
+  """One program per step: host scatter of step s-1 and gather of step s+1 fused with step s
+  (`threaded`: done by NumPy worker threads beside it, make_threaded_step)."""
   trainer = offload.HostTableTrainer(CFG, _tables(placement), {l: _offsets(l) for l in LAYERS},
                                      row_buckets=row_buckets)
   dev = offload.placement_sharding("device")
@@ -350,7 +351,8 @@ def _fused_run(batches, placement="pinned_host", row_buckets=0):
         {l: p.inverse_BxTxH for l, p in rows.items()}, targets)
     return (w - 0.1 * gw, loss, {l: p.rows_UxE for l, p in rows.items()}), grows, LR
 
-  run = trainer.make_fused_step(model_step)
+  run = (trainer.make_threaded_step(model_step, threads=3) if threaded
+         else trainer.make_fused_step(model_step))
   w = _head()
   losses, looked_up = [], []
   handle = trainer.prefetch(batches[0][0])
@@ -484,3 +486,150 @@ def test_trainer_programs_close_over_no_device_arrays():
                        LR)
   found = _device_array_constants(trainer, ["_gather", "_update", "_scatter"], run)
   assert found == {"_gather": 0, "_update": 0, "_scatter": 0}
+
+
+# ---- threaded steps: NumPy gathers / scatters on worker threads beside one device program ----
+
+def test_threaded_steps_equal_the_hbm_placement():
+  batches = _batches(5, seed=3)
+  ref_losses, ref_tables, ref_states, ref_rows = _reference_run(batches)
+  losses, trainer, rows, run = _fused_run(batches, threaded=True)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+  for s in range(len(batches)):        # step s+1's rows were gathered before s's write: patched
+    for l in LAYERS:
+      np.testing.assert_allclose(rows[s][l], ref_rows[s][l], rtol=1e-6, atol=1e-7)
+  for l in LAYERS:
+    # As the fused step: gradient and update share one program (fusion may reorder f32 sums).
+    np.testing.assert_allclose(_host_to_numpy(trainer.tables[l]), np.asarray(ref_tables[l]),
+                               rtol=1e-6, atol=1e-7)
+    for name in ("mu_RxE", "nu_RxE"):
+      np.testing.assert_allclose(_host_to_numpy(getattr(trainer.states[l], name)),
+                                 np.asarray(getattr(ref_states[l], name)), rtol=1e-5, atol=1e-12)
+    np.testing.assert_array_equal(_host_to_numpy(trainer.states[l].count_R),
+                                  np.asarray(ref_states[l].count_R))
+    assert trainer.tables[l].sharding.memory_kind == "pinned_host"
+  # First step (rows from prefetch, nothing to patch), then steps patching the previous update.
+  assert set(run.programs) == {(False, False), (True, False)}
+
+
+def test_threaded_step_equals_the_fused_step_with_bfloat16_tables():
+  """bf16 tables: the patch stores updated rows rounded as the host arrays store them, so the
+  rows a step reads equal those of the fused pipeline (which writes, then gathers)."""
+  batches = _batches(4, seed=8)
+  outs = []
+  for threaded in (False, True):
+    trainer = offload.HostTableTrainer(
+        CFG, {l: offload.create_table(_rows(l), E, jnp.bfloat16, "pinned_host", seed=l,
+                                      chunk_rows=8) for l in LAYERS},
+        {l: _offsets(l) for l in LAYERS})
+
+    def model_step(w, targets, rows):
+      loss, grows = jax.value_and_grad(_loss, argnums=1)(
+          w, {l: p.rows_UxE.astype(jnp.float32) for l, p in rows.items()},
+          {l: p.inverse_BxTxH for l, p in rows.items()}, targets)
+      return (loss, {l: p.rows_UxE for l, p in rows.items()}), grows, LR
+
+    run = (trainer.make_threaded_step(model_step) if threaded
+           else trainer.make_fused_step(model_step))
+    handle, seen = trainer.prefetch(batches[0][0]), []
+    for s, (_, targets) in enumerate(batches):
+      nxt = batches[s + 1][0] if s + 1 < len(batches) else None
+      (loss, rows), handle = run(handle, nxt, _head(), jnp.asarray(targets))
+      seen.append((float(loss), {l: np.asarray(rows[l].astype(jnp.float32)) for l in LAYERS}))
+    outs.append((seen, {l: _host_to_numpy(trainer.tables[l]).astype(np.float32)
+                        for l in LAYERS}))
+  (fused, fused_tables), (threaded, threaded_tables) = outs
+  for (lf, rf), (lt, rt) in zip(fused, threaded):
+    np.testing.assert_allclose(lt, lf, rtol=1e-6)
+    for l in LAYERS:
+      np.testing.assert_array_equal(rt[l], rf[l])
+  for l in LAYERS:
+    np.testing.assert_array_equal(threaded_tables[l], fused_tables[l])
+
+
+def test_threaded_program_has_no_table_operand():
+  """The device program takes rows only: no host-memory operand (S(5)) and no table-sized
+  shape; tables are touched by NumPy on the host, never by XLA."""
+  batches = _batches(3, seed=4)
+  trainer = offload.HostTableTrainer(CFG, _tables("pinned_host"), {l: _offsets(l) for l in LAYERS})
+
+  def model_step(w, targets, rows):
+    loss, grows = jax.value_and_grad(_loss, argnums=1)(
+        w, {l: p.rows_UxE for l, p in rows.items()},
+        {l: p.inverse_BxTxH for l, p in rows.items()}, targets)
+    return loss, grows, LR
+
+  run = trainer.make_threaded_step(model_step)
+  w, targets = _head(), jnp.asarray(batches[0][1])
+  _, handle = run(trainer.prefetch(batches[0][0]), batches[1][0], w, targets)
+  text = run.compiled_text(handle, batches[2][0], w, targets)
+  assert ":S(5)" not in text.splitlines()[0]
+  for l in LAYERS:
+    assert f"f32[{_rows(l)},{E}]" not in text
+  trainer.flush()
+
+
+def test_threaded_step_refuses_mixing_and_device_tables():
+  batches = _batches(3, seed=5)
+  step = lambda state, inputs, rows: (  # noqa: E731
+      None, {l: jnp.zeros_like(r.rows_UxE) for l, r in rows.items()}, LR)
+  with pytest.raises(ValueError, match="every table must be in pinned_host"):
+    offload.HostTableTrainer(CFG, _tables("device"),
+                             {l: _offsets(l) for l in LAYERS}).make_threaded_step(step)
+  trainer = offload.HostTableTrainer(CFG, _tables("pinned_host"), {l: _offsets(l) for l in LAYERS})
+  run = trainer.make_threaded_step(step)
+  _, nxt = run(trainer.prefetch(batches[0][0]), batches[1][0], None, ())
+  with pytest.raises(ValueError, match="handle returned by a threaded step is outstanding"):
+    trainer.prefetch(batches[2][0])
+  with pytest.raises(ValueError, match="handle returned by a threaded step is outstanding"):
+    trainer.apply_grad(nxt, {l: jnp.zeros((B * T * H, E)) for l in LAYERS}, LR)
+  fused = trainer.make_fused_step(step)
+  with pytest.raises(ValueError, match="handle returned by a threaded step is outstanding"):
+    fused(nxt, None, None, ())
+  out, last = run(nxt, None, None, ())           # ends the chain
+  assert last is None
+  trainer.prefetch(batches[2][0])                # allowed again
+
+
+def test_threaded_step_reraises_a_host_task_error():
+  batches = _batches(2, seed=6)
+  trainer = offload.HostTableTrainer(CFG, _tables("pinned_host"), {l: _offsets(l) for l in LAYERS})
+  run = trainer.make_threaded_step(lambda state, inputs, rows: (
+      None, {l: jnp.zeros_like(r.rows_UxE) for l, r in rows.items()}, LR))
+  handle = trainer.prefetch(batches[0][0])
+  handle.host_ids = {l: (np.full_like(rid, 10**6), count)     # out of the tables' bounds
+                     for l, (rid, count) in handle.host_ids.items()}
+  run(handle, None, None, ())
+  with pytest.raises(IndexError):
+    trainer.flush()
+  trainer.flush()                                # reported once
+
+
+def test_host_view_aliases_the_pinned_host_buffer():
+  t = offload.create_table(37, E, jnp.bfloat16, "pinned_host", seed=2, chunk_rows=8)
+  view = offload.host_view(t)
+  np.testing.assert_array_equal(view, _host_to_numpy(t))
+  view[5] = 3.0                                  # seen by a later XLA program
+  ids = jax.device_put(np.array([5, 6], np.int32), t.sharding)
+  got = np.asarray(offload.fetch_rows(t, ids)).astype(np.float32)
+  assert (got[0] == 3.0).all() and not (got[1] == 3.0).all()
+  with pytest.raises(ValueError, match="needs a pinned_host array"):
+    offload.host_view(offload.create_table(4, E, jnp.float32, "device"))
+
+
+def test_host_worker_chunks_cover_every_row_once():
+  w = offload._HostWorker(threads=3)
+  for n in (0, 1, 4095, 4096 * 3 + 5, 100_000):
+    chunks = w._chunks(n)
+    assert chunks[0][0] == 0 and chunks[-1][1] == n
+    assert all(a == b_prev for (a, _), (_, b_prev) in zip(chunks[1:], chunks[:-1]))
+    assert len(chunks) <= 3
+  src = np.arange(50_000 * 2, dtype=np.float32).reshape(50_000, 2)
+  ids = np.sort(np.random.default_rng(0).choice(50_000, 20_000, replace=False))
+  out = np.zeros((20_000, 2), np.float32)
+  w.gather(src, ids, out)
+  np.testing.assert_array_equal(out, src[ids])
+  dst = np.zeros_like(src)
+  w.scatter(dst, ids, out)
+  np.testing.assert_array_equal(dst[ids], src[ids])
+  assert np.count_nonzero(dst[np.setdiff1d(np.arange(50_000), ids)]) == 0

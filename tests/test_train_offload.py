@@ -41,10 +41,12 @@ def _host_tables(workdir, step):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   out = {}
-  # 'pinned_host' runs the default fused host step, 'pinned_host_separate' the separate programs,
-  # 'pinned_host_buckets' the fused step moving only ~the unique rows (engram.host_row_buckets).
+  # 'pinned_host' runs the default threaded host step, 'pinned_host_fused' the fused program,
+  # 'pinned_host_separate' the separate programs, 'pinned_host_buckets' the fused step moving
+  # only ~the unique rows (engram.host_row_buckets).
   for name, placement, host_step, buckets in (
-      ("device", "device", "fused", 0), ("pinned_host", "pinned_host", "fused", 0),
+      ("device", "device", "threads", 0), ("pinned_host", "pinned_host", "threads", 0),
+      ("pinned_host_fused", "pinned_host", "fused", 0),
       ("pinned_host_separate", "pinned_host", "separate", 0),
       ("pinned_host_buckets", "pinned_host", "fused", 16)):
     workdir = str(tmp_path_factory.mktemp(name))
@@ -55,7 +57,7 @@ def runs(tmp_path_factory):
   return out
 
 
-@pytest.mark.parametrize("host_run", ["pinned_host", "pinned_host_separate",
+@pytest.mark.parametrize("host_run", ["pinned_host", "pinned_host_fused", "pinned_host_separate",
                                       "pinned_host_buckets"])
 def test_host_placement_equals_device_placement(runs, host_run):
   dev, host = runs["device"], runs[host_run]
@@ -148,7 +150,7 @@ def test_resuming_a_host_run_on_the_device_is_refused(runs, tmp_path):
     ({"engram.host_step": "overlapped"}, r"engram.host_step must be one of"),
     ({"engram.host_row_buckets": -1}, r"engram.host_row_buckets must be >= 0"),
     ({"engram.host_step": "separate", "engram.host_row_buckets": 4},
-     r"host_row_buckets > 0 needs engram.host_step='fused'"),
+     r"host_row_buckets > 0 needs engram.host_step='threads' or 'fused'"),
 ])
 def test_unsupported_host_configs_are_refused(overrides, match):
   config = _config()

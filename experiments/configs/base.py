@@ -92,15 +92,17 @@ def get_config(arg=None):
   # prefetched while step s runs). pinned_host needs a row-sparse table_optim.kind, pipeline
   # hashing and one device.
   c.engram.placement = "device"
-  # pinned_host only: 'fused' runs each step as one program that also holds the host scatter of
-  # the previous step and the host gather of the next (offload.HostTableTrainer.make_fused_step;
-  # XLA runs separate programs in order on the GPU stream, so 'separate' adds the host time to
-  # every step); 'separate' dispatches gather, step and update as their own programs.
-  c.engram.host_step = "fused"
-  # pinned_host + fused only: 0 moves B*T*H row slots per step and layer; k > 0 moves the
+  # pinned_host only: 'threads' runs each step as one device program while NumPy worker threads
+  # gather the next step's rows from the host tables and write the previous update into them
+  # (offload.HostTableTrainer.make_threaded_step; H200, bench_offload's ~3.5B stand-in at 32 GB:
+  # +2.3% per step over HBM tables); 'fused' puts that host work into the step's program as XLA
+  # host compute (make_fused_step; +4.6% in the same run); 'separate' dispatches gather, step and
+  # update as their own programs (XLA runs them in order on the GPU stream: the host time adds).
+  c.engram.host_step = "threads"
+  # pinned_host, threads or fused: 0 moves B*T*H row slots per step and layer; k > 0 moves the
   # step's unique rows rounded up to a multiple of B*T*H / k (offload.HostTableTrainer
   # row_buckets: less host traffic, up to k compiled shapes of the step). Slower on the H200
-  # so far: bench_offload's ~3.5B stand-in, 8 GB, 16 buckets +39% fused vs +4.4% without.
+  # so far with 'fused': bench_offload's ~3.5B stand-in, 8 GB, 16 buckets +39% vs +4.4% without.
   c.engram.host_row_buckets = 0
 
   c.optim = ml_collections.ConfigDict()
