@@ -41,9 +41,11 @@ Threaded steps (`make_threaded_step`, the trainer's default `engram.host_step='t
 same arithmetic, but XLA never touches the host arrays during training. Each step is one device
 program (patch the rows with the previous step's update, model step, row update); NumPy worker
 threads gather the next step's rows from writable views of the pinned_host buffers
-(`host_view`) and copy them to the device, then write the step's updated rows back in place,
-all while the device computes. On the H200 this is the fastest host pipeline
-(bench_offload, ~3.5B stand-in, 32 GB of tables: +2.3% per step over HBM, fused +4.6%).
+(`host_view`) into pinned staging buffers and copy them to the device, then write the step's
+updated rows (copied to pinned host memory as the step ends) back in place, all while the
+device computes. On the H200 it is the fastest host pipeline and the only one whose rows agree
+with the HBM placement's at the end of bench_offload's runs (~3.5B stand-in, 32 GB of tables:
++0.6% per step over HBM, fused +4.6-4.8%; 0.5B stand-in, 1 GB: +7.8%, fused +25.1%).
 
 Coherence: `prefetch(s+1)` is dispatched before `apply_grad(s)`, so its rows may predate step s's
 update. `apply_grad` patches every outstanding handle with the rows it just updated (sorted-id
@@ -71,6 +73,7 @@ import dataclasses
 import functools
 import json
 import os
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Mapping, Optional
 
@@ -268,8 +271,11 @@ def host_view(x: jax.Array) -> np.ndarray:
   The view aliases memory XLA owns: a write through it is seen by every later program that reads
   `x`, and nothing orders it against programs already dispatched. The caller must (the threaded
   step writes only after the programs that read the rows have finished, and reading
-  `HostTableTrainer.tables` waits for those writes). Raises ValueError for other placements,
-  several shards or a buffer that is not one dense row-major block.
+  `HostTableTrainer.tables` waits for those writes). Blocks until `x` is ready first: an array
+  just made by `device_put` (or a program) may still be being written, and on the H200 a view
+  taken before that showed the late write (zeros over gathered rows: `check_host_rows`, threaded
+  steps, max |diff| 1.7e7 before this wait). Raises ValueError for other placements, several
+  shards or a buffer that is not one dense row-major block.
   """
   if placement_of(x) != "pinned_host":
     raise ValueError(f"host_view: needs a pinned_host array, got {x.sharding.memory_kind!r}")
@@ -279,21 +285,55 @@ def host_view(x: jax.Array) -> np.ndarray:
   if tuple(layout.major_to_minor) != tuple(range(x.ndim)) or tuple(layout.tiling):
     raise ValueError(f"host_view: the buffer is not dense row-major ({layout})")
   nbytes = int(x.size) * x.dtype.itemsize
+  x.block_until_ready()
   ptr = x.addressable_data(0).unsafe_buffer_pointer()
   return np.frombuffer((ctypes.c_char * nbytes).from_address(ptr), x.dtype).reshape(x.shape)
 
 
 def default_host_threads() -> int:
   """Row-chunk threads of a threaded step: half the CPUs, at most 8 (the other half keeps
-  feeding the device; H200 host, 16 CPUs: 262,144 random 256-byte rows of a 16 GiB table
-  gathered in 5.6 ms with 8 threads, 4.1 ms with 16, 41.6 ms with 1)."""
+  feeding the device). `bench_offload --probe` on the H200's host (16 CPUs), 262,144 random
+  256-byte rows of a 4 GiB pinned_host table: gather 45.20 / 6.44 / 4.61 ms and scatter
+  23.89 / 5.82 / 4.33 ms with 1 / 8 / 16 threads."""
   return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+class _StagingSlot:
+  """A pinned_host buffer (and its NumPy view) that rows are gathered into, then sent to the
+  device by DMA; it is written again only after that copy is done."""
+
+  def __init__(self, shape, dtype, device):
+    self.array = zeros(shape, dtype, "pinned_host", device)
+    self.view = host_view(self.array)
+    self.in_flight: Optional[jax.Array] = None
+
+  def send(self, sharding) -> jax.Array:
+    self.in_flight = jax.device_put(self.array, sharding)
+    return self.in_flight
+
+
+class _Staging:
+  """Two staging slots per key, used in turn (one can be in flight while the other fills)."""
+
+  def __init__(self):
+    self._slots: dict = {}
+
+  def take(self, key, shape, dtype, device) -> _StagingSlot:
+    pair, turn = self._slots.get(key, (None, 0))
+    if pair is None or pair[0].array.shape != tuple(shape) or pair[0].array.dtype != dtype:
+      pair = (_StagingSlot(shape, dtype, device), _StagingSlot(shape, dtype, device))
+    self._slots[key] = (pair, 1 - turn)
+    slot = pair[turn]
+    if slot.in_flight is not None:
+      slot.in_flight.block_until_ready()   # its last copy to the device has been read
+    return slot
 
 
 class _HostWorker:
   """The host side of threaded steps: one ordered queue (its own thread) whose tasks split each
   gather / scatter into row chunks run by a pool of `threads` (NumPy's take and fancy
-  assignment release the GIL). `drain` waits for every task and re-raises the first error."""
+  assignment release the GIL), and the pinned staging buffers of the gathers. `drain` waits
+  for every task and re-raises the first error."""
 
   MIN_CHUNK_ROWS = 4096
 
@@ -304,6 +344,7 @@ class _HostWorker:
     self._queue = ThreadPoolExecutor(1, thread_name_prefix="engram-host-queue")
     self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="engram-host-rows")
     self._futures: list[Future] = []
+    self.staging = _Staging()
 
   def submit(self, fn, *args) -> Future:
     self._futures = [f for f in self._futures if not f.done() or f.exception() is not None]
@@ -413,6 +454,7 @@ class HostTableTrainer:
     self._scatter = jax.jit(self._scatter_fn, donate_argnums=0)
     self._device = next(iter(self._tables.values())).sharding._device
     self._worker: Optional[_HostWorker] = None  # made by make_threaded_step
+    self._warned = False
 
   # -- arrays ---------------------------------------------------------------------------------------
 
@@ -526,6 +568,20 @@ class HostTableTrainer:
                             num_rows=self.num_rows(l))
     return out
 
+  def _warn_xla_host_writes(self, what: str) -> None:
+    """Once per trainer, on a GPU with host tables: the XLA host-compute paths are suspect."""
+    if (self._warned or self._device.platform != "gpu"
+        or "pinned_host" not in self.placements.values()):
+      return
+    self._warned = True
+    warnings.warn(
+        f"{what}: on the H200 (jax 0.11.2) host tables updated through XLA host compute "
+        "(apply_grad, make_fused_step) ended bench_offload runs with rows up to 7.5 away from "
+        "the HBM placement's, more than the updates can move a row, while make_threaded_step "
+        "agreed to 1e-2; the cause is not found (experiments/check_host_rows sees no "
+        "difference). Prefer make_threaded_step (engram.host_step='threads').",
+        RuntimeWarning, stacklevel=3)
+
   def _refuse_threaded(self, what: str) -> None:
     """A threaded step's next handle is patched by its consumer only (see make_threaded_step)."""
     if any(h.threaded for h in self._outstanding):
@@ -608,6 +664,7 @@ class HostTableTrainer:
       raise ValueError("apply_grad: handle was not produced by this trainer's prefetch "
                        "(or was prefetched with for_update=False)")
     self._refuse_threaded("apply_grad")
+    self._warn_xla_host_writes("apply_grad")
     g = {}
     for l in self.layers:
       x = grads[l]
@@ -663,8 +720,11 @@ class HostTableTrainer:
     scatter program adds its whole time to the step; inside one program the host offloader's
     transfers and host compute run partly beside the model's kernels (H200 probe,
     `bench_offload --probe`: a 48.3 ms matmul + 3.6 ms host gather took 50.7 ms as two programs
-    and 49.9 ms as one; + 4.3 ms host scatter: 53.2 ms vs 50.5 ms).
+    and 49.9 ms as one; + 4.3 ms host scatter: 53.2 ms vs 50.5 ms). On a GPU prefer
+    `make_threaded_step`: faster there, and its rows agree with the HBM placement's where this
+    step's did not (`_warn_xla_host_writes`).
     """
+    self._warn_xla_host_writes("make_fused_step")
     cache = {}
 
     def program(model_state, inputs, arrays, pending, leaves, row_ids, inverse, next_gather_ids,
@@ -757,8 +817,11 @@ class HostTableTrainer:
 
     Why: XLA runs host compute of pinned_host operands inside the programs, and on the H200
     (jax 0.11.2) a fused step's host gather / scatter did not hide behind its kernels
-    (`bench_offload --trace_steps`: the GPU stream was busy 18 ms more per step than with HBM
-    tables; ~3.5B stand-in, 32 GB, +4.0% wall); here the host work leaves the device's stream.
+    (`bench_offload --trace_steps 3`, ~3.5B stand-in, 32 GB: GPU stream busy 620.80 ms per
+    fused step vs 602.36 with HBM tables); a threaded step's stream was busy 611.85 vs 613.40
+    (its host work is off the stream), and the step took +0.6% over HBM against +4.6% fused.
+    Its rows also agree with the HBM placement's where the XLA paths' did not
+    (`_warn_xla_host_writes`).
     """
     for l in self.layers:
       if self.placements[l] != "pinned_host":
@@ -794,20 +857,24 @@ class HostTableTrainer:
       for l in self.layers:
         rid, count = host_ids[l]
         out = []
-        for view in views[l]:
-          rows = np.empty((rid.shape[0],) + view.shape[1:], view.dtype)
-          worker.gather(view, rid[:count], rows)
-          rows[count:] = 0      # padding slots: masked in `rows`, never written back
-          out.append(rows)
-        leaves[l] = tuple(jax.device_put(x, dev) for x in out)
+        for i, view in enumerate(views[l]):
+          # Into a pinned staging buffer, so the copy to the device is one DMA (51-54 GB/s;
+          # from pageable NumPy memory `bench_offload --probe` measured 30.39 ms for 64 MiB).
+          slot = worker.staging.take((l, i), (rid.shape[0],) + view.shape[1:], view.dtype,
+                                     self._device)
+          worker.gather(view, rid[:count], slot.view)
+          slot.view[count:] = 0  # padding slots: masked in `rows`, never written back
+          out.append(slot.send(dev))
+        leaves[l] = tuple(out)
       return leaves
 
-    def scatter_task(views, host_ids, new_leaves):
-      new_leaves = jax.device_get(new_leaves)  # waits for the program that computes them
+    def scatter_task(views, host_ids, new_leaves_host):
+      # Pinned copies of the new rows (DMA, issued by `run`); ready once the program is done.
+      jax.block_until_ready(new_leaves_host)
       for l in self.layers:
         rid, count = host_ids[l]
-        for view, rows in zip(views[l], new_leaves[l]):
-          worker.scatter(view, rid[:count], rows)
+        for view, rows in zip(views[l], new_leaves_host[l]):
+          worker.scatter(view, rid[:count], host_view(rows))
 
     def prepare(handle, next_ids, model_state, inputs, step):
       if handle.consumed or handle not in self._outstanding:
@@ -844,9 +911,8 @@ class HostTableTrainer:
         nxt.patch = (handle.row_ids, new_leaves)
         nxt.threaded = True
         self._outstanding.append(nxt)
-      for leaf in jax.tree.leaves(new_leaves):
-        leaf.copy_to_host_async()
-      worker.submit(scatter_task, views, handle.host_ids, new_leaves)
+      pinned = placement_sharding("pinned_host", self._device)
+      worker.submit(scatter_task, views, handle.host_ids, jax.device_put(new_leaves, pinned))
       return outputs, nxt
 
     def compiled_text(handle, next_ids, state, inputs, step=None) -> str:

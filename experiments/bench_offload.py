@@ -5,7 +5,8 @@
 
 Same model, same batches, same table optimiser (`--optimizer`: lazy Adam with bf16 moments,
 2x the table bytes of host memory, or row-wise Adagrad, one f32 per row), one run, side by side
-per table size (`--modes` picks which of hbm / separate / fused / gen run; hbm always does):
+per table size (`--modes` picks which of hbm / separate / fused / threads / gen run; hbm always
+does):
 
   HBM   one fused jitted step: `prefetch_rows` from the HBM table, forward/backward on the rows,
         SGD on the dense weights, `apply_row_sparse_update` on the whole table (donated).
@@ -16,6 +17,9 @@ per table size (`--modes` picks which of hbm / separate / fused / gen run; hbm a
   fused `HostTableTrainer.make_fused_step`: the same arithmetic, but one program per step that
         also holds the host scatter of step s-1 and the host gather of step s+1 (XLA runs
         programs in order on the GPU stream; inside one program host work can overlap).
+  threads `HostTableTrainer.make_threaded_step` (the trainer's default): one device program per
+        step; NumPy worker threads gather step s+1's rows and write step s-1's update into the
+        pinned_host buffers beside it, outside XLA.
 
 The model is our own stand-in (no grain / ml_collections / EngramLM needed): token embedding,
 `--blocks` residual MLP blocks of width `--d` (bf16), two Engram layers whose rows are expanded
@@ -45,17 +49,16 @@ Agreement: every run also prints, per host mode, the first-step loss next to the
 inputs, so any difference is a bug), the largest per-step |loss difference| and the largest
 |difference| of 4096 updated rows per table after the run.
 
-Status (H200, jax 0.11.2; numbers in the README): after the race fix, 32 GB with d=4096, 24 blocks,
---remat: HBM 602.83 ms, separate +5.8%, fused +4.4% (Zipf tokens, no buckets); with --row_buckets
-16 the host side cost 227-360 ms per step (unexplained; Zipf or corpus). Runs before the fix found
-wrong updated rows in the host modes, traced by experiments/check_host_rows.py to a race between an
-in-program device-to-host copy and the host scatter, now avoided (`HostTableTrainer._to_home` runs
-at the end of the producing program). The end-of-run row and loss agreement still differ after the
-fix; after one update the losses agree to ~1e-4 relative (8 GB run), so the later differences fit
-this bf16 stand-in amplifying rounding. `--probe` (4 GiB f32 table, 262,144 random rows of 256 B):
-host gather -> HBM 3.60 ms, host scatter back 4.33 ms; a 48.29 ms matmul followed by the gather
-program 50.71 ms, by the scatter program 53.23 ms; in ONE program 49.86 ms (gather; 49.90 ms on
-`gpu_stream:1`) and 50.49 ms (scatter, stream 1).
+Status (H200, jax 0.11.2; numbers in the README): 32 GB with d=4096, 24 blocks, --remat, Zipf
+tokens: threads +0.6-0.7% per step over HBM, fused +4.6-4.8%; d=2048, 8 blocks, 1 GB: threads
++7.8%, separate +20.5%, fused +25.1%; decoding +9-14% at 32 GB. Only the threads mode ends with
+rows equal to the HBM run's (max |row diff| 5e-4 to 1.3e-2); separate and fused end 6.7-7.5 away
+(more than the updates can move a row, so not rounding; experiments/check_host_rows does not
+reproduce it), and the library warns when they are used on a GPU. `--probe` (4 GiB f32 table,
+262,144 random rows of 256 B): host gather -> HBM 3.67 ms, host scatter back 4.50 ms; a 48.57 ms
+matmul followed by the gather program 50.34 ms, by the scatter program 52.11 ms; in ONE program
+50.00 ms; NumPy gather / scatter on the same buffer 6.44 / 5.82 ms with 8 threads, and all the
+threaded step's host work beside the matmul 51.40 ms.
 
 Dimension legend: B batch, T time, H hash heads, E row width, U = B*T*H row slots, D width.
 """

@@ -110,13 +110,21 @@ def _host_vs_hbm(rows, width, train, train_hbm=None):
   return float(np.max(np.abs(results["pinned_host"] - results["device"])))
 
 
-def check_trainer_step(rows, width, seed=0):
+def check_trainer_step(rows, width, seed=0, slots=2048, slow=0):
   """HostTableTrainer steps on a pinned_host table vs the same updates of an HBM table: one
   `apply_grad` step, two fused steps (make_fused_step: step 0's update is output to the
   host by its program and scattered by step 1's) and two threaded steps (make_threaded_step;
-  the HBM side runs the fused steps: threaded steps need host tables)."""
+  the HBM side runs the fused steps: threaded steps need host tables). `slow` > 0: every
+  gradient waits for `slow` 2048^2 matmuls first (a model step that takes time, as in
+  training; the gradient's values are unchanged)."""
   dev = offload.placement_sharding("device")
-  ids = [np.random.default_rng(seed + i).integers(0, rows, (4, 256, 2)).astype(np.int32)
+  x = jax.device_put(np.full((2048, 2048), 1e-3, np.float32), dev)
+
+  def chain(g, x):  # g + 0 * (a chain of `slow` matmuls): the same values, later
+    y = jax.lax.fori_loop(0, slow, lambda i, y: jnp.tanh(y @ x), x) if slow else x
+    return g + 0 * y[0, 0]
+  delayed = jax.jit(chain)
+  ids = [np.random.default_rng(seed + i).integers(0, rows, (4, slots // 8, 2)).astype(np.int32)
          for i in range(3)]
 
   def grad(u, s):
@@ -125,17 +133,17 @@ def check_trainer_step(rows, width, seed=0):
 
   def one_step(trainer):
     h = trainer.prefetch({1: ids[0]})
-    trainer.apply_grad(h, {1: grad(h.leaves[1][0].shape[0], 0)}, 0.5)
+    trainer.apply_grad(h, {1: delayed(grad(h.leaves[1][0].shape[0], 0), x)}, 0.5)
     return h.row_ids[1]
 
   def two_fused_steps(trainer, threaded=False):
     make = trainer.make_threaded_step if threaded else trainer.make_fused_step
-    run = make(lambda state, g, rows_: (state, {1: g}, 0.5))
+    run = make(lambda state, g, rows_: (state, {1: chain(g, state)}, 0.5))
     h = trainer.prefetch({1: ids[1]})
     touched = []
     for s, nxt in ((0, {1: ids[2]}), (1, None)):
       touched.append(np.asarray(h.row_ids[1]))
-      _, h = run(h, nxt, None, grad(h.row_ids[1].shape[0], s))
+      _, h = run(h, nxt, x, grad(h.row_ids[1].shape[0], s))
     return np.unique(np.concatenate(touched))
 
   return {"trainer step host vs HBM": _host_vs_hbm(rows, width, one_step),
@@ -156,6 +164,8 @@ def main():
   p.add_argument("--rows", type=int, default=(1 << 24) + 12345)
   p.add_argument("--width", type=int, default=64)
   p.add_argument("--slots", type=int, default=262144)
+  p.add_argument("--slow", type=int, default=1000,
+                 help="matmuls (2048^2 f32) each gradient waits for in the slow trainer checks")
   args = p.parse_args()
   bad = False
   print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
@@ -165,10 +175,13 @@ def main():
         bad |= diff != 0 and not name.endswith("*")
         print(f"  R={rows:>11,} {placement:<11} {name:<46} max |diff| {diff:.3g}"
               f"{_verdict(name, diff)}", flush=True)
-  for rows in (args.rows, 4099):
-    for name, diff in check_trainer_step(rows, args.width).items():
+  for rows, slots, slow in ((args.rows, args.slots, 0), (args.rows, args.slots, args.slow),
+                            (args.rows, 2048, 0), (4099, 2048, 0)):
+    for name, diff in check_trainer_step(rows, args.width, slots=slots, slow=slow).items():
+      name += f", {slow} matmuls" if slow else ""
       bad |= diff != 0
-      print(f"  R={rows:>11,} {name:<46} max |diff| {diff:.3g}{_verdict(name, diff)}",
+      print(f"  R={rows:>11,} U={slots:>7,} {name:<46} max |diff| {diff:.3g}"
+            f"{_verdict(name, diff)}",
             flush=True)
   sys.exit(1 if bad else 0)
 

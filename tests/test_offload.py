@@ -633,3 +633,31 @@ def test_host_worker_chunks_cover_every_row_once():
   w.scatter(dst, ids, out)
   np.testing.assert_array_equal(dst[ids], src[ids])
   assert np.count_nonzero(dst[np.setdiff1d(np.arange(50_000), ids)]) == 0
+
+
+def test_staging_slots_alternate_and_follow_the_shape():
+  staging = offload._Staging()
+  a = staging.take("k", (8, E), np.float32, None)
+  b = staging.take("k", (8, E), np.float32, None)
+  assert a is not b and staging.take("k", (8, E), np.float32, None) is a   # used in turn
+  assert a.array.sharding.memory_kind == "pinned_host"
+  a.view[:] = 2.0                       # the view is the buffer the DMA reads
+  sent = a.send(offload.placement_sharding("device"))
+  np.testing.assert_array_equal(np.asarray(sent), np.full((8, E), 2.0, np.float32))
+  c = staging.take("k", (16, E), np.float32, None)                         # new shape: new slots
+  assert c.array.shape == (16, E) and c is not a and c is not b
+
+
+def test_xla_host_write_paths_warn_on_a_gpu_only(monkeypatch):
+  trainer = offload.HostTableTrainer(CFG, _tables("pinned_host"), {l: _offsets(l) for l in LAYERS})
+  step = lambda state, inputs, rows: (None, {}, LR)  # noqa: E731
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    trainer.make_fused_step(step)                  # CPU: no warning
+  monkeypatch.setattr(trainer, "_device", type("Gpu", (), {"platform": "gpu"})())
+  with pytest.warns(RuntimeWarning, match="Prefer make_threaded_step"):
+    trainer.make_fused_step(step)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    trainer.make_fused_step(step)                  # once per trainer

@@ -95,9 +95,11 @@ def get_config(arg=None):
   # pinned_host only: 'threads' runs each step as one device program while NumPy worker threads
   # gather the next step's rows from the host tables and write the previous update into them
   # (offload.HostTableTrainer.make_threaded_step; H200, bench_offload's ~3.5B stand-in at 32 GB:
-  # +2.3% per step over HBM tables); 'fused' puts that host work into the step's program as XLA
-  # host compute (make_fused_step; +4.6% in the same run); 'separate' dispatches gather, step and
-  # update as their own programs (XLA runs them in order on the GPU stream: the host time adds).
+  # +0.6% per step over HBM tables); 'fused' puts that host work into the step's program as XLA
+  # host compute (make_fused_step; +4.6-4.8%); 'separate' dispatches gather, step and update as
+  # their own programs (XLA runs them in order on the GPU stream: the host time adds). On the
+  # H200 only 'threads' ended bench_offload runs with rows equal to the HBM placement's (README,
+  # "Host-offloaded tables"); the other two warn there.
   c.engram.host_step = "threads"
   # pinned_host, threads or fused: 0 moves B*T*H row slots per step and layer; k > 0 moves the
   # step's unique rows rounded up to a multiple of B*T*H / k (offload.HostTableTrainer
