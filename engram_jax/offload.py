@@ -582,6 +582,16 @@ class HostTableTrainer:
         "difference). Prefer make_threaded_step (engram.host_step='threads').",
         RuntimeWarning, stacklevel=3)
 
+  def _check_chain_handle(self, handle: PrefetchHandle, what: str) -> None:
+    """A fused / threaded step takes the one outstanding handle: from `prefetch` or its own
+    previous call, not applied yet."""
+    if handle.consumed or handle not in self._outstanding:
+      raise ValueError(f"{what}: handle must come from this trainer's prefetch (or the "
+                       f"previous {what}) and not be applied yet")
+    if len(self._outstanding) != 1:
+      raise ValueError(f"{what}: another prefetched handle is outstanding; a {what} only keeps "
+                       "the next step's rows coherent")
+
   def _refuse_threaded(self, what: str) -> None:
     """A threaded step's next handle is patched by its consumer only (see make_threaded_step)."""
     if any(h.threaded for h in self._outstanding):
@@ -746,12 +756,7 @@ class HostTableTrainer:
               (patched[0] if has_next else None))
 
     def prepare(handle, next_ids, model_state, inputs, step):
-      if handle.consumed or handle not in self._outstanding:
-        raise ValueError("fused step: handle must come from this trainer's prefetch (or the "
-                         "previous fused step) and not be applied yet")
-      if len(self._outstanding) != 1:
-        raise ValueError("fused step: another prefetched handle is outstanding; a fused step "
-                         "only keeps the next step's rows coherent")
+      self._check_chain_handle(handle, "fused step")
       self._refuse_threaded("fused step")
       nxt, next_gather_ids = (None, None) if next_ids is None else self._plan(next_ids,
                                                                              "fused step")
@@ -877,12 +882,7 @@ class HostTableTrainer:
           worker.scatter(view, rid[:count], host_view(rows))
 
     def prepare(handle, next_ids, model_state, inputs, step):
-      if handle.consumed or handle not in self._outstanding:
-        raise ValueError("threaded step: handle must come from this trainer's prefetch (or "
-                         "the previous threaded step) and not be applied yet")
-      if len(self._outstanding) != 1:
-        raise ValueError("threaded step: another prefetched handle is outstanding; a threaded "
-                         "step only keeps the next step's rows coherent")
+      self._check_chain_handle(handle, "threaded step")
       if self._pending is not None:
         self.flush()           # a fused step's update, scattered by XLA before NumPy writes
       if isinstance(handle.leaves, Future):

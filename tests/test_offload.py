@@ -52,6 +52,14 @@ def _loss(w_FxV, rows, inverses, targets_BxT):
 
 
 _grad = jax.jit(jax.value_and_grad(_loss, argnums=(0, 1)))
+
+
+def _loss_step(w, targets, rows):
+  """A fused / threaded step's model_step: the loss and the row gradients, LR."""
+  loss, grows = jax.value_and_grad(_loss, argnums=1)(
+      w, {l: p.rows_UxE for l, p in rows.items()},
+      {l: p.inverse_BxTxH for l, p in rows.items()}, targets)
+  return loss, grows, LR
 _sgd = jax.jit(lambda w, g: w - 0.1 * g)
 
 
@@ -405,13 +413,7 @@ def test_fused_program_keeps_tables_on_the_host_and_updates_them_in_place():
   trainer = offload.HostTableTrainer(CFG, _tables("pinned_host"), {l: _offsets(l) for l in LAYERS})
   dev = offload.placement_sharding("device")
 
-  def model_step(w, targets, rows):
-    loss, grows = jax.value_and_grad(_loss, argnums=1)(
-        w, {l: p.rows_UxE for l, p in rows.items()},
-        {l: p.inverse_BxTxH for l, p in rows.items()}, targets)
-    return loss, grows, LR
-
-  run = trainer.make_fused_step(model_step)
+  run = trainer.make_fused_step(_loss_step)
   w, targets = _head(), jax.device_put(batches[0][1], dev)
   _, handle = run(trainer.prefetch(batches[0][0]), batches[1][0], w, targets)
   text = run.compiled_text(handle, batches[2][0], w, targets)
@@ -553,13 +555,7 @@ def test_threaded_program_has_no_table_operand():
   batches = _batches(3, seed=4)
   trainer = offload.HostTableTrainer(CFG, _tables("pinned_host"), {l: _offsets(l) for l in LAYERS})
 
-  def model_step(w, targets, rows):
-    loss, grows = jax.value_and_grad(_loss, argnums=1)(
-        w, {l: p.rows_UxE for l, p in rows.items()},
-        {l: p.inverse_BxTxH for l, p in rows.items()}, targets)
-    return loss, grows, LR
-
-  run = trainer.make_threaded_step(model_step)
+  run = trainer.make_threaded_step(_loss_step)
   w, targets = _head(), jnp.asarray(batches[0][1])
   _, handle = run(trainer.prefetch(batches[0][0]), batches[1][0], w, targets)
   text = run.compiled_text(handle, batches[2][0], w, targets)
