@@ -12,9 +12,10 @@ gathers clamp it to R-1), compares with NumPy:
              on the H200 it writes wrong rows; reported, marked `*`, not required),
            put on the host first, or output to the host by the previous program (the
            library's pattern); then the written and other rows read back,
-and then one `HostTableTrainer.apply_grad` step, two fused steps (`make_fused_step`) and two
-threaded steps (`make_threaded_step`: NumPy gathers / scatters on views of the pinned_host
-buffers) against the same steps on an HBM table.
+and then steps of the separate (`HostTableTrainer.prefetch` / `apply_grad`), fused
+(`make_fused_step`) and threaded (`make_threaded_step`: NumPy gathers / scatters on views of the
+pinned_host buffers) pipelines against the same steps on an HBM table: 2 steps, 2 steps whose
+gradients wait for `--slow` matmuls, and `--steps` steps.
 Prints one line per check (max |difference|, which must be 0 except `*`) and exits non-zero on a
 mismatch. Added after bench_offload's first GPU runs, where rows updated through pinned_host
 tables differed from the HBM placement's. H200 (jax 0.11.2): every required check 0; `*` 64
@@ -25,6 +26,7 @@ Dimension legend: R table rows, E row width, U row slots.
 
 import argparse
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -110,47 +112,53 @@ def _host_vs_hbm(rows, width, train, train_hbm=None):
   return float(np.max(np.abs(results["pinned_host"] - results["device"])))
 
 
-def check_trainer_step(rows, width, seed=0, slots=2048, slow=0):
-  """HostTableTrainer steps on a pinned_host table vs the same updates of an HBM table: one
-  `apply_grad` step, two fused steps (make_fused_step: step 0's update is output to the
-  host by its program and scattered by step 1's) and two threaded steps (make_threaded_step;
-  the HBM side runs the fused steps: threaded steps need host tables). `slow` > 0: every
-  gradient waits for `slow` 2048^2 matmuls first (a model step that takes time, as in
-  training; the gradient's values are unchanged)."""
+def check_trainer_step(rows, width, seed=0, slots=2048, slow=0, steps=2):
+  """HostTableTrainer on a pinned_host table vs the same updates of an HBM table, over `steps`
+  steps of each pipeline: separate (`prefetch` of s+1, then `apply_grad` of s), fused
+  (make_fused_step: step s's update is output to the host by its program and scattered by step
+  s+1's) and threaded (make_threaded_step; the HBM side runs the fused steps: threaded steps
+  need host tables). `slow` > 0: every gradient waits for `slow` 2048^2 matmuls first (a model
+  step that takes time, as in training; the gradient's values are unchanged)."""
   dev = offload.placement_sharding("device")
   x = jax.device_put(np.full((2048, 2048), 1e-3, np.float32), dev)
+  ids = [np.random.default_rng(seed + i).integers(0, rows, (4, slots // 8, 2)).astype(np.int32)
+         for i in range(steps)]
 
   def chain(g, x):  # g + 0 * (a chain of `slow` matmuls): the same values, later
     y = jax.lax.fori_loop(0, slow, lambda i, y: jnp.tanh(y @ x), x) if slow else x
     return g + 0 * y[0, 0]
   delayed = jax.jit(chain)
-  ids = [np.random.default_rng(seed + i).integers(0, rows, (4, slots // 8, 2)).astype(np.int32)
-         for i in range(3)]
 
   def grad(u, s):
-    return jax.device_put(np.random.default_rng(seed + 5 + s).standard_normal(
+    return jax.device_put(np.random.default_rng(seed + 1000 + s).standard_normal(
         (u, width)).astype(np.float32), dev)
 
-  def one_step(trainer):
-    h = trainer.prefetch({1: ids[0]})
-    trainer.apply_grad(h, {1: delayed(grad(h.leaves[1][0].shape[0], 0), x)}, 0.5)
-    return h.row_ids[1]
-
-  def two_fused_steps(trainer, threaded=False):
-    make = trainer.make_threaded_step if threaded else trainer.make_fused_step
-    run = make(lambda state, g, rows_: (state, {1: chain(g, state)}, 0.5))
-    h = trainer.prefetch({1: ids[1]})
-    touched = []
-    for s, nxt in ((0, {1: ids[2]}), (1, None)):
+  def separate_steps(trainer):
+    h, touched = trainer.prefetch({1: ids[0]}), []
+    for s in range(steps):
+      nxt = trainer.prefetch({1: ids[s + 1]}) if s + 1 < steps else None
       touched.append(np.asarray(h.row_ids[1]))
-      _, h = run(h, nxt, x, grad(h.row_ids[1].shape[0], s))
+      trainer.apply_grad(h, {1: delayed(grad(h.row_ids[1].shape[0], s), x)}, 0.5)
+      h = nxt
     return np.unique(np.concatenate(touched))
 
-  return {"trainer step host vs HBM": _host_vs_hbm(rows, width, one_step),
-          "2 fused steps host vs HBM": _host_vs_hbm(rows, width, two_fused_steps),
-          # NumPy views of the pinned_host buffers written by worker threads (HBM: fused).
-          "2 threaded steps host vs HBM": _host_vs_hbm(
-              rows, width, lambda t: two_fused_steps(t, threaded=True), two_fused_steps)}
+  def chained_steps(trainer, threaded=False):
+    make = trainer.make_threaded_step if threaded else trainer.make_fused_step
+    run = make(lambda state, g, rows_: (state, {1: chain(g, state)}, 0.5))
+    h, touched = trainer.prefetch({1: ids[0]}), []
+    for s in range(steps):
+      touched.append(np.asarray(h.row_ids[1]))
+      _, h = run(h, {1: ids[s + 1]} if s + 1 < steps else None, x,
+                 grad(h.row_ids[1].shape[0], s))
+    return np.unique(np.concatenate(touched))
+
+  with warnings.catch_warnings():  # the GPU warning of the XLA paths: this is what they check
+    warnings.simplefilter("ignore", RuntimeWarning)
+    return {f"{steps} separate steps host vs HBM": _host_vs_hbm(rows, width, separate_steps),
+            f"{steps} fused steps host vs HBM": _host_vs_hbm(rows, width, chained_steps),
+            # NumPy views of the pinned_host buffers written by worker threads (HBM: fused).
+            f"{steps} threaded steps host vs HBM": _host_vs_hbm(
+                rows, width, lambda t: chained_steps(t, threaded=True), chained_steps)}
 
 
 def _verdict(name, diff):
@@ -164,6 +172,8 @@ def main():
   p.add_argument("--rows", type=int, default=(1 << 24) + 12345)
   p.add_argument("--width", type=int, default=64)
   p.add_argument("--slots", type=int, default=262144)
+  p.add_argument("--steps", type=int, default=8,
+                 help="steps of each pipeline in the long trainer checks")
   p.add_argument("--slow", type=int, default=1000,
                  help="matmuls (2048^2 f32) each gradient waits for in the slow trainer checks")
   args = p.parse_args()
@@ -175,9 +185,12 @@ def main():
         bad |= diff != 0 and not name.endswith("*")
         print(f"  R={rows:>11,} {placement:<11} {name:<46} max |diff| {diff:.3g}"
               f"{_verdict(name, diff)}", flush=True)
-  for rows, slots, slow in ((args.rows, args.slots, 0), (args.rows, args.slots, args.slow),
-                            (args.rows, 2048, 0), (4099, 2048, 0)):
-    for name, diff in check_trainer_step(rows, args.width, slots=slots, slow=slow).items():
+  for rows, slots, slow, steps in ((args.rows, args.slots, 0, 2),
+                                   (args.rows, args.slots, args.slow, 2),
+                                   (args.rows, args.slots, 0, args.steps),
+                                   (args.rows, 2048, 0, 2), (4099, 2048, 0, 2)):
+    for name, diff in check_trainer_step(rows, args.width, slots=slots, slow=slow,
+                                         steps=steps).items():
       name += f", {slow} matmuls" if slow else ""
       bad |= diff != 0
       print(f"  R={rows:>11,} U={slots:>7,} {name:<46} max |diff| {diff:.3g}"
