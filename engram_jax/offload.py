@@ -352,6 +352,12 @@ class _HostWorker:
     self._futures.append(fut)
     return fut
 
+  def result(self, fut: Future):
+    """`fut.result()`; its error, if any, is then not raised again by `drain`."""
+    if fut in self._futures:
+      self._futures.remove(fut)
+    return fut.result()
+
   def drain(self) -> None:
     futures, self._futures = self._futures, []
     for f in futures:
@@ -406,6 +412,11 @@ class PrefetchHandle:
 
 class HostTableTrainer:
   """Owns the Engram tables (any mix of 'device' and 'pinned_host') and their row-sparse state.
+
+  Three pipelines train them (module docstring): `prefetch` + `apply_grad` (separate programs),
+  `make_fused_step` (one program with XLA host compute) and `make_threaded_step` (one device
+  program; NumPy threads do the host side; pinned_host tables only; the fastest on the H200
+  and the trainer's default).
 
   Args:
     cfg: a sparse `TableOptimizerConfig` ('lazy_adam' or 'adagrad').
@@ -803,6 +814,9 @@ class HostTableTrainer:
     learning_rate)` and `run(handle, next_ids, state, inputs, step=None) -> (outputs,
     next_handle)`; the first handle comes from `prefetch`, later ones from `run`. Every table
     must be in pinned_host. `threads`: the NumPy row-chunk pool (`default_host_threads`).
+    Extra pinned host memory: two staging buffers of U rows per table and state array (for
+    the 0.5-3.5B stand-ins of bench_offload, 2 x 64 MiB per table), plus the step's updated
+    rows in transit.
 
     Step s, as `run` dispatches it:
 
@@ -886,7 +900,7 @@ class HostTableTrainer:
       if self._pending is not None:
         self.flush()           # a fused step's update, scattered by XLA before NumPy writes
       if isinstance(handle.leaves, Future):
-        handle.leaves = handle.leaves.result()
+        handle.leaves = worker.result(handle.leaves)
       step_arr = step if isinstance(step, jax.Array) else jax.device_put(
           np.int32(0 if step is None else step), dev)
       flags = (handle.patch is not None, step is not None)

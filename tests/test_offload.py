@@ -657,3 +657,18 @@ def test_xla_host_write_paths_warn_on_a_gpu_only(monkeypatch):
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     trainer.make_fused_step(step)                  # once per trainer
+
+
+def test_threaded_step_reraises_a_failed_gather_once():
+  batches = _batches(3, seed=7)
+  trainer = offload.HostTableTrainer(CFG, _tables("pinned_host"), {l: _offsets(l) for l in LAYERS})
+  run = trainer.make_threaded_step(lambda state, inputs, rows: (
+      None, {l: jnp.zeros_like(r.rows_UxE) for l, r in rows.items()}, LR))
+  _, nxt = run(trainer.prefetch(batches[0][0]), batches[1][0], None, ())
+  trainer.flush()
+  _, bad = run(nxt, batches[2][0], None, ())
+  bad.leaves.result()                     # that gather was fine; stand in a failed one
+  bad.leaves = trainer._worker.submit(lambda: (_ for _ in ()).throw(IndexError("gather")))
+  with pytest.raises(IndexError, match="gather"):
+    run(bad, None, None, ())
+  trainer.flush()                         # already raised by run: not again
