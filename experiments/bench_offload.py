@@ -43,7 +43,8 @@ and stores them rounded), so each host gather / scatter moves half the bytes.
 
 `--trace_steps n`: every training mode then runs n more steps under the profiler and prints
 the busy time of each GPU stream and host thread against the wall time (experiments/
-trace_lines.py): whether the host gather / scatter overlap the device's compute.
+trace_lines.py): whether the host gather / scatter overlap the device's compute. Decoding
+(`gen`) then also traces one more call, per new token.
 
 Agreement: every run also prints, per host mode, the first-step loss next to the HBM one (equal
 inputs, so any difference is a bug), the largest per-step |loss difference| and the largest
@@ -116,7 +117,8 @@ def parse():
                       "bfloat16 halves the bytes each host gather / scatter moves")
   p.add_argument("--trace_steps", type=int, default=0,
                  help="every training mode then runs this many more steps under the profiler "
-                      "and prints busy time per GPU stream / host thread (trace_lines)")
+                      "and prints busy time per GPU stream / host thread (trace_lines); gen "
+                      "traces one more call")
   p.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
   return p.parse_args()
 
@@ -383,6 +385,12 @@ def bench_gen(args, params, tables, mapping, fetch_in_step=True):
   t0 = time.perf_counter()
   out2 = gen(prompt, args.gen_new)
   dt = time.perf_counter() - t0
+  if args.trace_steps:  # one more call under the profiler: where a decode step's time goes
+    where = ("HBM" if offload.placement_of(next(iter(tables.values()))) == "device" else
+             "host, fetch in step" if fetch_in_step else "host, separate fetch")
+    _, rows, wall_ms = trace_lines.traced(lambda: gen(prompt, args.gen_new))
+    log(f"generate ({where}): 1 traced call, per new token\n"
+        + trace_lines.format_rows(rows, wall_ms, args.gen_new))
   return args.gen_batch * args.gen_new / dt, out2
 
 

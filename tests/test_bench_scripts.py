@@ -98,6 +98,8 @@ def test_bench_offload_runs_and_host_training_matches_hbm(tmp_path, monkeypatch,
   printed = capsys.readouterr().out
   for mode in ("hbm", "host separate", "host fused", "host threads"):  # one traced step each
     assert f"{mode}: 1 traced steps\n  wall " in printed
+  for where in ("HBM", "host, fetch in step", "host, separate fetch"):  # one traced call each
+    assert f"generate ({where}): 1 traced call, per new token\n  wall " in printed
   (rec,) = json.load(open(tmp_path / "bench_offload.json"))
   assert rec["hbm_ms"] > 0 and rec["host_ms"] > 0 and rec["fused_ms"] > 0
   # Same batches and arithmetic in every mode: the last losses agree.
