@@ -363,6 +363,14 @@ class _HostWorker:
     for f in futures:
       f.result()
 
+  def shutdown(self) -> None:
+    """Waits for every task (re-raising the first error) and stops the threads."""
+    try:
+      self.drain()
+    finally:
+      self._queue.shutdown()
+      self._pool.shutdown()
+
   def _chunks(self, n: int):
     k = max(1, min(self.threads, n // self.MIN_CHUNK_ROWS))
     bounds = np.linspace(0, n, k + 1).astype(np.int64)
@@ -848,6 +856,8 @@ class HostTableTrainer:
                          "table must be in pinned_host (use make_fused_step for a mix)")
     if self._worker is None or (threads is not None and self._worker.threads != threads):
       self.flush()
+      if self._worker is not None:
+        self._worker.shutdown()
       self._worker = _HostWorker(default_host_threads() if threads is None else threads)
     worker = self._worker
     cache = {}

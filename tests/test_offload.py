@@ -672,3 +672,18 @@ def test_threaded_step_reraises_a_failed_gather_once():
   with pytest.raises(IndexError, match="gather"):
     run(bad, None, None, ())
   trainer.flush()                         # already raised by run: not again
+
+
+def test_threaded_step_with_other_threads_replaces_the_worker():
+  trainer = offload.HostTableTrainer(CFG, _tables("pinned_host"), {l: _offsets(l) for l in LAYERS})
+  step = lambda state, inputs, rows: (  # noqa: E731
+      None, {l: jnp.zeros_like(r.rows_UxE) for l, r in rows.items()}, LR)
+  trainer.make_threaded_step(step, threads=2)
+  first = trainer._worker
+  trainer.make_threaded_step(step)              # threads=None keeps the worker
+  trainer.make_threaded_step(step, threads=2)   # so do the same threads
+  assert trainer._worker is first
+  trainer.make_threaded_step(step, threads=3)
+  assert trainer._worker.threads == 3 and trainer._worker is not first
+  with pytest.raises(RuntimeError):             # the old worker's threads were stopped
+    first.submit(lambda: None)
