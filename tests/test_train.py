@@ -18,6 +18,10 @@ from engram_jax import evaluate
 from engram_jax import train
 from experiments.configs import tiny_test
 
+# One xdist worker runs this module (pytest.ini: --dist loadgroup), so its module-scoped
+# training runs are computed once, not once per worker.
+pytestmark = pytest.mark.xdist_group("test_train")
+
 STEPS = 20
 
 
