@@ -60,6 +60,11 @@ def _loss_step(w, targets, rows):
       w, {l: p.rows_UxE for l, p in rows.items()},
       {l: p.inverse_BxTxH for l, p in rows.items()}, targets)
   return loss, grows, LR
+
+
+def _zero_grads_step(state, inputs, rows):
+  """A model_step that changes nothing: zero row gradients (for the pipelines' bookkeeping)."""
+  return None, {l: jnp.zeros_like(r.rows_UxE) for l, r in rows.items()}, LR
 _sgd = jax.jit(lambda w, g: w - 0.1 * g)
 
 
@@ -464,8 +469,7 @@ def test_host_scatter_refuses_rows_still_on_the_device():
 def test_fused_step_refuses_a_second_outstanding_handle():
   batches = _batches(2, seed=5)
   trainer = offload.HostTableTrainer(CFG, _tables("pinned_host"), {l: _offsets(l) for l in LAYERS})
-  run = trainer.make_fused_step(lambda state, inputs, rows: (
-      None, {l: jnp.zeros_like(r.rows_UxE) for l, r in rows.items()}, LR))
+  run = trainer.make_fused_step(_zero_grads_step)
   h0 = trainer.prefetch(batches[0][0])
   trainer.prefetch(batches[1][0])
   with pytest.raises(ValueError, match="another prefetched handle"):
@@ -567,8 +571,7 @@ def test_threaded_program_has_no_table_operand():
 
 def test_threaded_step_refuses_mixing_and_device_tables():
   batches = _batches(3, seed=5)
-  step = lambda state, inputs, rows: (  # noqa: E731
-      None, {l: jnp.zeros_like(r.rows_UxE) for l, r in rows.items()}, LR)
+  step = _zero_grads_step
   with pytest.raises(ValueError, match="every table must be in pinned_host"):
     offload.HostTableTrainer(CFG, _tables("device"),
                              {l: _offsets(l) for l in LAYERS}).make_threaded_step(step)
@@ -590,8 +593,7 @@ def test_threaded_step_refuses_mixing_and_device_tables():
 def test_threaded_step_reraises_a_host_task_error():
   batches = _batches(2, seed=6)
   trainer = offload.HostTableTrainer(CFG, _tables("pinned_host"), {l: _offsets(l) for l in LAYERS})
-  run = trainer.make_threaded_step(lambda state, inputs, rows: (
-      None, {l: jnp.zeros_like(r.rows_UxE) for l, r in rows.items()}, LR))
+  run = trainer.make_threaded_step(_zero_grads_step)
   handle = trainer.prefetch(batches[0][0])
   handle.host_ids = {l: (np.full_like(rid, 10**6), count)     # out of the tables' bounds
                      for l, (rid, count) in handle.host_ids.items()}
@@ -662,8 +664,7 @@ def test_xla_host_write_paths_warn_on_a_gpu_only(monkeypatch):
 def test_threaded_step_reraises_a_failed_gather_once():
   batches = _batches(3, seed=7)
   trainer = offload.HostTableTrainer(CFG, _tables("pinned_host"), {l: _offsets(l) for l in LAYERS})
-  run = trainer.make_threaded_step(lambda state, inputs, rows: (
-      None, {l: jnp.zeros_like(r.rows_UxE) for l, r in rows.items()}, LR))
+  run = trainer.make_threaded_step(_zero_grads_step)
   _, nxt = run(trainer.prefetch(batches[0][0]), batches[1][0], None, ())
   trainer.flush()
   _, bad = run(nxt, batches[2][0], None, ())
@@ -676,8 +677,7 @@ def test_threaded_step_reraises_a_failed_gather_once():
 
 def test_threaded_step_with_other_threads_replaces_the_worker():
   trainer = offload.HostTableTrainer(CFG, _tables("pinned_host"), {l: _offsets(l) for l in LAYERS})
-  step = lambda state, inputs, rows: (  # noqa: E731
-      None, {l: jnp.zeros_like(r.rows_UxE) for l, r in rows.items()}, LR)
+  step = _zero_grads_step
   trainer.make_threaded_step(step, threads=2)
   first = trainer._worker
   trainer.make_threaded_step(step)              # threads=None keeps the worker
