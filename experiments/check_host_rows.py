@@ -14,8 +14,9 @@ gathers clamp it to R-1), compares with NumPy:
            library's pattern); then the written and other rows read back,
 and then steps of the separate (`HostTableTrainer.prefetch` / `apply_grad`), fused
 (`make_fused_step`) and threaded (`make_threaded_step`: NumPy gathers / scatters on views of the
-pinned_host buffers) pipelines against the same steps on an HBM table: 2 steps, 2 steps whose
-gradients wait for `--slow` matmuls, and `--steps` steps.
+pinned_host buffers) pipelines against the same steps on HBM tables (two layers, as
+bench_offload trains): 2 steps, 2 steps whose gradients wait for `--slow` matmuls, and `--steps`
+steps.
 Prints one line per check (max |difference|, which must be 0 except `*`) and exits non-zero on a
 mismatch. Added after bench_offload's first GPU runs, where rows updated through pinned_host
 tables differed from the HBM placement's. H200 (jax 0.11.2): every required check 0; `*` 64
@@ -95,62 +96,71 @@ def check_primitives(rows, width, slots, placement, seed=0):
   return out
 
 
+LAYERS = (1, 2)  # two tables, as bench_offload trains
+
+
 def _host_vs_hbm(rows, width, train, train_hbm=None):
-  """max |difference| between a pinned_host and an HBM table after `train(trainer)` (the HBM
-  one after `train_hbm(trainer)` if given), over the row ids it returns (the rows its steps
-  touched; padding ids R are dropped)."""
+  """max |difference| between pinned_host and HBM tables (one per layer of LAYERS) after
+  `train(trainer)` (the HBM ones after `train_hbm(trainer)` if given), over the row ids it
+  returns per layer (the rows its steps touched; padding ids R are dropped)."""
   cfg = table_optim.TableOptimizerConfig(kind="adagrad")
   results = {}
   for placement in ("pinned_host", "device"):
-    trainer = offload.HostTableTrainer(cfg, {1: _table(rows, width, placement)},
-                                       {1: np.zeros(2, np.int32)})
-    rid = np.asarray((train_hbm or train)(trainer) if placement == "device" else train(trainer))
-    rid = rid[rid < rows].astype(np.int32)
-    table = trainer.tables[1]
-    results[placement] = np.asarray(offload.fetch_rows(table,
-                                                       jax.device_put(rid, table.sharding)))
-  return float(np.max(np.abs(results["pinned_host"] - results["device"])))
+    trainer = offload.HostTableTrainer(cfg, {l: _table(rows, width, placement) for l in LAYERS},
+                                       {l: np.zeros(2, np.int32) for l in LAYERS})
+    touched = (train_hbm or train)(trainer) if placement == "device" else train(trainer)
+    for l in LAYERS:
+      rid = np.asarray(touched[l])
+      rid = rid[rid < rows].astype(np.int32)
+      table = trainer.tables[l]
+      results[placement, l] = np.asarray(offload.fetch_rows(
+          table, jax.device_put(rid, table.sharding)))
+    del trainer
+  return max(float(np.max(np.abs(results["pinned_host", l] - results["device", l])))
+             for l in LAYERS)
 
 
 def check_trainer_step(rows, width, seed=0, slots=2048, slow=0, steps=2):
-  """HostTableTrainer on a pinned_host table vs the same updates of an HBM table, over `steps`
-  steps of each pipeline: separate (`prefetch` of s+1, then `apply_grad` of s), fused
-  (make_fused_step: step s's update is output to the host by its program and scattered by step
-  s+1's) and threaded (make_threaded_step; the HBM side runs the fused steps: threaded steps
-  need host tables). `slow` > 0: every gradient waits for `slow` 2048^2 matmuls first (a model
-  step that takes time, as in training; the gradient's values are unchanged)."""
+  """HostTableTrainer on pinned_host tables vs the same updates of HBM tables (two layers),
+  over `steps` steps of each pipeline: separate (`prefetch` of s+1, then `apply_grad` of s),
+  fused (make_fused_step: step s's update is output to the host by its program and scattered
+  by step s+1's) and threaded (make_threaded_step; the HBM side runs the fused steps: threaded
+  steps need host tables). `slow` > 0: every gradient waits for `slow` 2048^2 matmuls first (a
+  model step that takes time, as in training; the gradient's values are unchanged)."""
   dev = offload.placement_sharding("device")
   x = jax.device_put(np.full((2048, 2048), 1e-3, np.float32), dev)
-  ids = [np.random.default_rng(seed + i).integers(0, rows, (4, slots // 8, 2)).astype(np.int32)
-         for i in range(steps)]
+  ids = [{l: np.random.default_rng([seed, l, i]).integers(0, rows, (4, slots // 8, 2))
+          .astype(np.int32) for l in LAYERS} for i in range(steps)]
 
   def chain(g, x):  # g + 0 * (a chain of `slow` matmuls): the same values, later
     y = jax.lax.fori_loop(0, slow, lambda i, y: jnp.tanh(y @ x), x) if slow else x
     return g + 0 * y[0, 0]
   delayed = jax.jit(chain)
 
-  def grad(u, s):
-    return jax.device_put(np.random.default_rng(seed + 1000 + s).standard_normal(
-        (u, width)).astype(np.float32), dev)
+  def grads(h, s):
+    return {l: jax.device_put(np.random.default_rng([seed, l, 1000 + s]).standard_normal(
+        (h.row_ids[l].shape[0], width)).astype(np.float32), dev) for l in LAYERS}
+
+  def touched_rows(touched):
+    return {l: np.unique(np.concatenate([t[l] for t in touched])) for l in LAYERS}
 
   def separate_steps(trainer):
-    h, touched = trainer.prefetch({1: ids[0]}), []
+    h, touched = trainer.prefetch(ids[0]), []
     for s in range(steps):
-      nxt = trainer.prefetch({1: ids[s + 1]}) if s + 1 < steps else None
-      touched.append(np.asarray(h.row_ids[1]))
-      trainer.apply_grad(h, {1: delayed(grad(h.row_ids[1].shape[0], s), x)}, 0.5)
+      nxt = trainer.prefetch(ids[s + 1]) if s + 1 < steps else None
+      touched.append({l: np.asarray(h.row_ids[l]) for l in LAYERS})
+      trainer.apply_grad(h, {l: delayed(g, x) for l, g in grads(h, s).items()}, 0.5)
       h = nxt
-    return np.unique(np.concatenate(touched))
+    return touched_rows(touched)
 
   def chained_steps(trainer, threaded=False):
     make = trainer.make_threaded_step if threaded else trainer.make_fused_step
-    run = make(lambda state, g, rows_: (state, {1: chain(g, state)}, 0.5))
-    h, touched = trainer.prefetch({1: ids[0]}), []
+    run = make(lambda state, g, rows_: (state, {l: chain(g[l], state) for l in LAYERS}, 0.5))
+    h, touched = trainer.prefetch(ids[0]), []
     for s in range(steps):
-      touched.append(np.asarray(h.row_ids[1]))
-      _, h = run(h, {1: ids[s + 1]} if s + 1 < steps else None, x,
-                 grad(h.row_ids[1].shape[0], s))
-    return np.unique(np.concatenate(touched))
+      touched.append({l: np.asarray(h.row_ids[l]) for l in LAYERS})
+      _, h = run(h, ids[s + 1] if s + 1 < steps else None, x, grads(h, s))
+    return touched_rows(touched)
 
   with warnings.catch_warnings():  # the GPU warning of the XLA paths: this is what they check
     warnings.simplefilter("ignore", RuntimeWarning)
