@@ -670,14 +670,23 @@ class HostTableTrainer:
                      for a, v in zip(arrs, new_leaves[l]))
     return out
 
+  def _as_stored(self, new_leaves):
+    """The updated rows in the dtypes of the arrays they belong to (tables, state)."""
+    return {l: tuple(v.astype(a.dtype) for a, v in zip(self._arrays(l), new_leaves[l]))
+            for l in self.layers}
+
+  def _row_grads_f32(self, grads):
+    """{layer: f32 [U, E]} from a model's row gradients (arrays or RowSparse)."""
+    return {l: (grads[l].values_UxE if isinstance(grads[l], RowSparse) else grads[l]
+                ).astype(jnp.float32) for l in self.layers}
+
   def _to_home(self, new_leaves):
     """The updated rows placed in each table's memory. Called at the end of the programs that
     compute them (the update, the fused step), so the copy leaves with their outputs and the
     host scatter of a later program reads rows that have arrived."""
-    return {l: tuple(jax.device_put(v.astype(a.dtype),
-                                    placement_sharding(self.placements[l], self._device))
-                     for a, v in zip(self._arrays(l), new_leaves[l]))
-            for l in self.layers}
+    return {l: tuple(jax.device_put(v, placement_sharding(self.placements[l], self._device))
+                     for v in stored)
+            for l, stored in self._as_stored(new_leaves).items()}
 
   def apply_grad(self, handle: PrefetchHandle, grads: Mapping[int, Any], learning_rate,
                  step=None) -> None:
@@ -694,10 +703,7 @@ class HostTableTrainer:
                        "(or was prefetched with for_update=False)")
     self._refuse_threaded("apply_grad")
     self._warn_xla_host_writes("apply_grad")
-    g = {}
-    for l in self.layers:
-      x = grads[l]
-      g[l] = (x.values_UxE if isinstance(x, RowSparse) else x).astype(jnp.float32)
+    g = self._row_grads_f32(grads)
     self.flush()
     self._outstanding.remove(handle)
     handle.consumed = True
@@ -706,8 +712,7 @@ class HostTableTrainer:
     # Explicit puts: scalars from Python would be implicit transfers (transfer_guard).
     lr = jax.device_put(np.float32(learning_rate), dev) if not isinstance(
         learning_rate, jax.Array) else learning_rate
-    step_arr = step if isinstance(step, jax.Array) else jax.device_put(
-        np.int32(0 if step is None else step), dev)
+    step_arr = _step_array(step, dev)
     new_home, patched = self._update(handle.leaves, handle.row_ids, g, pending,
                                      lr.astype(jnp.float32), step_arr,
                                      has_step=step is not None)
@@ -765,8 +770,7 @@ class HostTableTrainer:
               for l in self.layers}
       outputs, grads, lr = model_step(model_state, inputs, rows)
       lr = jnp.asarray(lr, jnp.float32)
-      g = {l: (x.values_UxE if isinstance(x, RowSparse) else x).astype(jnp.float32)
-           for l, x in grads.items()}
+      g = self._row_grads_f32(grads)
       nxt = [{l: (next_row_ids[l], next_leaves[l]) for l in self.layers}] if has_next else []
       new_leaves, patched = self._update_fn(leaves, row_ids, g, nxt, lr, step, has_step)
       # The update leaves this program already in the tables' memory; the next program's host
@@ -780,8 +784,7 @@ class HostTableTrainer:
       nxt, next_gather_ids = (None, None) if next_ids is None else self._plan(next_ids,
                                                                              "fused step")
       dev = placement_sharding("device", self._device)
-      step_arr = step if isinstance(step, jax.Array) else jax.device_put(
-          np.int32(0 if step is None else step), dev)
+      step_arr = _step_array(step, dev)
       flags = (self._pending is not None, nxt is not None, step is not None)
       if flags not in cache:
         cache[flags] = jax.jit(functools.partial(
@@ -872,14 +875,11 @@ class HostTableTrainer:
       rows = {l: _masked_rows_fn(leaves[l][0], row_ids[l], inverse[l], self.num_rows(l))
               for l in self.layers}
       outputs, grads, lr = model_step(model_state, inputs, rows)
-      g = {l: (x.values_UxE if isinstance(x, RowSparse) else x).astype(jnp.float32)
-           for l, x in grads.items()}
+      g = self._row_grads_f32(grads)
       new_leaves, _ = self._update_fn(leaves, row_ids, g, [], jnp.asarray(lr, jnp.float32),
                                       step, has_step)
       # Stored as the host arrays store them, so the patch equals a write then a gather.
-      dtypes = {l: [a.dtype for a in self._arrays(l)] for l in self.layers}
-      return outputs, {l: tuple(v.astype(d) for v, d in zip(new_leaves[l], dtypes[l]))
-                       for l in self.layers}
+      return outputs, self._as_stored(new_leaves)
 
     def gather_task(views, host_ids):
       leaves = {}
@@ -911,8 +911,7 @@ class HostTableTrainer:
         self.flush()           # a fused step's update, scattered by XLA before NumPy writes
       if isinstance(handle.leaves, Future):
         handle.leaves = worker.result(handle.leaves)
-      step_arr = step if isinstance(step, jax.Array) else jax.device_put(
-          np.int32(0 if step is None else step), dev)
+      step_arr = _step_array(step, dev)
       flags = (handle.patch is not None, step is not None)
       if flags not in cache:
         cache[flags] = jax.jit(functools.partial(
@@ -955,6 +954,13 @@ class HostTableTrainer:
     return {"gather": self._gather.lower(arrays, gather_ids).compile().as_text(),
             "scatter": self._scatter.lower(arrays, handle.row_ids_home,
                                            new_leaves).compile().as_text()}
+
+
+def _step_array(step, sharding) -> jax.Array:
+  """The optimiser's step count as a device int32 (0 for None): an explicit put, since a Python
+  scalar would be an implicit transfer (transfer_guard)."""
+  return step if isinstance(step, jax.Array) else jax.device_put(
+      np.int32(0 if step is None else step), sharding)
 
 
 def _masked_rows_fn(w_UxE, row_ids_U, inverse_BxTxH, num_rows):
