@@ -572,14 +572,17 @@ def main():
       rec["host_rows_maxdiff"] = _max_diff(_rows_of(trainer.tables, check_ids), hbm_rows)
       del trainer, tables, params_h
       gc.collect()
+    def one_program_mode(name, tables):  # fused or threads: time, losses, rows vs HBM
+      rec[f"{name}_ms"], losses, trainer = bench_host_fused(
+          args, init_params(args), tables, mapping, data, dev, threaded=name == "threads")
+      rec[f"{name}_overhead_pct"] = 100 * (rec[f"{name}_ms"] / rec["hbm_ms"] - 1)
+      _record_losses(rec, name, losses, hbm_losses)
+      rec[f"{name}_rows_maxdiff"] = _max_diff(_rows_of(trainer.tables, check_ids), hbm_rows)
+
     if "threads" in modes:
       tables = tables_in(mapping, "pinned_host")
-      rec["threads_ms"], losses, trainer = bench_host_fused(
-          args, init_params(args), tables, mapping, data, dev, threaded=True)
-      rec["threads_overhead_pct"] = 100 * (rec["threads_ms"] / rec["hbm_ms"] - 1)
-      _record_losses(rec, "threads", losses, hbm_losses)
-      rec["threads_rows_maxdiff"] = _max_diff(_rows_of(trainer.tables, check_ids), hbm_rows)
-      del trainer, tables
+      one_program_mode("threads", tables)
+      del tables
       gc.collect()
     if "fused" in modes or "gen" in modes:
       tables = tables_in(mapping, "pinned_host")
@@ -591,12 +594,7 @@ def main():
         rec["same_tokens"] = bool(np.array_equal(gen_hbm, gen_host)
                                   and np.array_equal(gen_hbm, gen_sep))
       if "fused" in modes:
-        rec["fused_ms"], losses, trainer = bench_host_fused(
-            args, init_params(args), tables, mapping, data, dev)
-        rec["fused_overhead_pct"] = 100 * (rec["fused_ms"] / rec["hbm_ms"] - 1)
-        _record_losses(rec, "fused", losses, hbm_losses)
-        rec["fused_rows_maxdiff"] = _max_diff(_rows_of(trainer.tables, check_ids), hbm_rows)
-        del trainer
+        one_program_mode("fused", tables)
       del tables
       gc.collect()
     rec["total_s"] = time.perf_counter() - t0
