@@ -646,19 +646,31 @@ def test_staging_slots_alternate_and_follow_the_shape():
   assert c.array.shape == (16, E) and c is not a and c is not b
 
 
-def test_xla_host_write_paths_warn_on_a_gpu_only(monkeypatch):
-  trainer = offload.HostTableTrainer(CFG, _tables("pinned_host"), {l: _offsets(l) for l in LAYERS})
+def test_xla_host_write_paths_refused_on_a_gpu_unless_allowed(monkeypatch):
   step = lambda state, inputs, rows: (None, {}, LR)  # noqa: E731
   import warnings
+  gpu = type("Gpu", (), {"platform": "gpu"})()
+  trainer = offload.HostTableTrainer(CFG, _tables("pinned_host"), {l: _offsets(l) for l in LAYERS})
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    trainer.make_fused_step(step)                  # CPU: no warning
-  monkeypatch.setattr(trainer, "_device", type("Gpu", (), {"platform": "gpu"})())
-  with pytest.warns(RuntimeWarning, match="Prefer make_threaded_step"):
+    trainer.make_fused_step(step)                  # CPU: allowed, no warning
+  handle = trainer.prefetch(_batches(1)[0][0])
+  monkeypatch.setattr(trainer, "_device", gpu)
+  with pytest.raises(RuntimeError, match="allow_xla_host_writes=True"):
     trainer.make_fused_step(step)
+  with pytest.raises(RuntimeError, match="make_threaded_step"):
+    trainer.apply_grad(handle, {l: jnp.zeros_like(handle.leaves[l][0]) for l in LAYERS}, LR)
+  hbm = offload.HostTableTrainer(CFG, _tables("device"), {l: _offsets(l) for l in LAYERS})
+  monkeypatch.setattr(hbm, "_device", gpu)
+  hbm.make_fused_step(step)                        # HBM tables: nothing to refuse
+  allowed = offload.HostTableTrainer(CFG, _tables("pinned_host"), {l: _offsets(l) for l in LAYERS},
+                                     allow_xla_host_writes=True)
+  monkeypatch.setattr(allowed, "_device", gpu)
+  with pytest.warns(RuntimeWarning, match="make_threaded_step"):
+    allowed.make_fused_step(step)
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    trainer.make_fused_step(step)                  # once per trainer
+    allowed.make_fused_step(step)                  # warned once per trainer
 
 
 def test_threaded_step_reraises_a_failed_gather_once():
