@@ -163,8 +163,9 @@ class Generator:
     comp = prompt if self.compression is None else self.compression[prompt]
     ids = self.mapping.hash_numpy(comp)
     put = lambda x: jax.device_put(x, self.dev)  # noqa: E731
-    rows = {l: put(np.clip(ids[l] + self.offsets[l], 0,
-                           self.tables[l].shape[0] - 1).astype(np.int32)) for l in self.layers}
+    self._prompt_rows_host = {l: np.clip(ids[l] + self.offsets[l], 0, self.tables[l].shape[0] - 1
+                                         ).astype(np.int32) for l in self.layers}
+    rows = {l: put(r) for l, r in self._prompt_rows_host.items()}
     hist = np.full((b, self.n), self.mapping.pad_id, np.int32)
     k = min(self.n, p)
     hist[:, self.n - k:] = comp[:, p - k:]
@@ -280,9 +281,179 @@ class CachedGenerator(Generator):
     return np.concatenate([prompt, new], axis=1)
 
 
+# (variables, cache, tokens_BxT, positions_BxT, hidden, {layer: PrefetchedRows}, stage) ->
+# (hidden or, for the last stage, logits; cache)
+StageFn = Callable[..., tuple]
+
+
+def chain_stages(stage_fn: StageFn, layers) -> DecodeFn:
+  """The `decode_fn` that runs every stage of `stage_fn` in one call."""
+  def decode_fn(variables, cache, tokens_BxT, positions_BxT, rows):
+    h, cache = stage_fn(variables, cache, tokens_BxT, positions_BxT, None, {}, 0)
+    for k, l in enumerate(layers, 1):
+      h, cache = stage_fn(variables, cache, tokens_BxT, positions_BxT, h, {l: rows[l]}, k)
+    return h, cache
+  return decode_fn
+
+
+class ThreadedGenerator(CachedGenerator):
+  """`CachedGenerator` for pinned_host tables whose per-token rows are gathered by NumPy threads
+  while the device runs the blocks before each Engram layer.
+
+  The forward of one token is split at the Engram layers (`stage_fn`, static `stage`):
+    stage 0          the blocks before the first Engram layer (no rows),
+    stage k (1..L)   from the k-th Engram layer (sorted layer ids, the order the forward reaches
+                     them; it reads that layer's rows) to the next one; stage L returns logits.
+  Each stage is its own program. Per new token t the host dispatches stage 0 (its input token
+  is still being sampled on the device), then waits for token t's row ids (the previous
+  program writes them to host memory), gathers each layer's B*H rows from a NumPy view of its
+  pinned_host table (`offload.host_view`) with `threads` threads into a pinned staging buffer,
+  sends it to the device (DMA) and dispatches the stage that reads it. So the gather of
+  layer k's rows overlaps the device's stages before it; what it does not hide is the part of
+  [wait for ids, gather, copy, dispatch] that outlasts stage 0. XLA's in-program fetch
+  (`CachedGenerator(fetch_in_step=True)`) instead runs the host gather on the device's stream
+  (H200 trace: `bench_offload --trace_steps`), where nothing overlaps it.
+
+  Args:
+    stage_fn: `(variables, cache, tokens_BxT, positions_BxT, hidden, {layer: PrefetchedRows},
+      stage) -> (hidden or logits_BxTxV, cache)`, as above (`engram_lm_stages` for EngramLM).
+    init_cache, variables, tables, mapping, compression: as `CachedGenerator`; every table in
+      'pinned_host' on one device.
+    threads: gather threads (default `offload.default_host_threads()`).
+  The prompt is gathered the same way (its ids are hashed on the host) and run in one program.
+  Same tokens as `CachedGenerator` over the same model (tests/test_generate.py).
+  """
+
+  MIN_CHUNK_ROWS = 256   # rows per thread below which a gather uses fewer threads
+
+  def __init__(self, stage_fn: StageFn, init_cache: Callable[[Any, int, int], Any],
+               variables: Any, tables: Mapping[int, jax.Array], mapping: NgramHashMapping,
+               compression: Optional[np.ndarray] = None, *, threads: Optional[int] = None):
+    layers = tuple(sorted(tables))
+    super().__init__(chain_stages(stage_fn, layers), init_cache, variables, tables, mapping,
+                     compression)
+    bad = {l: p for l, p in self.placements.items() if p != "pinned_host"}
+    if bad:
+      raise ValueError(f"ThreadedGenerator gathers rows from pinned_host tables with NumPy; "
+                       f"tables {bad} are not (use CachedGenerator)")
+    self.stage_fn = stage_fn
+    self._worker = offload._HostWorker(threads or offload.default_host_threads())
+    self._worker.MIN_CHUNK_ROWS = self.MIN_CHUNK_ROWS
+    self._first = jax.jit(self._first_fn, donate_argnums=0)
+    self._mid = [jax.jit(functools.partial(self._mid_fn, k), donate_argnums=(0, 4))
+                 for k in range(1, len(layers))]
+    self._last = jax.jit(self._last_fn, donate_argnums=(0, 6))   # cache, history
+
+  def _next(self, logits_BxTxV, hist_BxN, t, seed, temperature, greedy):
+    """As `CachedGenerator._next`, with the row ids written to host memory (read by NumPy)."""
+    tok, hist, rows = super()._next(logits_BxTxV, hist_BxN, t, seed, temperature, greedy)
+    return tok, hist, {l: jax.device_put(r, self.home[l]) for l, r in rows.items()}
+
+  @staticmethod
+  def _positions(tok_B, t):
+    return jnp.full((tok_B.shape[0], 1), t, jnp.int32)
+
+  def _rows(self, l, rows_NxE, tok_B):
+    return buffer_rows(rows_NxE.reshape(tok_B.shape[0], 1, -1, rows_NxE.shape[-1]))
+
+  def _first_fn(self, cache, variables, tok_B, t):
+    h, cache = self.stage_fn(variables, cache, tok_B[:, None], self._positions(tok_B, t), None,
+                             {}, 0)
+    return h, cache
+
+  def _mid_fn(self, k, cache, variables, tok_B, t, hidden, rows_NxE):
+    l = self.layers[k - 1]
+    return self.stage_fn(variables, cache, tok_B[:, None], self._positions(tok_B, t), hidden,
+                         {l: self._rows(l, rows_NxE, tok_B)}, k)
+
+  def _last_fn(self, cache, variables, tok_B, t, hidden, rows_NxE, hist_BxN, seed, temperature,
+               greedy):
+    k = len(self.layers)
+    l = self.layers[-1]
+    logits, cache = self.stage_fn(variables, cache, tok_B[:, None], self._positions(tok_B, t),
+                                  hidden, {l: self._rows(l, rows_NxE, tok_B)}, k)
+    return (cache,) + self._next(logits, hist_BxN, t, seed, temperature, greedy)
+
+  def _gather(self, key, l, ids: np.ndarray, view: np.ndarray) -> jax.Array:
+    """table[ids] (NumPy threads into a pinned staging buffer), sent to the device: [N, E]."""
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    slot = self._worker.staging.take((key, l), (ids.size, view.shape[1]), view.dtype,
+                                     self.dev._device)
+    self._worker.gather(view, ids, slot.view)
+    return slot.send(self.dev)
+
+  def close(self) -> None:
+    """Stops the gather threads (also at garbage collection)."""
+    self._worker.shutdown()
+
+  def __del__(self):
+    try:
+      self._worker.shutdown()
+    except Exception:  # noqa: BLE001  interpreter shutdown
+      pass
+
+  def __call__(self, prompt_BxP: np.ndarray, max_new_tokens: int, *, temperature: float = 0.0,
+               seed: int = 0, pad_id: int = 0) -> np.ndarray:
+    """Returns int32[B, P + max_new_tokens]: the prompt followed by the sampled tokens."""
+    del pad_id
+    prompt, _, hist, (seed_dev, temp, greedy) = self._start(prompt_BxP, max_new_tokens,
+                                                            temperature, seed)
+    b, p = prompt.shape
+    put = lambda x: jax.device_put(x, self.dev)  # noqa: E731
+    views = {l: offload.host_view(self.tables[l]) for l in self.layers}
+    prompt_rows = {}
+    for l in self.layers:
+      ids = self._prompt_rows_host[l]
+      prompt_rows[l] = self._gather("prompt", l, ids, views[l]).reshape(ids.shape + (-1,))
+    cache = self.init_cache(self.variables, b, p + max_new_tokens)
+    cache, tok, hist, ids = self._prefill(cache, self.variables, put(prompt), prompt_rows, hist,
+                                          seed_dev, temp, greedy)
+    out = [tok]
+    for t in range(p, p + max_new_tokens - 1):
+      t_dev = put(np.int32(t))
+      # Token t is being sampled on the device: the blocks before the first Engram layer go
+      # first, and the host gathers token t's rows beside them.
+      hidden, cache = self._first(cache, self.variables, tok, t_dev)
+      host_ids = {l: np.array(offload.host_view(ids[l])) for l in self.layers}  # waits
+      for k, l in enumerate(self.layers):
+        rows = self._gather("token", l, host_ids[l], views[l])
+        if k + 1 < len(self.layers):
+          hidden, cache = self._mid[k](cache, self.variables, tok, t_dev, hidden, rows)
+        else:
+          cache, tok, hist, ids = self._last(cache, self.variables, tok, t_dev, hidden, rows,
+                                             hist, seed_dev, temp, greedy)
+      out.append(tok)
+    new = np.stack([np.asarray(jax.device_get(x)) for x in out], axis=1)
+    return np.concatenate([prompt, new], axis=1)
+
+
+def engram_lm_stages(model_config):
+  """(init_cache, stage_fn) of an `EngramLM` with external tables, split at its Engram layers:
+  `ThreadedGenerator(stage_fn, init_cache, variables, tables, mapping, ...)`. Needs at
+  least one block before the first Engram layer (the gather of its rows overlaps them)."""
+  from engram_jax.model import EngramLM
+  init_cache, _ = engram_lm_decoder(model_config)
+  layer_ids = tuple(sorted(model_config.engram_layer_ids))
+  if not layer_ids:
+    raise ValueError("engram_lm_stages needs Engram layers (use engram_lm_decoder)")
+  if layer_ids[0] == 0:
+    raise ValueError("engram_lm_stages: the first Engram layer is block 0, so no block runs "
+                     "while its rows are gathered; use engram_lm_decoder + CachedGenerator")
+  bounds = (0,) + layer_ids + (model_config.num_layers,)
+  decoder = EngramLM(model_config, decode=True)
+
+  def stage_fn(variables, cache, tokens_BxT, positions_BxT, hidden, rows, stage):
+    (out, _), new = decoder.apply({**variables, "cache": cache}, tokens_BxT,
+                                  positions=positions_BxT, engram_inputs=rows,
+                                  layers=(bounds[stage], bounds[stage + 1]),
+                                  hidden_BxTxMxD=hidden, mutable=["cache"])
+    return out, new["cache"]
+  return init_cache, stage_fn
+
+
 def engram_lm_decoder(model_config):
   """(init_cache, decode_fn) of an `EngramLM` whose tables are external (row-sparse training
-  or host tables): `CachedGenerator(*engram_lm_decoder(cfg), variables, tables, mapping, ...)`
+  or host tables): `CachedGenerator(decode_fn, init_cache, variables, tables, mapping, ...)`
   with `variables` the model's params and moe_stats (no tables). The cache comes from the
   model's sizing call on a [B, max_len] input with zero Engram rows (its outputs are unused).
   """

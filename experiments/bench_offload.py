@@ -75,7 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engram_jax import offload, table_optim
-from engram_jax.generate import CachedGenerator
+from engram_jax.generate import CachedGenerator, ThreadedGenerator
 from engram_jax.hashing import NgramHashMapping
 from experiments import trace_lines
 from pallas_kernels.engram_lookup.row_sparse import RowSparse, expand_rows, prefetch_rows
@@ -101,6 +101,7 @@ def parse():
   p.add_argument("--gen_batch", type=int, default=64)
   p.add_argument("--gen_prompt", type=int, default=112)
   p.add_argument("--gen_new", type=int, default=64)
+  p.add_argument("--gen_reps", type=int, default=3, help="timed decoding calls (median)")
   p.add_argument("--probe", action="store_true", help="time the host gather/scatter first")
   p.add_argument("--modes", default="hbm,separate,fused,gen",
                  help="what to run per size: hbm (baseline, always), separate, fused, gen")
@@ -179,16 +180,43 @@ def _block(x, w1, w2):
   return x + jax.nn.gelu(h @ w1) @ w2
 
 
+def _inject(params, x, l, rows_UxE, inverse_BxTxH):
+  return x + expand_rows(rows_UxE, inverse_BxTxH).astype(jnp.bfloat16) @ params["eng"][l]
+
+
+def _blocks(params, x, args, start, stop):
+  for i in range(start, stop):
+    x = (jax.checkpoint(_block) if args.remat else _block)(x, params["w1"][i], params["w2"][i])
+  return x
+
+
 def forward(params, tokens_BxT, rows, inverses, args):
   x = params["emb"][tokens_BxT]
   at = inject_at(args)
   for i in range(args.blocks):
     for l in LAYERS:
       if at[l] == i:
-        e = expand_rows(rows[l], inverses[l]).astype(jnp.bfloat16)
-        x = x + e @ params["eng"][l]
-    x = (jax.checkpoint(_block) if args.remat else _block)(x, params["w1"][i], params["w2"][i])
+        x = _inject(params, x, l, rows[l], inverses[l])
+    x = _blocks(params, x, args, i, i + 1)
   return (x @ params["out"]).astype(jnp.float32)
+
+
+def stage_fn(args):
+  """`forward` split at the Engram layers, for `generate.ThreadedGenerator`: stage 0 embeds and
+  runs the blocks before the first injection; stage k injects layer LAYERS[k-1]'s rows and
+  runs the blocks up to the next injection (the last one also the head). Same arithmetic."""
+  at = inject_at(args)
+  bounds = [at[l] for l in LAYERS] + [args.blocks]
+
+  def fn(p, cache, tokens, positions, hidden, engram_inputs, stage):
+    del positions
+    if stage == 0:
+      return _blocks(p, p["emb"][tokens], args, 0, bounds[0]), cache
+    l = LAYERS[stage - 1]
+    x = _inject(p, hidden, l, engram_inputs[l].rows_UxE, engram_inputs[l].inverse_BxTxH)
+    x = _blocks(p, x, args, bounds[stage - 1], bounds[stage])
+    return ((x @ p["out"]).astype(jnp.float32) if stage == len(LAYERS) else x), cache
+  return fn
 
 
 def loss_fn(params, rows, inverses, tokens, targets, args):
@@ -373,29 +401,47 @@ def bench_host_fused(args, params, tables, mapping, data, dev, threaded=False):
   return ms, [float(x) for x in losses], trainer
 
 
-def bench_gen(args, params, tables, mapping, fetch_in_step=True):
+GEN_FETCH = {"step": "host, fetch in step", "program": "host, separate fetch",
+             "threads": "host, threads"}
+
+
+def bench_gen(args, params, tables, mapping, fetch="step"):
+  """Decoding tokens/s (median of --gen_reps timed calls after a warm-up call) and the tokens.
+  fetch: 'step' (CachedGenerator, XLA gathers in the token's program), 'program' (its own
+  program) or 'threads' (ThreadedGenerator: NumPy threads, overlapping the stages before each
+  Engram layer). HBM tables: 'step'."""
   # The stand-in model is position-wise, so decoding needs no cache: each step is a one-token
   # forward on the rows just fetched for that token (EngramLM's caches: generate.engram_lm_decoder).
   def decode_fn(p, cache, tokens, positions, engram_inputs):
     del positions
     return forward(p, tokens, {l: r.rows_UxE for l, r in engram_inputs.items()},
                    {l: r.inverse_BxTxH for l, r in engram_inputs.items()}, args), cache
-  gen = CachedGenerator(decode_fn, lambda p, b, t: {}, params, tables, mapping,
-                        fetch_in_step=fetch_in_step)
+  if fetch == "threads":
+    gen = ThreadedGenerator(stage_fn(args), lambda p, b, t: {}, params, tables, mapping)
+  else:
+    gen = CachedGenerator(decode_fn, lambda p, b, t: {}, params, tables, mapping,
+                          fetch_in_step=fetch == "step")
   prompt = (np.random.default_rng(1).zipf(1.1, (args.gen_batch, args.gen_prompt)) - 1) % VOCAB
   prompt = prompt.astype(np.int32)
   out = gen(prompt, args.gen_new)       # warm-up / compile
   log("generate: compiled + warm-up call")
-  t0 = time.perf_counter()
-  out2 = gen(prompt, args.gen_new)
-  dt = time.perf_counter() - t0
+  times = []
+  for _ in range(args.gen_reps):
+    t0 = time.perf_counter()
+    out2 = gen(prompt, args.gen_new)
+    times.append(time.perf_counter() - t0)
+    if not np.array_equal(out2, out):
+      raise AssertionError("decoding the same prompt twice gave different tokens")
+  where = ("HBM" if offload.placement_of(next(iter(tables.values()))) == "device" else
+           GEN_FETCH[fetch])
   if args.trace_steps:  # one more call under the profiler: where a decode step's time goes
-    where = ("HBM" if offload.placement_of(next(iter(tables.values()))) == "device" else
-             "host, fetch in step" if fetch_in_step else "host, separate fetch")
     _, rows, wall_ms = trace_lines.traced(lambda: gen(prompt, args.gen_new))
     log(f"generate ({where}): 1 traced call, per new token\n"
         + trace_lines.format_rows(rows, wall_ms, args.gen_new))
-  return args.gen_batch * args.gen_new / dt, out2
+  if fetch == "threads":
+    gen.close()
+  log(f"generate ({where}): calls {', '.join(f'{t * 1e3:.1f}' for t in times)} ms")
+  return args.gen_batch * args.gen_new / float(np.median(times)), out2
 
 
 def probe(rows=16 * 2**20, slots=262144, mm_n=8192):
@@ -593,10 +639,14 @@ def main():
       if "gen" in modes:  # first: decoding only reads the tables, fused training changes them
         rec["host_tok_s"], gen_host = bench_gen(args, init_params(args), tables, mapping)
         rec["host_sep_tok_s"], gen_sep = bench_gen(args, init_params(args), tables, mapping,
-                                                   fetch_in_step=False)
+                                                   fetch="program")
+        rec["host_thr_tok_s"], gen_thr = bench_gen(args, init_params(args), tables, mapping,
+                                                   fetch="threads")
         rec["gen_overhead_pct"] = 100 * (rec["hbm_tok_s"] / rec["host_tok_s"] - 1)
+        rec["gen_thr_overhead_pct"] = 100 * (rec["hbm_tok_s"] / rec["host_thr_tok_s"] - 1)
         rec["same_tokens"] = bool(np.array_equal(gen_hbm, gen_host)
-                                  and np.array_equal(gen_hbm, gen_sep))
+                                  and np.array_equal(gen_hbm, gen_sep)
+                                  and np.array_equal(gen_hbm, gen_thr))
       if "fused" in modes:
         one_program_mode("fused", tables)
       del tables
@@ -607,7 +657,7 @@ def main():
     with open(os.path.join(args.out, "bench_offload.json"), "w") as f:
       json.dump(rows_out, f, indent=1)
   print(f"\n{'table GB':>9} {'HBM ms':>8} {'sep. ms':>8} {'ovh %':>6} {'fused ms':>8} "
-        f"{'ovh %':>6} {'thr. ms':>8} {'ovh %':>6} | {'HBM tok/s':>9} {'host tok/s':>10} {'ovh %':>6} {'sep. tok/s':>10} | "
+        f"{'ovh %':>6} {'thr. ms':>8} {'ovh %':>6} | {'HBM tok/s':>9} {'host tok/s':>10} {'ovh %':>6} {'sep. tok/s':>10} {'thr. tok/s':>10} {'ovh %':>6} | "
         f"{'uniq rows':>9} "
         f"{'prefetch':>8} {'apply':>7} | {'loss hbm':>8} {'sep.':>8} {'fused':>8} {'thr.':>8}")
   for r in rows_out:
@@ -616,7 +666,8 @@ def main():
           f"{_fmt(r, 'fused_overhead_pct', '6.1f')} {_fmt(r, 'threads_ms', '8.2f')} "
           f"{_fmt(r, 'threads_overhead_pct', '6.1f')} | {_fmt(r, 'hbm_tok_s', '9.0f')} "
           f"{_fmt(r, 'host_tok_s', '10.0f')} {_fmt(r, 'gen_overhead_pct', '6.1f')} "
-          f"{_fmt(r, 'host_sep_tok_s', '10.0f')} | "
+          f"{_fmt(r, 'host_sep_tok_s', '10.0f')} {_fmt(r, 'host_thr_tok_s', '10.0f')} "
+          f"{_fmt(r, 'gen_thr_overhead_pct', '6.1f')} | "
           f"{_fmt(r, 'unique_rows', '9.0f')} {_fmt(r, 'prefetch_ms', '8.2f')} "
           f"{_fmt(r, 'apply_ms', '7.2f')} | {_fmt(r, 'hbm_loss', '8.4f')} "
           f"{_fmt(r, 'host_loss', '8.4f')} {_fmt(r, 'fused_loss', '8.4f')} "

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from engram_jax import offload
-from engram_jax.generate import CachedGenerator, Generator, engram_lm_decoder
+from engram_jax.generate import (CachedGenerator, Generator, ThreadedGenerator, engram_lm_decoder,
+                                 engram_lm_stages)
 from engram_jax.hashing import NgramHashMapping
 from engram_jax.memory import head_offsets
 from engram_jax.model import EngramLM
@@ -23,9 +24,9 @@ from tests.test_model import ENGRAM, V, tiny_cfg
 B, P, NEW = 2, 4, 6
 
 
-def _setup(placement):
-  cfg = tiny_cfg(engram_table_placement="external",
-                 engram=ENGRAM.replace(zero_init_conv=False))  # the conv history must matter
+def _setup(placement, layer_ids=ENGRAM.layer_ids):
+  cfg = tiny_cfg(engram_table_placement="external",  # the conv history must matter:
+                 engram=ENGRAM.replace(zero_init_conv=False, layer_ids=layer_ids))
   mapping = NgramHashMapping.from_config(cfg.engram, V, 0)
   tables = {l: offload.create_table(mapping.num_rows(l), cfg.engram.head_dim, jnp.float32,
                                     placement, seed=l) for l in cfg.engram.layer_ids}
@@ -139,3 +140,57 @@ def test_generator_programs_close_over_no_device_arrays(fetch_in_step):
   decode = "_decode_fetching" if fetch_in_step else "_decode"
   found = _device_array_constants(cached, ["_prefill", decode], lambda: cached(prompt, 3))
   assert found == {"_prefill": 0, decode: 0}
+
+
+@pytest.mark.parametrize("layer_ids", [(1,), (1, 3)])
+def test_threaded_generation_equals_cached_generation(layer_ids):
+  """NumPy threads gather each token's rows from the pinned_host tables while the stages before
+  each Engram layer run: the same tokens as the in-program fetch (greedy and sampled), and the
+  same as the windowed reference; no program closes over a device array."""
+  cfg, mapping, tables, variables = _setup("pinned_host", layer_ids)
+  prompt = np.random.default_rng(4).integers(0, V, (B, P)).astype(np.int32)
+  init_cache, decode_fn = engram_lm_decoder(cfg)
+  cached = CachedGenerator(decode_fn, init_cache, variables, tables, mapping)
+  threaded = ThreadedGenerator(*engram_lm_stages(cfg)[::-1], variables, tables, mapping, threads=2)
+  threaded.MIN_CHUNK_ROWS = threaded._worker.MIN_CHUNK_ROWS = 2   # several chunks per gather
+  with jax.transfer_guard("disallow"):
+    got = threaded(prompt, NEW)
+  np.testing.assert_array_equal(got, cached(prompt, NEW))
+  model = EngramLM(cfg)
+  windowed = Generator(lambda tok, rows: model.apply(variables, tok, engram_inputs=rows)[0],
+                       tables, mapping)
+  np.testing.assert_array_equal(got, windowed(prompt, NEW))
+  assert len(set(got[:, P:].ravel().tolist())) > 1
+  sampled = threaded(prompt, NEW, temperature=1.0, seed=5)
+  np.testing.assert_array_equal(sampled, cached(prompt, NEW, temperature=1.0, seed=5))
+  assert not np.array_equal(sampled, got)
+  names = ["_prefill", "_first", "_last"]
+  found = _device_array_constants(threaded, names, lambda: threaded(prompt, 3))
+  assert found == dict.fromkeys(names, 0)
+  threaded.close()
+
+
+def test_threaded_generator_reads_the_tables_as_they_are_now():
+  """Rows are gathered from views of the tables' buffers at each call: a table changed in place
+  (as a threaded training step writes it) changes the next generation."""
+  cfg, mapping, tables, variables = _setup("pinned_host")
+  prompt = np.random.default_rng(4).integers(0, V, (B, P)).astype(np.int32)
+  gen = ThreadedGenerator(*engram_lm_stages(cfg)[::-1], variables, tables, mapping)
+  before = gen(prompt, NEW)
+  for t in tables.values():
+    view = offload.host_view(t)
+    view[:] = np.random.default_rng(9).normal(size=view.shape).astype(view.dtype) * 30
+  after = gen(prompt, NEW)
+  init_cache, decode_fn = engram_lm_decoder(cfg)
+  np.testing.assert_array_equal(
+      after, CachedGenerator(decode_fn, init_cache, variables, tables, mapping)(prompt, NEW))
+  assert not np.array_equal(before, after)
+
+
+def test_threaded_generator_errors():
+  cfg, mapping, tables, variables = _setup("device")
+  with pytest.raises(ValueError, match="pinned_host"):
+    ThreadedGenerator(*engram_lm_stages(cfg)[::-1], variables, tables, mapping)
+  with pytest.raises(ValueError, match="block 0"):
+    engram_lm_stages(tiny_cfg(engram_table_placement="external",
+                              engram=ENGRAM.replace(layer_ids=(0,))))
