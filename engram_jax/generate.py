@@ -297,8 +297,8 @@ def chain_stages(stage_fn: StageFn, layers) -> DecodeFn:
 
 
 class ThreadedGenerator(CachedGenerator):
-  """`CachedGenerator` for pinned_host tables whose per-token rows are gathered by NumPy threads
-  while the device runs the blocks before each Engram layer.
+  """`CachedGenerator` for pinned_host tables whose per-token rows are gathered by NumPy on the
+  host while the device runs the blocks before each Engram layer.
 
   The forward of one token is split at the Engram layers (`stage_fn`, static `stage`):
     stage 0          the blocks before the first Engram layer (no rows),
@@ -307,24 +307,30 @@ class ThreadedGenerator(CachedGenerator):
   Each stage is its own program. Per new token t the host dispatches stage 0 (its input token
   is still being sampled on the device), then waits for token t's row ids (the previous
   program writes them to host memory), gathers each layer's B*H rows from a NumPy view of its
-  pinned_host table (`offload.host_view`) with `threads` threads into a pinned staging buffer,
-  sends it to the device (DMA) and dispatches the stage that reads it. So the gather of
-  layer k's rows overlaps the device's stages before it; what it does not hide is the part of
-  [wait for ids, gather, copy, dispatch] that outlasts stage 0. XLA's in-program fetch
-  (`CachedGenerator(fetch_in_step=True)`) instead runs the host gather on the device's stream
-  (H200 trace: `bench_offload --trace_steps`), where nothing overlaps it.
+  pinned_host table (`offload.host_view`) into a pinned staging buffer and dispatches the stage
+  that reads it; that program copies the buffer to the device itself (an explicit `device_put`
+  costs ~90 us of dispatch per call on the H200's host, more than the gather). So the gather
+  of layer k's rows overlaps the device's stages before it; what it does not hide is the part
+  of [wait for ids, gather, dispatch] that outlasts stage 0. XLA's in-program fetch
+  (`CachedGenerator(fetch_in_step=True)`) instead runs its host gather on the device's stream,
+  where nothing overlaps it (H200 trace: `bench_offload --trace_steps`).
+
+  Row ids come from `global_rows_N`, which clamps them into the table, so the NumPy gather uses
+  mode='clip' (2x faster than the default bounds check; same rows). Gathers of fewer than
+  `POOL_MIN_ROWS` rows (a token's B*H for B <= 2048 at H=16) run on the calling thread: on the
+  H200's host, 1024 rows took 33 us there and 395 us split over a pool of 8 threads (wake-ups);
+  the prompt's rows use the pool.
 
   Args:
     stage_fn: `(variables, cache, tokens_BxT, positions_BxT, hidden, {layer: PrefetchedRows},
       stage) -> (hidden or logits_BxTxV, cache)`, as above (`engram_lm_stages` for EngramLM).
     init_cache, variables, tables, mapping, compression: as `CachedGenerator`; every table in
       'pinned_host' on one device.
-    threads: gather threads (default `offload.default_host_threads()`).
-  The prompt is gathered the same way (its ids are hashed on the host) and run in one program.
+    threads: threads of the prompt's gathers (default `offload.default_host_threads()`).
   Same tokens as `CachedGenerator` over the same model (tests/test_generate.py).
   """
 
-  MIN_CHUNK_ROWS = 256   # rows per thread below which a gather uses fewer threads
+  POOL_MIN_ROWS = 32768
 
   def __init__(self, stage_fn: StageFn, init_cache: Callable[[Any, int, int], Any],
                variables: Any, tables: Mapping[int, jax.Array], mapping: NgramHashMapping,
@@ -338,7 +344,6 @@ class ThreadedGenerator(CachedGenerator):
                        f"tables {bad} are not (use CachedGenerator)")
     self.stage_fn = stage_fn
     self._worker = offload._HostWorker(threads or offload.default_host_threads())
-    self._worker.MIN_CHUNK_ROWS = self.MIN_CHUNK_ROWS
     self._first = jax.jit(self._first_fn, donate_argnums=0)
     self._mid = [jax.jit(functools.partial(self._mid_fn, k), donate_argnums=(0, 4))
                  for k in range(1, len(layers))]
@@ -353,34 +358,39 @@ class ThreadedGenerator(CachedGenerator):
   def _positions(tok_B, t):
     return jnp.full((tok_B.shape[0], 1), t, jnp.int32)
 
-  def _rows(self, l, rows_NxE, tok_B):
-    return buffer_rows(rows_NxE.reshape(tok_B.shape[0], 1, -1, rows_NxE.shape[-1]))
+  @staticmethod
+  def _rows(rows_NxE_host, tok_B):
+    """The staged rows (a pinned_host operand) copied to the device, as PrefetchedRows."""
+    rows = jax.device_put(rows_NxE_host, jax.memory.Space.Device)
+    return buffer_rows(rows.reshape(tok_B.shape[0], 1, -1, rows.shape[-1]))
 
   def _first_fn(self, cache, variables, tok_B, t):
     h, cache = self.stage_fn(variables, cache, tok_B[:, None], self._positions(tok_B, t), None,
                              {}, 0)
     return h, cache
 
-  def _mid_fn(self, k, cache, variables, tok_B, t, hidden, rows_NxE):
-    l = self.layers[k - 1]
+  def _mid_fn(self, k, cache, variables, tok_B, t, hidden, rows_NxE_host):
     return self.stage_fn(variables, cache, tok_B[:, None], self._positions(tok_B, t), hidden,
-                         {l: self._rows(l, rows_NxE, tok_B)}, k)
+                         {self.layers[k - 1]: self._rows(rows_NxE_host, tok_B)}, k)
 
-  def _last_fn(self, cache, variables, tok_B, t, hidden, rows_NxE, hist_BxN, seed, temperature,
-               greedy):
-    k = len(self.layers)
-    l = self.layers[-1]
+  def _last_fn(self, cache, variables, tok_B, t, hidden, rows_NxE_host, hist_BxN, seed,
+               temperature, greedy):
+    """The last stage; samples token t+1, its host row ids, and t+1 (kept on the device)."""
     logits, cache = self.stage_fn(variables, cache, tok_B[:, None], self._positions(tok_B, t),
-                                  hidden, {l: self._rows(l, rows_NxE, tok_B)}, k)
-    return (cache,) + self._next(logits, hist_BxN, t, seed, temperature, greedy)
+                                  hidden, {self.layers[-1]: self._rows(rows_NxE_host, tok_B)},
+                                  len(self.layers))
+    return (cache,) + self._next(logits, hist_BxN, t, seed, temperature, greedy) + (t + 1,)
 
-  def _gather(self, key, l, ids: np.ndarray, view: np.ndarray) -> jax.Array:
-    """table[ids] (NumPy threads into a pinned staging buffer), sent to the device: [N, E]."""
-    ids = np.asarray(ids, np.int64).reshape(-1)
+  def _stage_rows(self, key, l, ids: np.ndarray, view: np.ndarray):
+    """table[ids] gathered by NumPy into a pinned staging slot: (slot, its [N, E] array)."""
+    ids = np.asarray(ids).reshape(-1)
     slot = self._worker.staging.take((key, l), (ids.size, view.shape[1]), view.dtype,
                                      self.dev._device)
-    self._worker.gather(view, ids, slot.view)
-    return slot.send(self.dev)
+    if ids.size < self.POOL_MIN_ROWS:
+      np.take(view, ids, axis=0, out=slot.view, mode="clip")
+    else:
+      self._worker.gather(view, ids, slot.view)
+    return slot
 
   def close(self) -> None:
     """Stops the gather threads (also at garbage collection)."""
@@ -404,24 +414,29 @@ class ThreadedGenerator(CachedGenerator):
     prompt_rows = {}
     for l in self.layers:
       ids = self._prompt_rows_host[l]
-      prompt_rows[l] = self._gather("prompt", l, ids, views[l]).reshape(ids.shape + (-1,))
+      prompt_rows[l] = self._stage_rows("prompt", l, ids, views[l]).send(self.dev).reshape(
+          ids.shape + (-1,))
     cache = self.init_cache(self.variables, b, p + max_new_tokens)
     cache, tok, hist, ids = self._prefill(cache, self.variables, put(prompt), prompt_rows, hist,
                                           seed_dev, temp, greedy)
+    t_dev = put(np.int32(p))
     out = [tok]
-    for t in range(p, p + max_new_tokens - 1):
-      t_dev = put(np.int32(t))
+    for _ in range(p, p + max_new_tokens - 1):
       # Token t is being sampled on the device: the blocks before the first Engram layer go
       # first, and the host gathers token t's rows beside them.
       hidden, cache = self._first(cache, self.variables, tok, t_dev)
-      host_ids = {l: np.array(offload.host_view(ids[l])) for l in self.layers}  # waits
+      host_ids = {l: offload.host_view(ids[l]) for l in self.layers}      # waits for them
       for k, l in enumerate(self.layers):
-        rows = self._gather("token", l, host_ids[l], views[l])
+        slot = self._stage_rows("token", l, host_ids[l], views[l])
         if k + 1 < len(self.layers):
-          hidden, cache = self._mid[k](cache, self.variables, tok, t_dev, hidden, rows)
+          hidden, cache = self._mid[k](cache, self.variables, tok, t_dev, hidden, slot.array)
+          slot.in_flight = hidden          # the slot is rewritten once this program is done
         else:
-          cache, tok, hist, ids = self._last(cache, self.variables, tok, t_dev, hidden, rows,
-                                             hist, seed_dev, temp, greedy)
+          cache, tok, hist, new_ids, t_dev = self._last(
+              cache, self.variables, tok, t_dev, hidden, slot.array, hist, seed_dev, temp,
+              greedy)
+          slot.in_flight = tok
+      ids = new_ids                        # the views of the old ids are not used after this
       out.append(tok)
     new = np.stack([np.asarray(jax.device_get(x)) for x in out], axis=1)
     return np.concatenate([prompt, new], axis=1)

@@ -152,7 +152,8 @@ def test_threaded_generation_equals_cached_generation(layer_ids):
   init_cache, decode_fn = engram_lm_decoder(cfg)
   cached = CachedGenerator(decode_fn, init_cache, variables, tables, mapping)
   threaded = ThreadedGenerator(*engram_lm_stages(cfg)[::-1], variables, tables, mapping, threads=2)
-  threaded.MIN_CHUNK_ROWS = threaded._worker.MIN_CHUNK_ROWS = 2   # several chunks per gather
+  # The prompt's B*P*H = 32 rows through the thread pool (in chunks), a token's 8 inline.
+  threaded.POOL_MIN_ROWS, threaded._worker.MIN_CHUNK_ROWS = 16, 2
   with jax.transfer_guard("disallow"):
     got = threaded(prompt, NEW)
   np.testing.assert_array_equal(got, cached(prompt, NEW))
