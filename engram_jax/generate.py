@@ -345,7 +345,8 @@ class ThreadedGenerator(CachedGenerator):
     self.stage_fn = stage_fn
     self._worker = offload._HostWorker(threads or offload.default_host_threads())
     self._first = jax.jit(self._first_fn, donate_argnums=0)
-    self._mid = [jax.jit(functools.partial(self._mid_fn, k), donate_argnums=(0, 4))
+    # The hidden state is not donated: it marks when the program has read its staging slot.
+    self._mid = [jax.jit(functools.partial(self._mid_fn, k), donate_argnums=0)
                  for k in range(1, len(layers))]
     self._last = jax.jit(self._last_fn, donate_argnums=(0, 6))   # cache, history
 

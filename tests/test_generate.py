@@ -142,7 +142,7 @@ def test_generator_programs_close_over_no_device_arrays(fetch_in_step):
   assert found == {"_prefill": 0, decode: 0}
 
 
-@pytest.mark.parametrize("layer_ids", [(1,), (1, 3)])
+@pytest.mark.parametrize("layer_ids", [(1,), (1, 2, 3)])
 def test_threaded_generation_equals_cached_generation(layer_ids):
   """NumPy threads gather each token's rows from the pinned_host tables while the stages before
   each Engram layer run: the same tokens as the in-program fetch (greedy and sampled), and the
