@@ -34,6 +34,7 @@ H hash heads, E row width, V vocab, L Engram layers.
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any, Callable, Mapping, Optional
 
 import jax
@@ -327,7 +328,9 @@ class ThreadedGenerator(CachedGenerator):
     init_cache, variables, tables, mapping, compression: as `CachedGenerator`; every table in
       'pinned_host' on one device.
     threads: threads of the prompt's gathers (default `offload.default_host_threads()`).
-  Same tokens as `CachedGenerator` over the same model (tests/test_generate.py).
+  Same tokens as `CachedGenerator` over the same model (tests/test_generate.py). After a call,
+  `host_us_per_token` holds the host's time per new token in each phase of the loop
+  (dispatching stage 0, waiting for the ids, gathering, dispatching the other stages).
   """
 
   POOL_MIN_ROWS = 32768
@@ -422,13 +425,22 @@ class ThreadedGenerator(CachedGenerator):
                                           seed_dev, temp, greedy)
     t_dev = put(np.int32(p))
     out = [tok]
+    clock = time.perf_counter
+    spent = dict.fromkeys(("dispatch stage 0", "wait for ids", "gather", "dispatch stages"), 0.0)
     for _ in range(p, p + max_new_tokens - 1):
       # Token t is being sampled on the device: the blocks before the first Engram layer go
       # first, and the host gathers token t's rows beside them.
+      c0 = clock()
       hidden, cache = self._first(cache, self.variables, tok, t_dev)
+      c1 = clock()
       host_ids = {l: offload.host_view(ids[l]) for l in self.layers}      # waits for them
+      c2 = clock()
+      spent["dispatch stage 0"] += c1 - c0
+      spent["wait for ids"] += c2 - c1
       for k, l in enumerate(self.layers):
+        c0 = clock()
         slot = self._stage_rows("token", l, host_ids[l], views[l])
+        c1 = clock()
         if k + 1 < len(self.layers):
           hidden, cache = self._mid[k](cache, self.variables, tok, t_dev, hidden, slot.array)
           slot.in_flight = hidden          # the slot is rewritten once this program is done
@@ -437,8 +449,12 @@ class ThreadedGenerator(CachedGenerator):
               cache, self.variables, tok, t_dev, hidden, slot.array, hist, seed_dev, temp,
               greedy)
           slot.in_flight = tok
+        spent["gather"] += c1 - c0
+        spent["dispatch stages"] += clock() - c1
       ids = new_ids                        # the views of the old ids are not used after this
       out.append(tok)
+    n = max(1, max_new_tokens - 1)
+    self.host_us_per_token = {k: v / n * 1e6 for k, v in spent.items()}
     new = np.stack([np.asarray(jax.device_get(x)) for x in out], axis=1)
     return np.concatenate([prompt, new], axis=1)
 

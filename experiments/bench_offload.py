@@ -439,6 +439,8 @@ def bench_gen(args, params, tables, mapping, fetch="step"):
     log(f"generate ({where}): 1 traced call, per new token\n"
         + trace_lines.format_rows(rows, wall_ms, args.gen_new))
   if fetch == "threads":
+    log("generate (host, threads): host us per token: " + ", ".join(
+        f"{k} {v:.1f}" for k, v in gen.host_us_per_token.items()))
     gen.close()
   log(f"generate ({where}): calls {', '.join(f'{t * 1e3:.1f}' for t in times)} ms")
   return args.gen_batch * args.gen_new / float(np.median(times)), out2

@@ -162,6 +162,9 @@ def test_threaded_generation_equals_cached_generation(layer_ids):
                        tables, mapping)
   np.testing.assert_array_equal(got, windowed(prompt, NEW))
   assert len(set(got[:, P:].ravel().tolist())) > 1
+  assert set(threaded.host_us_per_token) == {"dispatch stage 0", "wait for ids", "gather",
+                                             "dispatch stages"}
+  assert all(v > 0 for v in threaded.host_us_per_token.values())
   sampled = threaded(prompt, NEW, temperature=1.0, seed=5)
   np.testing.assert_array_equal(sampled, cached(prompt, NEW, temperature=1.0, seed=5))
   assert not np.array_equal(sampled, got)
