@@ -23,6 +23,9 @@ B*H rows per layer. In both, the fetch of position t+1 is dispatched as soon as 
 sampled. `CachedGenerator(fetch_in_step=True)` puts it inside the program of position t+1's
 forward, where XLA can overlap it with the blocks before the first Engram layer (programs run
 one after another on a GPU stream, so a separate fetch program cannot overlap anything).
+`ThreadedGenerator` (pinned_host tables) splits each token's forward at the Engram layers and
+gathers its rows with NumPy on the host while the blocks before the first Engram layer run; on
+the H200 it is slower than the in-program fetch (its class docstring says why).
 
 Sampling: temperature 0 is greedy (argmax); otherwise `categorical(logits / temperature)` with
 a key folded per position.
@@ -328,6 +331,16 @@ class ThreadedGenerator(CachedGenerator):
     init_cache, variables, tables, mapping, compression: as `CachedGenerator`; every table in
       'pinned_host' on one device.
     threads: threads of the prompt's gathers (default `offload.default_host_threads()`).
+  Measured (H200, jax 0.11.2, `bench_offload --d 4096 --blocks 24 --modes=hbm,gen`, first
+  Engram layer after block 0): slower than CachedGenerator's in-program fetch, e.g. 32 GB,
+  64 sequences: 15,681 tok/s vs 17,558 (HBM 20,467); 512 sequences: 31,074 vs 32,140 (HBM
+  33,642). Host time per new token at 64 sequences (4 GB): waiting for the ids 2,704 us
+  (the device computing), gathering both layers' rows 137 us, but dispatching the two
+  programs that take them 658 us (a jitted call costs 50-330 us of host time there), all while
+  the device, done with stage 0 (~130 us), waits. It can only win where the blocks before the
+  first Engram layer outlast one gather plus the dispatches after it (a deeper first Engram
+  layer, a host with cheaper dispatch). Kept for that, and measured in every bench_offload run.
+
   Same tokens as `CachedGenerator` over the same model (tests/test_generate.py). After a call,
   `host_us_per_token` holds the host's time per new token in each phase of the loop
   (dispatching stage 0, waiting for the ids, gathering, dispatching the other stages).

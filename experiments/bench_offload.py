@@ -30,13 +30,16 @@ bytes. Decoding: `engram_jax.generate.CachedGenerator` (the prompt in one forwar
 one-token forward per step -- the stand-in model is position-wise, so it needs no cache; each
 new position's B*H rows per layer are fetched as soon as its token is sampled, inside the
 program of that token's forward -- `host tok/s` -- or as a program of its own before it --
-`sep. tok/s`). Tokens/s count the new tokens over the whole call, prompt forward included.
+`sep. tok/s`), and `generate.ThreadedGenerator` (`thr. tok/s`: the forward split at the Engram
+layers, rows gathered by NumPy beside the blocks before the first one; it logs its host time
+per token). Tokens/s count the new tokens over the whole call, prompt forward included (median
+of `--gen_reps` calls).
 
 Timing: after WARMUP = 4 warm-up steps (one pass over the 4 batches, so every shape
 `--row_buckets` can give is compiled), `--steps` steps with one block_until_ready at the end;
-decoding: one warm-up call, then one timed call. The last table printed is the result; it also
-prints the host-side costs measured alone (prefetch = unique+gather+copy, apply =
-update+scatter).
+decoding: one warm-up call, then `--gen_reps` timed calls. The last table printed is the
+result; it also prints the host-side costs measured alone (prefetch = unique+gather+copy,
+apply = update+scatter).
 
 `--table_dtype bfloat16`: bf16 tables in every placement (the optimiser updates rows in f32
 and stores them rounded), so each host gather / scatter moves half the bytes.
@@ -52,10 +55,12 @@ inputs, so any difference is a bug), the largest per-step |loss difference| and 
 
 Status (H200, jax 0.11.2; numbers in the README): 32 GB with d=4096, 24 blocks, --remat, Zipf
 tokens: threads +0.6-0.7% per step over HBM, fused +4.6-4.8%; d=2048, 8 blocks, 1 GB: threads
-+7.8%, separate +20.5%, fused +25.1%; decoding +9-14% at 32 GB. Only the threads mode ends with
-rows equal to the HBM run's (max |row diff| 5e-4 to 1.3e-2); separate and fused end 6.7-7.5 away
-(more than the updates can move a row, so not rounding; experiments/check_host_rows does not
-reproduce it), and the library warns when they are used on a GPU. `--probe` (4 GiB f32 table,
++7.8%, separate +20.5%, fused +25.1%. Decoding at 32 GB (in-program fetch): +8.7-16.6% with 64
+sequences, +4.7-7.1% with 512 (`--gen_batch 512`, the paper's batch); the threaded decoder
+(`thr. tok/s`) is slower still. Only the threads mode ends with rows equal to the HBM run's (max
+|row diff| 5e-4 to 1.3e-2); separate and fused end 6.7-7.5 away, which check_host_rows' 8-step
+chains reproduce (up to 1.7e7), so the library refuses them on a GPU (this script opts in with
+`allow_xla_host_writes=True` to measure them). `--probe` (4 GiB f32 table,
 262,144 random rows of 256 B): host gather -> HBM 3.67 ms, host scatter back 4.50 ms; a 48.57 ms
 matmul followed by the gather program 50.34 ms, by the scatter program 52.11 ms; in ONE program
 50.00 ms; NumPy gather / scatter on the same buffer 6.44 / 5.82 ms with 8 threads, and all the

@@ -19,8 +19,11 @@ bench_offload trains): 2 steps, 2 steps whose gradients wait for `--slow` matmul
 steps.
 Prints one line per check (max |difference|, which must be 0 except `*`) and exits non-zero on a
 mismatch. Added after bench_offload's first GPU runs, where rows updated through pinned_host
-tables differed from the HBM placement's. H200 (jax 0.11.2): every required check 0; `*` 64
-and 832 in two runs.
+tables differed from the HBM placement's. H200 (jax 0.11.2, 3ce5d4f): the row primitives, every
+threaded chain and the 2-step separate / fused chains 0; 8 separate steps 1.68e7, 8 fused steps
+1.23e7, 2 separate steps behind 1000 matmuls 3.48e4 (MISMATCH: why the library refuses those
+two pipelines on a GPU, offload.HostTableTrainer(allow_xla_host_writes=...)); `*` on the 16.8M
+rows 64, 832 and 64 in three runs.
 
 Dimension legend: R table rows, E row width, U row slots.
 """
