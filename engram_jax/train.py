@@ -338,10 +338,23 @@ class _HostTableSteps:
     return state, metrics
 
 
+def check_host_step(config: ml_collections.ConfigDict, platform: str) -> None:
+  """Refuses `engram.host_step` 'fused' / 'separate' with pinned_host tables on a GPU, before
+  anything is built: those steps write the tables through XLA host compute, which wrote wrong
+  rows on the H200 (experiments/check_host_rows; offload.HostTableTrainer refuses them too)."""
+  if (experiment_config.engram_placement(config) == "pinned_host" and platform == "gpu"
+      and experiment_config.host_step(config) != "threads"):
+    raise ValueError(
+        f"engram.host_step={experiment_config.host_step(config)!r} with pinned_host tables is "
+        "refused on a GPU: its XLA host-compute writes gave wrong rows on the H200 "
+        "(experiments/check_host_rows); use engram.host_step='threads'")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from `workdir` if it holds checkpoints) and evaluates; returns final
   metrics: train loss of the last interval, eval loss/perplexity, steps, wall time, params."""
   t_start = time.perf_counter()
+  check_host_step(config, jax.devices()[0].platform)
   os.makedirs(workdir, exist_ok=True)
   exp, trainer, abstract = setup(config)
   with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -164,3 +164,19 @@ def test_unsupported_host_configs_are_refused(overrides, match):
     config[section][field] = value
   with pytest.raises(ValueError, match=match):
     experiment_config.check_config(config)
+
+
+@pytest.mark.parametrize("host_step, refused", [("threads", False), ("fused", True),
+                                                ("separate", True)])
+def test_xla_host_steps_are_refused_on_a_gpu_before_anything_is_built(host_step, refused):
+  config = _config()
+  config.engram.placement = "pinned_host"
+  config.engram.host_step = host_step
+  train.check_host_step(config, "cpu")                # the CPU backend's results are exact
+  if refused:
+    with pytest.raises(ValueError, match="use engram.host_step='threads'"):
+      train.check_host_step(config, "gpu")
+  else:
+    train.check_host_step(config, "gpu")
+  config.engram.placement = "device"
+  train.check_host_step(config, "gpu")                # HBM tables: nothing to refuse
