@@ -12,8 +12,9 @@ A block-size sweep for one case shows where the default config comes from.
 
 Backward: forward+backward of the lookup w.r.t. the table, dense `jax.grad` of the reference
 against the custom VJP (sorted f32 segment-sums, dense [R, E] result) and the row-sparse path
-(prefetch_rows + expand_rows: its gradient is [U, E], independent of R). Determinism: the
-segment-sum is run twice and compared bit for bit, for XLA and both Pallas methods.
+(prefetch_rows + expand_rows: its gradient is [U, E], independent of R) with each segment-sum
+(xla, pallas, scan). Determinism: the segment-sum is run twice and compared bit for bit, for
+XLA, the scan and both Pallas methods. `--parts` picks forward / backward / segment_sum.
 
 Timing (`bench`): a jitted program runs the function back to back once per input set (24 id
 sets for the forward, 3 for the backward), and a second program runs a third of them; the
@@ -135,7 +136,8 @@ def config_sweep(rows, width, dtype, n):
 def backward_sweep(tables, n, width, dtype):
   print(f"\n== forward+backward w.r.t. the table: N={n} E={width} {jnp.dtype(dtype).name} ==")
   header = (f"{'R':>11} | {'dense grad(ref) us':>18} | {'custom vjp us':>13} | "
-            f"{'row-sparse xla us':>17} | {'row-sparse pallas us':>20} | {'x dense':>7}")
+            f"{'row-sparse xla us':>17} | {'row-sparse pallas us':>20} | {'x dense':>7} | "
+            f"{'row-sparse scan us':>18} | {'x dense':>7}")
   print(header)
   lines = []
   for rows in tables:
@@ -159,9 +161,10 @@ def backward_sweep(tables, n, width, dtype):
 
     args = [(table, i, offsets) for i in ids[:3]]  # 3 dense table-sized grads must fit
     times = [bench(f, args, rounds=5) for f in
-             (dense_ref, custom, sparse("xla"), sparse("pallas"))]
+             (dense_ref, custom, sparse("xla"), sparse("pallas"), sparse("scan"))]
     line = (f"{rows:>11,} | {times[0] * 1e6:>18.1f} | {times[1] * 1e6:>13.1f} | "
-            f"{times[2] * 1e6:>17.1f} | {times[3] * 1e6:>20.1f} | {times[0] / times[3]:>7.1f}")
+            f"{times[2] * 1e6:>17.1f} | {times[3] * 1e6:>20.1f} | {times[0] / times[3]:>7.1f} | "
+            f"{times[4] * 1e6:>18.1f} | {times[0] / times[4]:>7.1f}")
     print(line, flush=True)
     lines.append(line)
     del table
@@ -178,7 +181,7 @@ def segment_sum_sweep(n, width, num_rows):
   order = np.asarray(plan.order_N)
   want = np.zeros((n, width), np.float64)
   np.add.at(want, np.asarray(plan.segment_N), np.asarray(g_NxE, np.float64)[order])
-  variants = [("xla", None)] + [
+  variants = [("xla", None), ("scan", None)] + [
       ("pallas", GpuSegmentSumConfig(method, s, 64))
       for method in ("onehot", "walk") for s in (32, 64, 128)]
   for impl, cfg in variants:
@@ -194,23 +197,33 @@ def segment_sum_sweep(n, width, num_rows):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--quick", action="store_true", help="reduced sweep")
+  parser.add_argument("--parts", default="forward,backward,segment_sum",
+                      help="which parts to run (forward includes the block sweep)")
   args = parser.parse_args()
+  parts = set(args.parts.split(","))
+  if not parts <= {"forward", "backward", "segment_sum"}:
+    raise SystemExit(f"--parts: a comma list of forward, backward, segment_sum; got {args.parts}")
   print(jax.devices()[0].device_kind, jax.__version__)
   if args.quick:
     tables, lookups, bwd_tables = (10_000_000,), (32_768, 524_288), (1_000_000, 100_000_000)
   else:
     tables, lookups = (1_000_000, 10_000_000, 100_000_000), (32_768, 524_288)
     bwd_tables = (1_000_000, 10_000_000, 100_000_000)
-  best = config_sweep(8_000_000, 64, jnp.bfloat16, 524_288)
-  header, fwd = forward_sweep(tables, lookups, (jnp.bfloat16, jnp.float32), (64, 80), best)
-  bheader, bwd = backward_sweep(bwd_tables, 262_144, 64, jnp.bfloat16)
-  segment_sum_sweep(262_144, 64, 10_000_000)
+  if "forward" in parts:
+    best = config_sweep(8_000_000, 64, jnp.bfloat16, 524_288)
+    header, fwd = forward_sweep(tables, lookups, (jnp.bfloat16, jnp.float32), (64, 80), best)
+  if "backward" in parts:
+    bheader, bwd = backward_sweep(bwd_tables, 262_144, 64, jnp.bfloat16)
+  if "segment_sum" in parts:
+    segment_sum_sweep(262_144, 64, 10_000_000)
   print("\n== summary ==")
-  print(f"kernel config: {best}")
-  print(header)
-  print("\n".join(fwd))
-  print(bheader)
-  print("\n".join(bwd))
+  if "forward" in parts:
+    print(f"kernel config: {best}")
+    print(header)
+    print("\n".join(fwd))
+  if "backward" in parts:
+    print(bheader)
+    print("\n".join(bwd))
 
 
 if __name__ == "__main__":

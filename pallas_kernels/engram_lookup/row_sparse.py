@@ -125,11 +125,12 @@ def expand_rows(rows_UxE: jax.Array, inverse_BxTxH: jax.Array, *,
 
   Its gradient w.r.t. `rows_UxE` is the f32 sorted segment-sum of the lookups' cotangents,
   cast to the rows' dtype (prefetch f32 rows to keep f32 sums). `backward`: 'pallas' (Triton,
-  atomic-free, default on GPU when E % 16 == 0) or 'xla' (sorted segment_sum).
+  atomic-free, default on GPU when E % 16 == 0), 'xla' (sorted segment_sum) or 'scan'
+  (segmented associative scan, reproducible everywhere; segment_sum.py).
   """
   backward = backward or _default_backward(rows_UxE.shape[-1])
-  if backward not in ("xla", "pallas"):
-    raise ValueError(f"backward must be None, 'xla' or 'pallas', got {backward!r}")
+  if backward not in ("xla", "scan", "pallas"):
+    raise ValueError(f"backward must be None, 'xla', 'scan' or 'pallas', got {backward!r}")
   return _expand_rows(backward, rows_UxE, inverse_BxTxH)
 
 
