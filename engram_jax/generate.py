@@ -23,9 +23,11 @@ B*H rows per layer. In both, the fetch of position t+1 is dispatched as soon as 
 sampled. `CachedGenerator(fetch_in_step=True)` puts it inside the program of position t+1's
 forward, where XLA can overlap it with the blocks before the first Engram layer (programs run
 one after another on a GPU stream, so a separate fetch program cannot overlap anything).
-`ThreadedGenerator` (pinned_host tables) splits each token's forward at the Engram layers and
-gathers its rows with NumPy on the host while the blocks before the first Engram layer run; on
-the H200 it is slower than the in-program fetch (its class docstring says why).
+`ThreadedGenerator` (pinned_host tables) gathers each token's rows with NumPy on a worker
+thread, started by a host callback as soon as the token is sampled, while the device runs the
+blocks before the first Engram layer; a second callback hands the rows to the program. Its first
+version (a Python loop waiting for each token) was slower than the in-program fetch on the H200;
+this one is unmeasured there (its class docstring).
 
 Sampling: temperature 0 is greedy (argmax); otherwise `categorical(logits / temperature)` with
 a key folded per position.
@@ -38,11 +40,13 @@ from __future__ import annotations
 
 import functools
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 from engram_jax import offload
 from engram_jax.hashing import NgramHashMapping
@@ -301,29 +305,30 @@ def chain_stages(stage_fn: StageFn, layers) -> DecodeFn:
 
 
 class ThreadedGenerator(CachedGenerator):
-  """`CachedGenerator` for pinned_host tables whose per-token rows are gathered by NumPy on the
-  host while the device runs the blocks before each Engram layer.
+  """`CachedGenerator` for pinned_host tables whose per-token rows are gathered by a host thread
+  while the device runs the blocks before the first Engram layer; one program per token.
 
   The forward of one token is split at the Engram layers (`stage_fn`, static `stage`):
     stage 0          the blocks before the first Engram layer (no rows),
     stage k (1..L)   from the k-th Engram layer (sorted layer ids, the order the forward reaches
                      them; it reads that layer's rows) to the next one; stage L returns logits.
-  Each stage is its own program. Per new token t the host dispatches stage 0 (its input token
-  is still being sampled on the device), then waits for token t's row ids (the previous
-  program writes them to host memory), gathers each layer's B*H rows from a NumPy view of its
-  pinned_host table (`offload.host_view`) into a pinned staging buffer and dispatches the stage
-  that reads it; that program copies the buffer to the device itself (an explicit `device_put`
-  costs ~90 us of dispatch per call on the H200's host, more than the gather). So the gather
-  of layer k's rows overlaps the device's stages before it; what it does not hide is the part
-  of [wait for ids, gather, dispatch] that outlasts stage 0. XLA's in-program fetch
-  (`CachedGenerator(fetch_in_step=True)`) instead runs its host gather on the device's stream,
-  where nothing overlaps it (H200 trace: `bench_offload --trace_steps`).
+  The program of token t runs: stage 0; a host callback that takes token t's rows (waiting for
+  their gather if it is still running); stages 1..L; the sampling of token t+1; and a host
+  callback that hands token t+1's row ids to a worker thread, which starts gathering them from
+  NumPy views of the pinned_host tables (`offload.host_view`) at once. So that gather runs
+  while the device finishes token t's program and runs token t+1's stage 0, and the Python
+  loop only dispatches programs, ahead of the device (no host round trip per token).
+
+  The first version (a796a2e) instead waited in the Python loop for each token's ids, gathered,
+  and dispatched a program per stage; it was slower than CachedGenerator's in-program fetch on
+  the H200: 15,681 vs 17,558 tok/s at 32 GB with 64 sequences (HBM 20,467), because the two
+  dispatches after each wait cost 658 us of host time per token while the device waited
+  (`host_us_per_token` of that version, 4 GB: ids wait 2,704 us, gather 137 us). This version
+  has not run on a GPU yet: what it costs there is two host callbacks per token.
 
   Row ids come from `global_rows_N`, which clamps them into the table, so the NumPy gather uses
-  mode='clip' (2x faster than the default bounds check; same rows). Gathers of fewer than
-  `POOL_MIN_ROWS` rows (a token's B*H for B <= 2048 at H=16) run on the calling thread: on the
-  H200's host, 1024 rows took 33 us there and 395 us split over a pool of 8 threads (wake-ups);
-  the prompt's rows use the pool.
+  mode='clip' (2x faster than the default bounds check; same rows). The prompt's rows are
+  gathered by `threads` threads into pinned staging buffers before the prefill.
 
   Args:
     stage_fn: `(variables, cache, tokens_BxT, positions_BxT, hidden, {layer: PrefetchedRows},
@@ -331,22 +336,10 @@ class ThreadedGenerator(CachedGenerator):
     init_cache, variables, tables, mapping, compression: as `CachedGenerator`; every table in
       'pinned_host' on one device.
     threads: threads of the prompt's gathers (default `offload.default_host_threads()`).
-  Measured (H200, jax 0.11.2, `bench_offload --d 4096 --blocks 24 --modes=hbm,gen`, first
-  Engram layer after block 0): slower than CachedGenerator's in-program fetch, e.g. 32 GB,
-  64 sequences: 15,681 tok/s vs 17,558 (HBM 20,467); 512 sequences: 31,074 vs 32,140 (HBM
-  33,642). Host time per new token at 64 sequences (4 GB): waiting for the ids 2,704 us
-  (the device computing), gathering both layers' rows 137 us, but dispatching the two
-  programs that take them 658 us (a jitted call costs 50-330 us of host time there), all while
-  the device, done with stage 0 (~130 us), waits. It can only win where the blocks before the
-  first Engram layer outlast one gather plus the dispatches after it (a deeper first Engram
-  layer, a host with cheaper dispatch). Kept for that, and measured in every bench_offload run.
-
-  Same tokens as `CachedGenerator` over the same model (tests/test_generate.py). After a call,
-  `host_us_per_token` holds the host's time per new token in each phase of the loop
-  (dispatching stage 0, waiting for the ids, gathering, dispatching the other stages).
+  Same tokens as `CachedGenerator` over the same model (tests/test_generate.py). One call at a
+  time per generator. After a call, `host_us_per_token` holds the worker's gather time and how
+  long the program's rows callback waited for it, per new token.
   """
-
-  POOL_MIN_ROWS = 32768
 
   def __init__(self, stage_fn: StageFn, init_cache: Callable[[Any, int, int], Any],
                variables: Any, tables: Mapping[int, jax.Array], mapping: NgramHashMapping,
@@ -360,62 +353,84 @@ class ThreadedGenerator(CachedGenerator):
                        f"tables {bad} are not (use CachedGenerator)")
     self.stage_fn = stage_fn
     self._worker = offload._HostWorker(threads or offload.default_host_threads())
-    self._first = jax.jit(self._first_fn, donate_argnums=0)
-    # The hidden state is not donated: it marks when the program has read its staging slot.
-    self._mid = [jax.jit(functools.partial(self._mid_fn, k), donate_argnums=0)
-                 for k in range(1, len(layers))]
-    self._last = jax.jit(self._last_fn, donate_argnums=(0, 6))   # cache, history
+    self._gatherer = ThreadPoolExecutor(1, thread_name_prefix="engram-decode-rows")
+    self._pending: dict[int, Future] = {}
+    self._views: Optional[dict] = None
+    self._spent = {"gather": 0.0, "rows callback waited": 0.0}
+    self._prefill_gathering = jax.jit(self._prefill_gathering_fn, donate_argnums=0)
+    self._decode_gathering = jax.jit(self._decode_gathering_fn, donate_argnums=(0, 3))
 
-  def _next(self, logits_BxTxV, hist_BxN, t, seed, temperature, greedy):
-    """As `CachedGenerator._next`, with the row ids written to host memory (read by NumPy)."""
-    tok, hist, rows = super()._next(logits_BxTxV, hist_BxN, t, seed, temperature, greedy)
-    return tok, hist, {l: jax.device_put(r, self.home[l]) for l, r in rows.items()}
+  # -- host side (called by the programs' callbacks) ---------------------------------------------
 
-  @staticmethod
-  def _positions(tok_B, t):
-    return jnp.full((tok_B.shape[0], 1), t, jnp.int32)
+  def _gather_all(self, ids: dict) -> tuple:
+    t0 = time.perf_counter()
+    out = tuple(np.take(self._views[l], ids[l].reshape(-1), axis=0, mode="clip")
+                for l in self.layers)
+    self._spent["gather"] += time.perf_counter() - t0
+    return out
 
-  @staticmethod
-  def _rows(rows_NxE_host, tok_B):
-    """The staged rows (a pinned_host operand) copied to the device, as PrefetchedRows."""
-    rows = jax.device_put(rows_NxE_host, jax.memory.Space.Device)
-    return buffer_rows(rows.reshape(tok_B.shape[0], 1, -1, rows.shape[-1]))
+  def _start_gather(self, t, *ids):
+    """Callback at the end of token t-1's program: token t's ids -> a gather on the worker."""
+    ids = {l: np.array(a) for l, a in zip(self.layers, ids)}
+    self._pending[int(t)] = self._gatherer.submit(self._gather_all, ids)
+    return ()
 
-  def _first_fn(self, cache, variables, tok_B, t):
-    h, cache = self.stage_fn(variables, cache, tok_B[:, None], self._positions(tok_B, t), None,
-                             {}, 0)
-    return h, cache
+  def _take_rows(self, t, _):
+    """Callback after token t's stage 0: its rows (waits for their gather if needed)."""
+    fut = self._pending.pop(int(t))
+    t0 = time.perf_counter()
+    rows = fut.result()
+    self._spent["rows callback waited"] += time.perf_counter() - t0
+    return rows
 
-  def _mid_fn(self, k, cache, variables, tok_B, t, hidden, rows_NxE_host):
-    return self.stage_fn(variables, cache, tok_B[:, None], self._positions(tok_B, t), hidden,
-                         {self.layers[k - 1]: self._rows(rows_NxE_host, tok_B)}, k)
+  # -- programs ------------------------------------------------------------------------------------
 
-  def _last_fn(self, cache, variables, tok_B, t, hidden, rows_NxE_host, hist_BxN, seed,
-               temperature, greedy):
-    """The last stage; samples token t+1, its host row ids, and t+1 (kept on the device)."""
-    logits, cache = self.stage_fn(variables, cache, tok_B[:, None], self._positions(tok_B, t),
-                                  hidden, {self.layers[-1]: self._rows(rows_NxE_host, tok_B)},
-                                  len(self.layers))
-    return (cache,) + self._next(logits, hist_BxN, t, seed, temperature, greedy) + (t + 1,)
+  def _hand_over(self, t_next, rows_ids):
+    """Inside a program: token t_next's row ids to the host worker (a side-effecting callback)."""
+    io_callback(self._start_gather, (), t_next, *[rows_ids[l] for l in self.layers])
+
+  def _prefill_gathering_fn(self, cache, variables, prompt_BxP, rows, hist_BxN, seed,
+                            temperature, greedy):
+    cache, tok, hist, rows_ids = self._prefill_fn(cache, variables, prompt_BxP, rows, hist_BxN,
+                                                  seed, temperature, greedy)
+    self._hand_over(jnp.int32(prompt_BxP.shape[1]), rows_ids)
+    return cache, tok, hist
+
+  def _decode_gathering_fn(self, cache, variables, tok_B, hist_BxN, t, seed, temperature,
+                           greedy):
+    """Token t's forward (its rows from the worker, after stage 0), token t+1 sampled and its
+    ids handed over."""
+    b = tok_B.shape[0]
+    tokens, positions = tok_B[:, None], jnp.full((b, 1), t, jnp.int32)
+    hidden, cache = self.stage_fn(variables, cache, tokens, positions, None, {}, 0)
+    # The callback takes one element of stage 0's output, so it runs after stage 0.
+    after = jax.tree.leaves(hidden)[0].reshape(-1)[0]
+    shapes = tuple(jax.ShapeDtypeStruct((b * self.offsets[l].shape[0], self.tables[l].shape[1]),
+                                        self.tables[l].dtype) for l in self.layers)
+    rows = io_callback(self._take_rows, shapes, t, after)
+    for k, l in enumerate(self.layers, 1):
+      pre = buffer_rows(rows[k - 1].reshape(b, 1, -1, rows[k - 1].shape[-1]))
+      hidden, cache = self.stage_fn(variables, cache, tokens, positions, hidden, {l: pre}, k)
+    tok, hist, rows_ids = self._next(hidden, hist_BxN, t, seed, temperature, greedy)
+    self._hand_over(t + 1, rows_ids)
+    return cache, tok, hist, t + 1
 
   def _stage_rows(self, key, l, ids: np.ndarray, view: np.ndarray):
-    """table[ids] gathered by NumPy into a pinned staging slot: (slot, its [N, E] array)."""
+    """table[ids] gathered by the thread pool into a pinned staging slot (the prompt's rows)."""
     ids = np.asarray(ids).reshape(-1)
     slot = self._worker.staging.take((key, l), (ids.size, view.shape[1]), view.dtype,
                                      self.dev._device)
-    if ids.size < self.POOL_MIN_ROWS:
-      np.take(view, ids, axis=0, out=slot.view, mode="clip")
-    else:
-      self._worker.gather(view, ids, slot.view)
+    self._worker.gather(view, ids, slot.view)
     return slot
 
   def close(self) -> None:
     """Stops the gather threads (also at garbage collection)."""
+    self._gatherer.shutdown()
     self._worker.shutdown()
 
   def __del__(self):
     try:
-      self._worker.shutdown()
+      self.close()
     except Exception:  # noqa: BLE001  interpreter shutdown
       pass
 
@@ -427,48 +442,27 @@ class ThreadedGenerator(CachedGenerator):
                                                             temperature, seed)
     b, p = prompt.shape
     put = lambda x: jax.device_put(x, self.dev)  # noqa: E731
-    views = {l: offload.host_view(self.tables[l]) for l in self.layers}
+    self._views = {l: offload.host_view(self.tables[l]) for l in self.layers}
+    self._pending.clear()
+    self._spent = dict.fromkeys(self._spent, 0.0)
     prompt_rows = {}
     for l in self.layers:
       ids = self._prompt_rows_host[l]
-      prompt_rows[l] = self._stage_rows("prompt", l, ids, views[l]).send(self.dev).reshape(
+      prompt_rows[l] = self._stage_rows("prompt", l, ids, self._views[l]).send(self.dev).reshape(
           ids.shape + (-1,))
     cache = self.init_cache(self.variables, b, p + max_new_tokens)
-    cache, tok, hist, ids = self._prefill(cache, self.variables, put(prompt), prompt_rows, hist,
-                                          seed_dev, temp, greedy)
-    t_dev = put(np.int32(p))
-    out = [tok]
-    clock = time.perf_counter
-    spent = dict.fromkeys(("dispatch stage 0", "wait for ids", "gather", "dispatch stages"), 0.0)
+    cache, tok, hist = self._prefill_gathering(cache, self.variables, put(prompt), prompt_rows,
+                                               hist, seed_dev, temp, greedy)
+    out, t_dev = [tok], put(np.int32(p))
     for _ in range(p, p + max_new_tokens - 1):
-      # Token t is being sampled on the device: the blocks before the first Engram layer go
-      # first, and the host gathers token t's rows beside them.
-      c0 = clock()
-      hidden, cache = self._first(cache, self.variables, tok, t_dev)
-      c1 = clock()
-      host_ids = {l: offload.host_view(ids[l]) for l in self.layers}      # waits for them
-      c2 = clock()
-      spent["dispatch stage 0"] += c1 - c0
-      spent["wait for ids"] += c2 - c1
-      for k, l in enumerate(self.layers):
-        c0 = clock()
-        slot = self._stage_rows("token", l, host_ids[l], views[l])
-        c1 = clock()
-        if k + 1 < len(self.layers):
-          hidden, cache = self._mid[k](cache, self.variables, tok, t_dev, hidden, slot.array)
-          slot.in_flight = hidden          # the slot is rewritten once this program is done
-        else:
-          cache, tok, hist, new_ids, t_dev = self._last(
-              cache, self.variables, tok, t_dev, hidden, slot.array, hist, seed_dev, temp,
-              greedy)
-          slot.in_flight = tok
-        spent["gather"] += c1 - c0
-        spent["dispatch stages"] += clock() - c1
-      ids = new_ids                        # the views of the old ids are not used after this
+      # Dispatch only: the rows of token t are gathered by the worker, handed over in-program.
+      cache, tok, hist, t_dev = self._decode_gathering(cache, self.variables, tok, hist, t_dev,
+                                                       seed_dev, temp, greedy)
       out.append(tok)
-    n = max(1, max_new_tokens - 1)
-    self.host_us_per_token = {k: v / n * 1e6 for k, v in spent.items()}
     new = np.stack([np.asarray(jax.device_get(x)) for x in out], axis=1)
+    n = max(1, max_new_tokens - 1)
+    self.host_us_per_token = {k: v / n * 1e6 for k, v in self._spent.items()}
+    self._pending.clear()   # the last token's rows (gathered, never read)
     return np.concatenate([prompt, new], axis=1)
 
 

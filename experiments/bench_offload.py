@@ -30,10 +30,10 @@ bytes. Decoding: `engram_jax.generate.CachedGenerator` (the prompt in one forwar
 one-token forward per step -- the stand-in model is position-wise, so it needs no cache; each
 new position's B*H rows per layer are fetched as soon as its token is sampled, inside the
 program of that token's forward -- `host tok/s` -- or as a program of its own before it --
-`sep. tok/s`), and `generate.ThreadedGenerator` (`thr. tok/s`: the forward split at the Engram
-layers, rows gathered by NumPy beside the blocks before the first one; it logs its host time
-per token). Tokens/s count the new tokens over the whole call, prompt forward included (median
-of `--gen_reps` calls).
+`sep. tok/s`), and `generate.ThreadedGenerator` (`thr. tok/s`: rows gathered by NumPy on a
+worker thread, handed over by host callbacks, beside the blocks before the first Engram layer;
+it logs its gather time and the rows callback's wait per token). Tokens/s count the new
+tokens over the whole call, prompt forward included (median of `--gen_reps` calls).
 
 Timing: after WARMUP = 4 warm-up steps (one pass over the 4 batches, so every shape
 `--row_buckets` can give is compiled), `--steps` steps with one block_until_ready at the end;
@@ -55,11 +55,12 @@ inputs, so any difference is a bug), the largest per-step |loss difference| and 
 
 Status (H200, jax 0.11.2; numbers in the README): 32 GB with d=4096, 24 blocks, --remat, Zipf
 tokens: threads +0.6-0.7% per step over HBM, fused +4.6-4.8%; d=2048, 8 blocks, 1 GB: threads
-+7.8%, separate +20.5%, fused +25.1%. Decoding at 32 GB (in-program fetch): +8.7-16.6% with 64
-sequences, +4.7-7.1% with 512 (`--gen_batch 512`, the paper's batch); the threaded decoder
-(`thr. tok/s`) is slower still. Only the threads mode ends with rows equal to the HBM run's (max
-|row diff| 5e-4 to 1.3e-2); separate and fused end 6.7-7.5 away, which check_host_rows' 8-step
-chains reproduce (up to 1.7e7), so the library refuses them on a GPU (this script opts in with
++7.8%, separate +20.5%, fused +25.1%. Decoding at 32 GB (in-program fetch): +8.7-16.6% with
+64 sequences, +4.7-7.1% with 512 (`--gen_batch 512`, the paper's batch); the threaded
+decoder's first version (`thr. tok/s`) was slower still, its callback version is unmeasured.
+Only the threads mode ends with rows equal to the HBM run's (max |row diff| 5e-4 to 1.3e-2);
+separate and fused end 6.7-7.5 away, which check_host_rows' 8-step chains reproduce (up to
+1.7e7), so the library refuses them on a GPU (this script opts in with
 `allow_xla_host_writes=True` to measure them). `--probe` (4 GiB f32 table,
 262,144 random rows of 256 B): host gather -> HBM 3.67 ms, host scatter back 4.50 ms; a 48.57 ms
 matmul followed by the gather program 50.34 ms, by the scatter program 52.11 ms; in ONE program
@@ -444,7 +445,7 @@ def bench_gen(args, params, tables, mapping, fetch="step"):
     log(f"generate ({where}): 1 traced call, per new token\n"
         + trace_lines.format_rows(rows, wall_ms, args.gen_new))
   if fetch == "threads":
-    log("generate (host, threads): host us per token: " + ", ".join(
+    log("generate (host, threads): us per token: " + ", ".join(
         f"{k} {v:.1f}" for k, v in gen.host_us_per_token.items()))
     gen.close()
   log(f"generate ({where}): calls {', '.join(f'{t * 1e3:.1f}' for t in times)} ms")
