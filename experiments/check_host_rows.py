@@ -15,8 +15,9 @@ gathers clamp it to R-1), compares with NumPy:
 and then steps of the separate (`HostTableTrainer.prefetch` / `apply_grad`), fused
 (`make_fused_step`) and threaded (`make_threaded_step`: NumPy gathers / scatters on views of the
 pinned_host buffers) pipelines against the same steps on HBM tables (two layers, as
-bench_offload trains): 2 steps, 2 steps whose gradients wait for `--slow` matmuls, and `--steps`
-steps.
+bench_offload trains): 2 steps, 2 steps whose gradients wait for `--slow` matmuls, `--steps`
+steps, and `--steps` separate / fused steps with `retain_host_operands` (no host operand of
+theirs can be freed and reused early: does the difference go away?).
 Prints one line per check (max |difference|, which must be 0 except `*`) and exits non-zero on a
 mismatch. Added after bench_offload's first GPU runs, where rows updated through pinned_host
 tables differed from the HBM placement's. H200 (jax 0.11.2, 3ce5d4f): the row primitives, every
@@ -102,7 +103,7 @@ def check_primitives(rows, width, slots, placement, seed=0):
 LAYERS = (1, 2)  # two tables, as bench_offload trains
 
 
-def _host_vs_hbm(rows, width, train, train_hbm=None):
+def _host_vs_hbm(rows, width, train, train_hbm=None, retain=0):
   """max |difference| between pinned_host and HBM tables (one per layer of LAYERS) after
   `train(trainer)` (the HBM ones after `train_hbm(trainer)` if given), over the row ids it
   returns per layer (the rows its steps touched; padding ids R are dropped)."""
@@ -111,7 +112,8 @@ def _host_vs_hbm(rows, width, train, train_hbm=None):
   for placement in ("pinned_host", "device"):
     trainer = offload.HostTableTrainer(cfg, {l: _table(rows, width, placement) for l in LAYERS},
                                        {l: np.zeros(2, np.int32) for l in LAYERS},
-                                       allow_xla_host_writes=True)  # what this checks
+                                       allow_xla_host_writes=True,  # what this checks
+                                       retain_host_operands=retain)
     touched = (train_hbm or train)(trainer) if placement == "device" else train(trainer)
     for l in LAYERS:
       rid = np.asarray(touched[l])
@@ -124,13 +126,15 @@ def _host_vs_hbm(rows, width, train, train_hbm=None):
              for l in LAYERS)
 
 
-def check_trainer_step(rows, width, seed=0, slots=2048, slow=0, steps=2):
+def check_trainer_step(rows, width, seed=0, slots=2048, slow=0, steps=2, retain=0):
   """HostTableTrainer on pinned_host tables vs the same updates of HBM tables (two layers),
   over `steps` steps of each pipeline: separate (`prefetch` of s+1, then `apply_grad` of s),
   fused (make_fused_step: step s's update is output to the host by its program and scattered
   by step s+1's) and threaded (make_threaded_step; the HBM side runs the fused steps: threaded
   steps need host tables). `slow` > 0: every gradient waits for `slow` 2048^2 matmuls first (a
-  model step that takes time, as in training; the gradient's values are unchanged)."""
+  model step that takes time, as in training; the gradient's values are unchanged). `retain`
+  > 0: only the separate and fused pipelines, with `HostTableTrainer(retain_host_operands=
+  retain)` (do they still differ when no host operand of theirs can be freed early?)."""
   dev = offload.placement_sharding("device")
   x = jax.device_put(np.full((2048, 2048), 1e-3, np.float32), dev)
   ids = [{l: np.random.default_rng([seed, l, i]).integers(0, rows, (4, slots // 8, 2))
@@ -166,13 +170,18 @@ def check_trainer_step(rows, width, seed=0, slots=2048, slow=0, steps=2):
       _, h = run(h, ids[s + 1] if s + 1 < steps else None, x, grads(h, s))
     return touched_rows(touched)
 
+  kept = ", operands retained" if retain else ""
   with warnings.catch_warnings():  # their GPU warning (allowed above): this is what they check
     warnings.simplefilter("ignore", RuntimeWarning)
-    return {f"{steps} separate steps host vs HBM": _host_vs_hbm(rows, width, separate_steps),
-            f"{steps} fused steps host vs HBM": _host_vs_hbm(rows, width, chained_steps),
-            # NumPy views of the pinned_host buffers written by worker threads (HBM: fused).
-            f"{steps} threaded steps host vs HBM": _host_vs_hbm(
-                rows, width, lambda t: chained_steps(t, threaded=True), chained_steps)}
+    out = {f"{steps} separate steps host vs HBM{kept}": _host_vs_hbm(
+               rows, width, separate_steps, retain=retain),
+           f"{steps} fused steps host vs HBM{kept}": _host_vs_hbm(
+               rows, width, chained_steps, retain=retain)}
+    if not retain:
+      # NumPy views of the pinned_host buffers written by worker threads (HBM: fused).
+      out[f"{steps} threaded steps host vs HBM"] = _host_vs_hbm(
+          rows, width, lambda t: chained_steps(t, threaded=True), chained_steps)
+    return out
 
 
 def _verdict(name, diff):
@@ -199,12 +208,13 @@ def main():
         bad |= diff != 0 and not name.endswith("*")
         print(f"  R={rows:>11,} {placement:<11} {name:<46} max |diff| {diff:.3g}"
               f"{_verdict(name, diff)}", flush=True)
-  for rows, slots, slow, steps in ((args.rows, args.slots, 0, 2),
-                                   (args.rows, args.slots, args.slow, 2),
-                                   (args.rows, args.slots, 0, args.steps),
-                                   (args.rows, 2048, 0, 2), (4099, 2048, 0, 2)):
+  for rows, slots, slow, steps, retain in ((args.rows, args.slots, 0, 2, 0),
+                                           (args.rows, args.slots, args.slow, 2, 0),
+                                           (args.rows, args.slots, 0, args.steps, 0),
+                                           (args.rows, args.slots, 0, args.steps, args.steps),
+                                           (args.rows, 2048, 0, 2, 0), (4099, 2048, 0, 2, 0)):
     for name, diff in check_trainer_step(rows, args.width, slots=slots, slow=slow,
-                                         steps=steps).items():
+                                         steps=steps, retain=retain).items():
       name += f", {slow} matmuls" if slow else ""
       bad |= diff != 0
       print(f"  R={rows:>11,} U={slots:>7,} {name:<46} max |diff| {diff:.3g}"
