@@ -123,7 +123,7 @@ class MultiHeadMemory(nn.Module):
       if rows_UxE.ndim != 2 or rows_UxE.shape[-1] != self.config.head_dim:
         raise ValueError(f"engram_input.rows_UxE must be [U, E={self.config.head_dim}], "
                          f"got shape {rows_UxE.shape}")
-      e_BxTxF = expand_rows(rows_UxE, engram_input.inverse_BxTxH)
+      e_BxTxF = expand_rows(rows_UxE, engram_input.inverse_BxTxH, plan=engram_input.plan)
     return e_BxTxF.astype(self.dtype)
 
   def _check_ids(self, ids, what: str) -> jax.Array:

@@ -88,3 +88,42 @@ def test_scan_segment_sum_equals_the_sums():
   want64 = np.zeros(g.shape, np.float64)
   np.add.at(want64, np.asarray(plan.segment_N), g.astype(np.float64)[np.asarray(plan.order_N)])
   np.testing.assert_allclose(got, want64, rtol=1e-5, atol=1e-5)
+
+
+def _count_primitive(jaxpr, name):
+  """Equations of primitive `name` in a jaxpr and the jaxprs nested in its equations."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == name
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        if hasattr(sub, "jaxpr") and hasattr(sub, "consts"):   # ClosedJaxpr
+          n += _count_primitive(sub.jaxpr, name)
+        elif hasattr(sub, "eqns"):                             # Jaxpr
+          n += _count_primitive(sub, name)
+  return n
+
+
+@pytest.mark.parametrize("backward", ["xla", "scan"])
+def test_prefetch_plan_skips_the_backward_sort_with_equal_sums(backward):
+  """`expand_rows(..., plan=prefetched.plan)`: the gradient is bit-identical to sorting the
+  inverse index again, and the forward+backward program sorts once instead of twice."""
+  table, ids, offsets = random_case(5, 16, 64, jnp.float32)
+  cot = jax.random.normal(jax.random.key(2), (*ids.shape[:2], ids.shape[2] * 64))
+
+  def grad(use_plan):
+    def f(t):
+      pre = prefetch_rows(t, ids, offsets)
+      return jax.grad(lambda r: jnp.vdot(expand_rows(
+          r, pre.inverse_BxTxH, backward=backward, plan=pre.plan if use_plan else None),
+          cot))(pre.rows_UxE)
+    return f
+
+  sorts = {p: _count_primitive(jax.make_jaxpr(grad(p))(table).jaxpr, "sort")
+           for p in (False, True)}
+  assert sorts == {False: 2, True: 1}, sorts
+  np.testing.assert_array_equal(np.asarray(jax.jit(grad(True))(table)),
+                                np.asarray(jax.jit(grad(False))(table)))
+  pre = prefetch_rows(table, ids, offsets)
+  with pytest.raises(ValueError, match="plan describes"):
+    expand_rows(pre.rows_UxE[:-1], pre.inverse_BxTxH, plan=pre.plan)

@@ -45,21 +45,31 @@ class PrefetchedRows(NamedTuple):
   rows_UxE: the gathered rows (zeros in padding slots), in the table's dtype.
   inverse_BxTxH: int32 index of every lookup into `rows_UxE`.
   row_ids_U: int32 global row ids of `rows_UxE` (sorted, padded with `num_rows`).
+  plan: optional `segment_sum.SortedSegments` of the lookups by slot, from the sort that made
+    `row_ids_U` (`prefetch_rows` fills it): `expand_rows(..., plan=...)` then reuses it in the
+    backward instead of sorting the inverse index again. None when the rows come from elsewhere
+    (host tables, generation buffers).
   """
   rows_UxE: jax.Array
   inverse_BxTxH: jax.Array
   row_ids_U: jax.Array
+  plan: Optional[segment_sum.SortedSegments] = None
 
 
-def unique_rows(ids_BxTxH: jax.Array, offsets_H: jax.Array,
-                num_rows: int) -> tuple[jax.Array, jax.Array]:
-  """Returns `(row_ids_U, inverse_BxTxH)`: sorted unique global rows and the inverse index."""
+def _unique_rows_plan(ids_BxTxH, offsets_H, num_rows):
   rows_N = api.global_rows_N(ids_BxTxH, offsets_H, num_rows)
   plan = segment_sum.sort_segments(rows_N, fill=num_rows)
   # order_N is a permutation, so this scatter writes every slot exactly once.
   inverse_N = jnp.zeros_like(rows_N).at[plan.order_N].set(plan.segment_N,
                                                           unique_indices=True)
-  return plan.keys_U, inverse_N.reshape(ids_BxTxH.shape)
+  return plan.keys_U, inverse_N.reshape(ids_BxTxH.shape), plan
+
+
+def unique_rows(ids_BxTxH: jax.Array, offsets_H: jax.Array,
+                num_rows: int) -> tuple[jax.Array, jax.Array]:
+  """Returns `(row_ids_U, inverse_BxTxH)`: sorted unique global rows and the inverse index."""
+  row_ids_U, inverse_BxTxH, _ = _unique_rows_plan(ids_BxTxH, offsets_H, num_rows)
+  return row_ids_U, inverse_BxTxH
 
 
 def gather_rows(table_RxE: jax.Array, row_ids_U: jax.Array) -> jax.Array:
@@ -69,18 +79,21 @@ def gather_rows(table_RxE: jax.Array, row_ids_U: jax.Array) -> jax.Array:
 
 def prefetch_rows(table_RxE: jax.Array, ids_BxTxH: jax.Array,
                   offsets_H: jax.Array) -> PrefetchedRows:
-  """Gathers the unique rows a batch reads (step 1 above)."""
-  row_ids_U, inverse_BxTxH = unique_rows(ids_BxTxH, offsets_H, table_RxE.shape[0])
-  return PrefetchedRows(gather_rows(table_RxE, row_ids_U), inverse_BxTxH, row_ids_U)
+  """Gathers the unique rows a batch reads (step 1 above), with the sort's plan (the lookups
+  ordered by slot: same order, segments and starts as sorting the inverse index), which
+  `expand_rows(..., plan=prefetched.plan)` reuses in its backward."""
+  row_ids_U, inverse_BxTxH, plan = _unique_rows_plan(ids_BxTxH, offsets_H, table_RxE.shape[0])
+  plan = plan._replace(keys_U=jnp.arange(row_ids_U.shape[0], dtype=jnp.int32))
+  return PrefetchedRows(gather_rows(table_RxE, row_ids_U), inverse_BxTxH, row_ids_U, plan)
 
 
 def _default_backward(width: int) -> str:
   return "pallas" if api.current_platform() == "gpu" and width % 16 == 0 else "xla"
 
 
-def _expand(backward, rows_UxE, inverse_BxTxH):
+def _expand(backward, rows_UxE, inverse_BxTxH, plan):
   b, t, h = inverse_BxTxH.shape
-  del backward
+  del backward, plan
   # The inverse index is always in range; the forward is the same gather as the dense lookup
   # (the Pallas kernel on GPU) with zero offsets.
   width = rows_UxE.shape[-1]
@@ -91,10 +104,12 @@ def _expand(backward, rows_UxE, inverse_BxTxH):
   return out_NxE.reshape(b, t, h * rows_UxE.shape[-1])
 
 
-def _expand_fwd(backward, rows_UxE, inverse_BxTxH):
-  # Residuals: the inverse index and an empty [U, 0] witness of the rows' count and dtype.
+def _expand_fwd(backward, rows_UxE, inverse_BxTxH, plan):
+  # Residuals: the inverse index, the plan (or None) and an empty [U, 0] witness of the rows'
+  # count and dtype.
   witness_Ux0 = jnp.zeros((rows_UxE.shape[0], 0), rows_UxE.dtype)
-  return _expand(backward, rows_UxE, inverse_BxTxH), (inverse_BxTxH, witness_Ux0)
+  return (_expand(backward, rows_UxE, inverse_BxTxH, plan),
+          (inverse_BxTxH, plan, witness_Ux0))
 
 
 def segment_sum_sorted(g_NxE: jax.Array, inverse_N: jax.Array, num_segments: int, *,
@@ -105,14 +120,18 @@ def segment_sum_sorted(g_NxE: jax.Array, inverse_N: jax.Array, num_segments: int
 
 
 def _expand_bwd(backward, res, g_BxTxHE):
-  inverse_BxTxH, witness_Ux0 = res
+  inverse_BxTxH, plan, witness_Ux0 = res
   e = g_BxTxHE.shape[-1] // inverse_BxTxH.shape[-1]
   g_NxE = g_BxTxHE.reshape(-1, e)
-  summed_UxE = segment_sum_sorted(g_NxE, inverse_BxTxH.reshape(-1), witness_Ux0.shape[0],
-                                  backward=backward)
+  if plan is None:
+    summed_UxE = segment_sum_sorted(g_NxE, inverse_BxTxH.reshape(-1), witness_Ux0.shape[0],
+                                    backward=backward)
+  else:
+    summed_UxE = segment_sum.segment_sum(g_NxE, plan, implementation=backward)
   # Integer inputs take a float0 cotangent.
-  zero_inv = jnp.zeros(inverse_BxTxH.shape, dtype=jax.dtypes.float0)
-  return summed_UxE.astype(witness_Ux0.dtype), zero_inv
+  float0 = lambda x: jnp.zeros(x.shape, dtype=jax.dtypes.float0)  # noqa: E731
+  return (summed_UxE.astype(witness_Ux0.dtype), float0(inverse_BxTxH),
+          None if plan is None else jax.tree.map(float0, plan))
 
 
 _expand_rows = jax.custom_vjp(_expand, nondiff_argnums=(0,))
@@ -120,18 +139,26 @@ _expand_rows.defvjp(_expand_fwd, _expand_bwd)
 
 
 def expand_rows(rows_UxE: jax.Array, inverse_BxTxH: jax.Array, *,
-                backward: Optional[str] = None) -> jax.Array:
+                backward: Optional[str] = None,
+                plan: Optional[segment_sum.SortedSegments] = None) -> jax.Array:
   """`rows[inverse]` flattened over heads to `[B, T, H*E]` (step 2 above).
 
   Its gradient w.r.t. `rows_UxE` is the f32 sorted segment-sum of the lookups' cotangents,
   cast to the rows' dtype (prefetch f32 rows to keep f32 sums). `backward`: 'pallas' (Triton,
   atomic-free, default on GPU when E % 16 == 0), 'xla' (sorted segment_sum) or 'scan'
-  (segmented associative scan, reproducible everywhere; segment_sum.py).
+  (segmented associative scan, reproducible everywhere; segment_sum.py). `plan`: the
+  `PrefetchedRows.plan` of these rows (from `prefetch_rows`): the backward then skips sorting
+  the inverse index (same sums, bit for bit); it must describe `inverse_BxTxH` over U slots.
   """
   backward = backward or _default_backward(rows_UxE.shape[-1])
   if backward not in ("xla", "scan", "pallas"):
     raise ValueError(f"backward must be None, 'xla', 'scan' or 'pallas', got {backward!r}")
-  return _expand_rows(backward, rows_UxE, inverse_BxTxH)
+  if plan is not None and (plan.order_N.shape != (inverse_BxTxH.size,)
+                           or plan.starts_U1.shape != (rows_UxE.shape[0] + 1,)):
+    raise ValueError(f"plan describes {plan.order_N.shape[0]} lookups over "
+                     f"{plan.starts_U1.shape[0] - 1} slots; the rows have "
+                     f"{inverse_BxTxH.size} lookups over {rows_UxE.shape[0]} slots")
+  return _expand_rows(backward, rows_UxE, inverse_BxTxH, plan)
 
 
 def row_sparse_grad(prefetched: PrefetchedRows, grad_rows_UxE: jax.Array) -> RowSparse:
