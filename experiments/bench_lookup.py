@@ -155,7 +155,8 @@ def backward_sweep(tables, n, width, dtype):
     def sparse(backward):
       def fn(t, i, o):
         pre = prefetch_rows(t, i, o)
-        return jax.grad(lambda r: jnp.vdot(expand_rows(r, pre.inverse_BxTxH, backward=backward),
+        return jax.grad(lambda r: jnp.vdot(expand_rows(r, pre.inverse_BxTxH, backward=backward,
+                                                       plan=pre.plan),
                                            cot).astype(jnp.float32))(pre.rows_UxE)
       return fn
 

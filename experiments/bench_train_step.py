@@ -64,8 +64,8 @@ def _fill_table(num_rows: int, width: int, dtype):
   return jax.jit(fill)()
 
 
-def _loss_from_rows(rows_UxE, inverse_BxTxH, w_KxD, target_BxTxD):
-  x_BxTxK = expand_rows(rows_UxE, inverse_BxTxH)
+def _loss_from_rows(rows_UxE, inverse_BxTxH, w_KxD, target_BxTxD, plan=None):
+  x_BxTxK = expand_rows(rows_UxE, inverse_BxTxH, plan=plan)
   return jnp.mean(jnp.square(x_BxTxK.astype(jnp.float32) @ w_KxD - target_BxTxD))
 
 
@@ -83,7 +83,7 @@ def _make_step(kind: str, offsets_H, base_lr: float):
 
       def loss_fn(table, w):
         pre = prefetch_rows(table, ids_BxTxH, offsets_H)
-        return _loss_from_rows(pre.rows_UxE, pre.inverse_BxTxH, w, target_BxTxD)
+        return _loss_from_rows(pre.rows_UxE, pre.inverse_BxTxH, w, target_BxTxD, pre.plan)
 
       loss, (g_table, g_w) = jax.value_and_grad(loss_fn, argnums=(0, 1))(table, w)
       u_table, table_opt = table_tx.update(g_table, table_opt, table)
@@ -101,7 +101,7 @@ def _make_step(kind: str, offsets_H, base_lr: float):
     table_state, w_opt = opt
     pre = prefetch_rows(table, ids_BxTxH, offsets_H)
     loss, (g_rows, g_w) = jax.value_and_grad(_loss_from_rows, argnums=(0, 2))(
-        pre.rows_UxE, pre.inverse_BxTxH, w, target_BxTxD)
+        pre.rows_UxE, pre.inverse_BxTxH, w, target_BxTxD, pre.plan)
     table, table_state = table_optim.apply_row_sparse_update(
         cfg, table, table_state, RowSparse(pre.row_ids_U, g_rows.astype(jnp.float32)), base_lr)
     u_w, w_opt = dense_tx.update(g_w, w_opt, w)
