@@ -98,8 +98,8 @@ def get_config(arg=None):
   # +0.6% per step over HBM tables); 'fused' puts that host work into the step's program as XLA
   # host compute (make_fused_step; +4.6-4.8%); 'separate' dispatches gather, step and update as
   # their own programs (XLA runs them in order on the GPU stream: the host time adds). On the
-  # H200 only 'threads' ended bench_offload runs with rows equal to the HBM placement's (README,
-  # "Host-offloaded tables"); the other two warn there.
+  # H200 'fused' and 'separate' wrote wrong rows over 8-step chains (experiments/check_host_rows;
+  # README, "Host-offloaded tables"), so the trainer refuses them on GPUs; CPU results are exact.
   c.engram.host_step = "threads"
   # pinned_host, threads or fused: 0 moves B*T*H row slots per step and layer; k > 0 moves the
   # step's unique rows rounded up to a multiple of B*T*H / k (offload.HostTableTrainer
