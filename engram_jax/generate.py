@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import functools
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, Callable, Mapping, Optional
 
 import jax
@@ -119,8 +119,9 @@ class Generator:
     return tokens if self.compression is None else jnp.asarray(self.compression)[tokens]
 
   def _fetch_rows(self, rows_dev_BxTxH: dict, tables: Optional[Mapping] = None) -> dict:
-    """Starts the fetch of `rows` for every layer (explicit puts; async). Inside a jitted step
-    pass the tables as that step's arguments (`tables`), so they are operands, not constants."""
+    """Starts the fetch of `rows` (device or NumPy ids) for every layer (explicit puts; async).
+    Inside a jitted step pass the tables as that step's arguments (`tables`), so they are
+    operands, not constants."""
     tables = self.tables if tables is None else tables
     out = {}
     for l in self.layers:
@@ -157,9 +158,10 @@ class Generator:
   # -- driver ----------------------------------------------------------------------------------------
 
   def _start(self, prompt_BxP, max_new_tokens, temperature, seed):
-    """Validates the call; the prompt, its rows (global ids on the device, hashed on the host),
-    the rolling history of the last N compressed tokens (compressed pad left of the sequence)
-    and the sampling scalars, every one put on the device explicitly (transfer_guard)."""
+    """Validates the call; the prompt, its rows (global ids hashed on the host, NumPy: the
+    fetch puts them where each table lives), the rolling history of the last N compressed
+    tokens (compressed pad left of the sequence) and the sampling scalars, the last two put on
+    the device explicitly (transfer_guard)."""
     prompt = np.asarray(prompt_BxP, np.int32)
     if prompt.ndim != 2 or prompt.shape[1] < 1:
       raise ValueError(f"prompt must be int[B, P>=1], got shape {prompt.shape}")
@@ -171,9 +173,8 @@ class Generator:
     comp = prompt if self.compression is None else self.compression[prompt]
     ids = self.mapping.hash_numpy(comp)
     put = lambda x: jax.device_put(x, self.dev)  # noqa: E731
-    self._prompt_rows_host = {l: np.clip(ids[l] + self.offsets[l], 0, self.tables[l].shape[0] - 1
-                                         ).astype(np.int32) for l in self.layers}
-    rows = {l: put(r) for l, r in self._prompt_rows_host.items()}
+    rows = {l: np.clip(ids[l] + self.offsets[l], 0, self.tables[l].shape[0] - 1
+                       ).astype(np.int32) for l in self.layers}
     hist = np.full((b, self.n), self.mapping.pad_id, np.int32)
     k = min(self.n, p)
     hist[:, self.n - k:] = comp[:, p - k:]
@@ -352,8 +353,8 @@ class ThreadedGenerator(CachedGenerator):
       raise ValueError(f"ThreadedGenerator gathers rows from pinned_host tables with NumPy; "
                        f"tables {bad} are not (use CachedGenerator)")
     self.stage_fn = stage_fn
+    # Its ordered queue gathers each token's rows; its pool, the prompt's.
     self._worker = offload._HostWorker(threads or offload.default_host_threads())
-    self._gatherer = ThreadPoolExecutor(1, thread_name_prefix="engram-decode-rows")
     self._pending: dict[int, Future] = {}
     self._views: Optional[dict] = None
     self._spent = {"gather": 0.0, "rows callback waited": 0.0}
@@ -372,14 +373,14 @@ class ThreadedGenerator(CachedGenerator):
   def _start_gather(self, t, *ids):
     """Callback at the end of token t-1's program: token t's ids -> a gather on the worker."""
     ids = {l: np.array(a) for l, a in zip(self.layers, ids)}
-    self._pending[int(t)] = self._gatherer.submit(self._gather_all, ids)
+    self._pending[int(t)] = self._worker.submit(self._gather_all, ids)
     return ()
 
   def _take_rows(self, t, _):
     """Callback after token t's stage 0: its rows (waits for their gather if needed)."""
     fut = self._pending.pop(int(t))
     t0 = time.perf_counter()
-    rows = fut.result()
+    rows = self._worker.result(fut)
     self._spent["rows callback waited"] += time.perf_counter() - t0
     return rows
 
@@ -425,7 +426,6 @@ class ThreadedGenerator(CachedGenerator):
 
   def close(self) -> None:
     """Stops the gather threads (also at garbage collection)."""
-    self._gatherer.shutdown()
     self._worker.shutdown()
 
   def __del__(self):
@@ -438,16 +438,15 @@ class ThreadedGenerator(CachedGenerator):
                seed: int = 0, pad_id: int = 0) -> np.ndarray:
     """Returns int32[B, P + max_new_tokens]: the prompt followed by the sampled tokens."""
     del pad_id
-    prompt, _, hist, (seed_dev, temp, greedy) = self._start(prompt_BxP, max_new_tokens,
-                                                            temperature, seed)
+    prompt, prompt_ids, hist, (seed_dev, temp, greedy) = self._start(prompt_BxP, max_new_tokens,
+                                                                     temperature, seed)
     b, p = prompt.shape
     put = lambda x: jax.device_put(x, self.dev)  # noqa: E731
     self._views = {l: offload.host_view(self.tables[l]) for l in self.layers}
     self._pending.clear()
     self._spent = dict.fromkeys(self._spent, 0.0)
     prompt_rows = {}
-    for l in self.layers:
-      ids = self._prompt_rows_host[l]
+    for l, ids in prompt_ids.items():
       prompt_rows[l] = self._stage_rows("prompt", l, ids, self._views[l]).send(self.dev).reshape(
           ids.shape + (-1,))
     cache = self.init_cache(self.variables, b, p + max_new_tokens)
