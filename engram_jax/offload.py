@@ -484,8 +484,8 @@ class HostTableTrainer:
     self._device = next(iter(self._tables.values())).sharding._device
     self._worker: Optional[_HostWorker] = None  # made by make_threaded_step
     self.allow_xla_host_writes = bool(allow_xla_host_writes)
-    self._retained: deque = deque(maxlen=max(1, int(retain_host_operands)))
-    self.retain_host_operands = int(retain_host_operands)
+    # maxlen 0 (the default) keeps nothing.
+    self._retained: deque = deque(maxlen=int(retain_host_operands))
     self._warned = False
 
   # -- arrays ---------------------------------------------------------------------------------------
@@ -619,8 +619,7 @@ class HostTableTrainer:
       warnings.warn(msg + ".", RuntimeWarning, stacklevel=3)
 
   def _retain(self, *operands) -> None:
-    if self.retain_host_operands > 0:
-      self._retained.append(operands)
+    self._retained.append(operands)
 
   def _check_chain_handle(self, handle: PrefetchHandle, what: str) -> None:
     """A fused / threaded step takes the one outstanding handle: from `prefetch` or its own
