@@ -188,6 +188,9 @@ def segment_sum_pallas(g_NxE: jax.Array, plan: SortedSegments, *,
   return out_UxE[:num_slots]
 
 
+IMPLEMENTATIONS = ("xla", "scan", "pallas")  # every `backward=` of the lookups
+
+
 def segment_sum(g_NxE: jax.Array, plan: SortedSegments, *, implementation: str = "xla",
                 interpret: bool = False,
                 config: GpuSegmentSumConfig = GpuSegmentSumConfig()) -> jax.Array:
