@@ -83,7 +83,6 @@ def prefetch_rows(table_RxE: jax.Array, ids_BxTxH: jax.Array,
   ordered by slot: same order, segments and starts as sorting the inverse index), which
   `expand_rows(..., plan=prefetched.plan)` reuses in its backward."""
   row_ids_U, inverse_BxTxH, plan = _unique_rows_plan(ids_BxTxH, offsets_H, table_RxE.shape[0])
-  plan = plan._replace(keys_U=jnp.arange(row_ids_U.shape[0], dtype=jnp.int32))
   return PrefetchedRows(gather_rows(table_RxE, row_ids_U), inverse_BxTxH, row_ids_U, plan)
 
 
