@@ -302,11 +302,15 @@ def bench_hbm(args, params, tables, mapping, data, dev):
   return ms, [float(x) for x in losses], params, tables
 
 
-def bench_host(args, params, tables, mapping, data, dev):
+def _host_trainer(args, tables, mapping):
   # allow_xla_host_writes: the separate / fused modes are measured (and their rows compared with
-  # HBM's below) although the library refuses them on a GPU by default.
-  trainer = offload.HostTableTrainer(CFG, tables, {l: mapping.offsets(l) for l in LAYERS},
-                                     row_buckets=args.row_buckets, allow_xla_host_writes=True)
+  # HBM's) although the library refuses them on a GPU by default.
+  return offload.HostTableTrainer(CFG, tables, {l: mapping.offsets(l) for l in LAYERS},
+                                  row_buckets=args.row_buckets, allow_xla_host_writes=True)
+
+
+def bench_host(args, params, tables, mapping, data, dev):
+  trainer = _host_trainer(args, tables, mapping)
   step = _MODEL_STEP.setdefault("step", make_model_step(args))
   dd = [(jax.device_put(tok, dev), jax.device_put(tgt, dev)) for tok, tgt, _ in data]
 
@@ -362,10 +366,7 @@ def bench_host_fused(args, params, tables, mapping, data, dev, threaded=False):
   """As bench_host, through `HostTableTrainer.make_fused_step`: one program per step holding
   the host scatter of step s-1 and the host gather of step s+1 beside step s (`threaded`:
   `make_threaded_step`, NumPy gathers / scatters on worker threads beside the program)."""
-  # allow_xla_host_writes: the separate / fused modes are measured (and their rows compared with
-  # HBM's below) although the library refuses them on a GPU by default.
-  trainer = offload.HostTableTrainer(CFG, tables, {l: mapping.offsets(l) for l in LAYERS},
-                                     row_buckets=args.row_buckets, allow_xla_host_writes=True)
+  trainer = _host_trainer(args, tables, mapping)
 
   def model_step(p, batch, rows):
     tok, tgt = batch
