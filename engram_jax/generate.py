@@ -21,13 +21,22 @@ once and then on one token per step (`EngramLM(decode=True)` keeps attention KV 
 histories; `engram_lm_decoder` wraps it), so each step fetches and reads only the new position's
 B*H rows per layer. In both, the fetch of position t+1 is dispatched as soon as its token is
 sampled. `CachedGenerator(fetch_in_step=True)` puts it inside the program of position t+1's
-forward, where XLA can overlap it with the blocks before the first Engram layer (programs run
-one after another on a GPU stream, so a separate fetch program cannot overlap anything).
-`ThreadedGenerator` (pinned_host tables) gathers each token's rows with NumPy on a worker
-thread, started by a host callback as soon as the token is sampled, while the device runs the
-blocks before the first Engram layer; a second callback hands the rows to the program. Its first
-version (a Python loop waiting for each token) was slower than the in-program fetch on the H200;
-this one is unmeasured there (its class docstring).
+forward, where XLA could overlap it with the blocks before the first Engram layer (programs run
+one after another on a GPU stream, so a separate fetch program cannot overlap anything; but on
+a GPU the in-program gather does not overlap either, see below).
+Either way the ids reach the table's memory by a transfer of their own before the program that
+gathers: a host gather reading ids copied to the host inside its own program decoded different
+tokens from call to call on the H200. `ThreadedGenerator` (pinned_host tables) gathers each
+token's rows with NumPy on a worker thread, started by a host callback as soon as the token is
+sampled, while the device runs the blocks before the first Engram layer; a second callback hands
+the rows to the program. It is correct but slower than CachedGenerator on the H200 (its class
+docstring): prefer CachedGenerator.
+
+Measured on the H200 (experiments/bench_offload.py, 32 GB of pinned_host tables, d=4096, 24
+blocks; README), overhead over HBM tables (HBM tok/s / host tok/s - 1): CachedGenerator +12.1%
+(in-step fetch) / +10.8% (separate) with 64 sequences, +6.3% / +6.4% with 512;
+ThreadedGenerator +100% / +21%. XLA runs
+a host gather as a host function on the GPU stream, so it cannot overlap the device's work.
 
 Sampling: temperature 0 is greedy (argmax); otherwise `categorical(logits / temperature)` with
 a key folded per position.
@@ -118,17 +127,25 @@ class Generator:
   def _compress(self, tokens):
     return tokens if self.compression is None else jnp.asarray(self.compression)[tokens]
 
-  def _fetch_rows(self, rows_dev_BxTxH: dict, tables: Optional[Mapping] = None) -> dict:
-    """Starts the fetch of `rows` (device or NumPy ids) for every layer (explicit puts; async).
-    Inside a jitted step pass the tables as that step's arguments (`tables`), so they are
-    operands, not constants."""
+  def _ids_home(self, rows_BxTxH: dict) -> dict:
+    """Each layer's row ids (device or NumPy), flat, moved to where its table lives by an
+    explicit transfer of their own (async). Outside any program: a program whose host
+    computation reads a value copied to the host inside that same program is what gives wrong
+    rows on the H200 (experiments/check_host_rows.py, README "Host tables")."""
+    return {l: jax.device_put(rows_BxTxH[l].reshape(-1), self.home[l]) for l in self.layers}
+
+  def _fetch_rows(self, rows_BxTxH: dict, tables: Optional[Mapping] = None,
+                  ids_home: Optional[dict] = None) -> dict:
+    """Starts the fetch of `rows` (device or NumPy ids, [B, T, H]) for every layer (explicit
+    puts; async). Inside a jitted step pass the tables as that step's arguments (`tables`), so
+    they are operands, not constants, and the ids already where the tables live (`ids_home`,
+    from `_ids_home`)."""
     tables = self.tables if tables is None else tables
+    ids_home = self._ids_home(rows_BxTxH) if ids_home is None else ids_home
     out = {}
     for l in self.layers:
-      shape = rows_dev_BxTxH[l].shape
-      ids_home = jax.device_put(rows_dev_BxTxH[l].reshape(-1), self.home[l])
-      rows = offload.fetch_rows(tables[l], ids_home)
-      out[l] = rows.reshape(shape + (rows.shape[-1],))
+      rows = offload.fetch_rows(tables[l], ids_home[l])
+      out[l] = rows.reshape(rows_BxTxH[l].shape + (rows.shape[-1],))
     return out
 
   def _step_fn(self, tokens_BxT, t, hist_BxN, buffers, seed, temperature, greedy):
@@ -217,8 +234,9 @@ class CachedGenerator(Generator):
     tables, mapping, compression: as `Generator`.
     fetch_in_step: True: the gather of token t's rows is part of the program that runs token
       t's forward (XLA may overlap it with the blocks before the first Engram layer, as the
-      paper prefetches); False: it is its own program, dispatched before that forward (the
-      programs then run one after the other on a GPU).
+      paper prefetches; on a GPU it does not: the host gather holds the stream); False: it is
+      its own program, dispatched before that forward. Either way the row ids are moved to
+      the table's memory by an explicit transfer before the gathering program.
   Same tokens as `Generator` over the same model, either way (tests/test_generate.py).
   """
 
@@ -254,12 +272,14 @@ class CachedGenerator(Generator):
                                    {l: buffer_rows(r) for l, r in rows.items()})
     return (cache,) + self._next(logits, hist_BxN, t, seed, temperature, greedy)
 
-  def _decode_fetching_fn(self, cache, variables, tok_B, hist_BxN, row_ids, t, seed,
+  def _decode_fetching_fn(self, cache, variables, tok_B, hist_BxN, row_ids, ids_home, t, seed,
                           temperature, greedy, tables):
     """`_decode_fn` with the gather of token t's rows inside the program (tables are
-    arguments: host tables stay where they are, only B*H rows per layer move)."""
-    return self._decode_fn(cache, variables, tok_B, hist_BxN, self._fetch_rows(row_ids, tables),
-                           t, seed, temperature, greedy)
+    arguments: host tables stay where they are, only B*H rows per layer move; `ids_home`:
+    `row_ids` already moved where the tables live, by a transfer before this program)."""
+    return self._decode_fn(cache, variables, tok_B, hist_BxN,
+                           self._fetch_rows(row_ids, tables, ids_home), t, seed, temperature,
+                           greedy)
 
   def __call__(self, prompt_BxP: np.ndarray, max_new_tokens: int, *, temperature: float = 0.0,
                seed: int = 0, pad_id: int = 0) -> np.ndarray:
@@ -279,8 +299,8 @@ class CachedGenerator(Generator):
       # inside its program or just before it.
       if self.fetch_in_step:
         cache, tok, hist, rows = self._decode_fetching(cache, self.variables, tok, hist, rows,
-                                                       put(np.int32(t)), seed_dev, temp, greedy,
-                                                       self.tables)
+                                                       self._ids_home(rows), put(np.int32(t)),
+                                                       seed_dev, temp, greedy, self.tables)
       else:
         cache, tok, hist, rows = self._decode(cache, self.variables, tok, hist,
                                               self._fetch_rows(rows), put(np.int32(t)),
@@ -320,12 +340,16 @@ class ThreadedGenerator(CachedGenerator):
   while the device finishes token t's program and runs token t+1's stage 0, and the Python
   loop only dispatches programs, ahead of the device (no host round trip per token).
 
-  The first version (a796a2e) instead waited in the Python loop for each token's ids, gathered,
-  and dispatched a program per stage; it was slower than CachedGenerator's in-program fetch on
-  the H200: 15,681 vs 17,558 tok/s at 32 GB with 64 sequences (HBM 20,467), because the two
-  dispatches after each wait cost 658 us of host time per token while the device waited
-  (`host_us_per_token` of that version, 4 GB: ids wait 2,704 us, gather 137 us). This version
-  has not run on a GPU yet: what it costs there is two host callbacks per token.
+  Slower than CachedGenerator on the H200 (bench_offload, 32 GB, d=4096, 24 blocks): 10,065 vs
+  17,980 tok/s with 64 sequences (HBM 20,152), 27,254 vs 31,093 with 512 (HBM 33,053). The
+  gathers are not what costs (126 / 1,637 us per token, and the rows callback waited 8 / 14 us
+  for them): a host callback costs the device ~220-270 us wherever it sits in a program (a
+  probe: 3.24 vs 3.02 ms for a program of 16 matmuls with one callback in the middle), and
+  each token has two. Kept because its tokens are exact and its staged forward
+  (`engram_lm_stages`) is what a faster hand-over would build on. The first version (a796a2e:
+  the Python loop waited for each token's ids, then dispatched a program per stage) measured
+  15,681 vs 17,558 tok/s (64 sequences) for the same reason: host time per token while the
+  device waited.
 
   Row ids come from `global_rows_N`, which clamps them into the table, so the NumPy gather uses
   mode='clip' (2x faster than the default bounds check; same rows). The prompt's rows are

@@ -72,7 +72,10 @@ def test_decoder_refuses_tables_inside_the_params():
 def test_in_step_fetch_keeps_host_tables_on_the_host():
   """The decode program that gathers a token's rows takes the pinned_host tables as operands in
   host memory (S(5)) and no instruction copies a table-sized value (the CPU backend may elide a
-  memory-space move inside a program, so that second check bites on a GPU)."""
+  memory-space move inside a program, so that second check bites on a GPU). Its row ids arrive
+  in host memory too, moved by a transfer before the program: on the H200, a host gather that
+  read ids copied to the host inside the same program decoded different tokens from one call
+  to the next (bench_offload, 32 GB tables)."""
   import re
   cfg, mapping, tables, variables = _setup("pinned_host")
   init_cache, decode_fn = engram_lm_decoder(cfg)
@@ -97,6 +100,9 @@ def test_in_step_fetch_keeps_host_tables_on_the_host():
               if re.search(r"= " + re.escape(shape) + r"\{[^}]*\} (copy|copy-start|copy-done)\(",
                            line)]
     assert not copies, copies
+  ids = f"s32[{B * mapping.num_heads}]"
+  found = re.findall(re.escape(ids) + r"\{[^}]*\}", layout)
+  assert len(found) == len(tables) and all(":S(5)" in f for f in found), (ids, found)
 
 
 def _device_array_constants(obj, names, run):
