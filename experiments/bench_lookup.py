@@ -16,12 +16,14 @@ against the custom VJP (sorted f32 segment-sums, dense [R, E] result) and the ro
 (xla, pallas, scan). Determinism: the segment-sum is run twice and compared bit for bit, for
 XLA, the scan and both Pallas methods. `--parts` picks forward / backward / segment_sum.
 
-Timing (`bench`): a jitted program runs the function back to back once per input set (24 id
-sets for the forward, 3 for the backward), and a second program runs a third of them; the
-difference of their median times over the extra calls is the time per call, so the fixed cost
-of launching a program (~20-30 us on the H200, which the earlier per-program average charged
-to every call) cancels. Distinct inputs keep XLA from merging calls and the L2 cold. Compare
-columns within one run, not across runs. Imports nothing from grain or ml_collections.
+Timing: forward and segment-sum (`bench`): a jitted program runs the function back to back
+once per input set (24 id sets for the forward, 3 for the segment-sum), and a second program
+runs a third of them; the difference of their median times over the extra calls is the time
+per call, so the fixed cost of launching a program (~20-30 us on the H200) cancels. Distinct
+inputs keep XLA from merging calls and the L2 cold. The backward is timed call by call
+(`bench_calls`): the difference of two programs underestimated the dense table-sized gradient
+12x at 100M rows, so its columns include each call's launch, which favours the dense baseline.
+Compare columns within one run, not across runs. Imports nothing from grain or ml_collections.
 
 Dimension legend: R table rows, E row width, N = B*T*H lookups, H heads (16), U unique slots.
 """
@@ -61,6 +63,24 @@ def bench(fn, args_list, rounds=9):
     return statistics.median(times)
 
   return (program_time(args_list) - program_time(short)) / (len(args_list) - len(short))
+
+
+def bench_calls(fn, args_list, rounds=5):
+  """Median seconds of one call of jitted `fn(*args)`, each timed alone to its
+  block_until_ready (launch and output allocation included: charged to every function alike).
+  The backward uses it: `bench`'s difference of two programs, whose outputs here are as large
+  as the table, gave 601 us for the dense gradient of a 100M-row table on the H200, where one
+  call takes 8.1 ms of wall time and 7.6 ms of GPU time (profiler) -- the 12.8 GB gradient
+  alone is filled with zeros by a 7.5 ms broadcast fusion."""
+  jitted = jax.jit(fn)
+  jax.block_until_ready(jitted(*args_list[0]))
+  times = []
+  for _ in range(rounds):
+    for args in args_list:
+      start = time.perf_counter()
+      jax.block_until_ready(jitted(*args))
+      times.append(time.perf_counter() - start)
+  return statistics.median(times)
 
 
 def make_table(rows, width, dtype, seed=0):
@@ -161,7 +181,7 @@ def backward_sweep(tables, n, width, dtype):
       return fn
 
     args = [(table, i, offsets) for i in ids[:3]]  # 3 dense table-sized grads must fit
-    times = [bench(f, args, rounds=5) for f in
+    times = [bench_calls(f, args) for f in
              (dense_ref, custom, sparse("xla"), sparse("pallas"), sparse("scan"))]
     line = (f"{rows:>11,} | {times[0] * 1e6:>18.1f} | {times[1] * 1e6:>13.1f} | "
             f"{times[2] * 1e6:>17.1f} | {times[3] * 1e6:>20.1f} | {times[0] / times[3]:>7.1f} | "
