@@ -74,7 +74,6 @@ import functools
 import json
 import os
 import warnings
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Mapping, Optional
 
@@ -446,17 +445,14 @@ class HostTableTrainer:
     allow_xla_host_writes: on a GPU with pinned_host tables, `apply_grad` and
       `make_fused_step` raise RuntimeError unless this is True (they then warn once): there
       they wrote wrong rows over multi-step chains (`_check_xla_host_writes`). No effect on
-      other platforms (the CPU backend's results are exact, tests/test_offload.py).
-    retain_host_operands: a diagnosis of that corruption. k > 0 keeps references to the
-      host-memory operands (row ids, updated rows) of the last k host scatters alive, so their
-      buffers cannot be freed and reused while XLA's host compute may still read them.
-      `check_host_rows` runs the 8-step chains with and without it; unmeasured on a GPU.
+      other platforms (the CPU backend's results are exact, tests/test_offload.py). Keeping
+      the host operands of the scatters alive longer does not fix it (check_host_rows at
+      f518b64, H200), so it is not a buffer freed early.
   """
 
   def __init__(self, cfg: table_optim.TableOptimizerConfig, tables: Mapping[int, jax.Array],
                offsets: Mapping[int, Any], states: Optional[Mapping] = None,
-               row_buckets: int = 0, allow_xla_host_writes: bool = False,
-               retain_host_operands: int = 0):
+               row_buckets: int = 0, allow_xla_host_writes: bool = False):
     if cfg.kind not in table_optim.SPARSE_KINDS:
       raise ValueError(f"HostTableTrainer needs a sparse optimiser kind "
                        f"{table_optim.SPARSE_KINDS}, got {cfg.kind!r}")
@@ -484,8 +480,6 @@ class HostTableTrainer:
     self._device = next(iter(self._tables.values())).sharding._device
     self._worker: Optional[_HostWorker] = None  # made by make_threaded_step
     self.allow_xla_host_writes = bool(allow_xla_host_writes)
-    # maxlen 0 (the default) keeps nothing.
-    self._retained: deque = deque(maxlen=int(retain_host_operands))
     self._warned = False
 
   # -- arrays ---------------------------------------------------------------------------------------
@@ -523,7 +517,6 @@ class HostTableTrainer:
       return
     row_ids_home, new_leaves = self._pending
     self._pending = None
-    self._retain(row_ids_home, new_leaves)
     out = self._scatter({l: self._arrays(l) for l in self.layers}, row_ids_home, new_leaves)
     for l in self.layers:
       self._set_arrays(l, out[l])
@@ -617,9 +610,6 @@ class HostTableTrainer:
     if not self._warned:
       self._warned = True
       warnings.warn(msg + ".", RuntimeWarning, stacklevel=3)
-
-  def _retain(self, *operands) -> None:
-    self._retained.append(operands)
 
   def _check_chain_handle(self, handle: PrefetchHandle, what: str) -> None:
     """A fused / threaded step takes the one outstanding handle: from `prefetch` or its own
@@ -739,7 +729,6 @@ class HostTableTrainer:
     for p, leaves in zip(self._outstanding, patched):
       p.leaves = leaves
     arrays = {l: self._arrays(l) for l in self.layers}
-    self._retain(handle.row_ids_home, new_home)
     out = self._scatter(arrays, handle.row_ids_home, new_home)
     for l in self.layers:
       self._set_arrays(l, out[l])
@@ -818,7 +807,6 @@ class HostTableTrainer:
 
     def run(handle: PrefetchHandle, next_ids, state, inputs, step=None):
       fn, args, nxt = prepare(handle, next_ids, state, inputs, step)
-      self._retain(args[3], args[7])     # the pending scatter's operands, the gather's ids
       outputs, arrays, new_home, next_leaves = fn(*args)
       for l in self.layers:
         self._set_arrays(l, arrays[l])

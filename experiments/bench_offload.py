@@ -55,9 +55,11 @@ inputs, so any difference is a bug), the largest per-step |loss difference| and 
 
 Status (H200, jax 0.11.2; numbers in the README): 32 GB with d=4096, 24 blocks, --remat, Zipf
 tokens: threads +0.6-0.7% per step over HBM, fused +4.6-4.8%; d=2048, 8 blocks, 1 GB: threads
-+7.8%, separate +20.5%, fused +25.1%. Decoding at 32 GB (in-program fetch): +8.7-16.6% with
-64 sequences, +4.7-7.1% with 512 (`--gen_batch 512`, the paper's batch); the threaded
-decoder's first version (`thr. tok/s`) was slower still, its callback version is unmeasured.
++7.8%, separate +20.5%, fused +25.1%. Decoding at 32 GB (d5307ae): in-step fetch +12.1% with
+64 sequences, +6.3% with 512 (`--gen_batch 512`, the paper's batch; +5.9% with bf16 tables),
+separate fetch +10.8% / +6.4%, the threaded decoder (`thr. tok/s`) +100% / +21%. Before
+d5307ae the in-step fetch copied the ids to the host inside its program and, at 32 GB, two
+calls decoded different tokens (this script's check stopped the run).
 Only the threads mode ends with rows equal to the HBM run's (max |row diff| 5e-4 to 1.3e-2);
 separate and fused end 6.7-7.5 away, which check_host_rows' 8-step chains reproduce (up to
 1.7e7), so the library refuses them on a GPU (this script opts in with

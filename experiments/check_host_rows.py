@@ -15,16 +15,17 @@ gathers clamp it to R-1), compares with NumPy:
 and then steps of the separate (`HostTableTrainer.prefetch` / `apply_grad`), fused
 (`make_fused_step`) and threaded (`make_threaded_step`: NumPy gathers / scatters on views of the
 pinned_host buffers) pipelines against the same steps on HBM tables (two layers, as
-bench_offload trains): 2 steps, 2 steps whose gradients wait for `--slow` matmuls, `--steps`
-steps, and `--steps` separate / fused steps with `retain_host_operands` (no host operand of
-theirs can be freed and reused early: does the difference go away?).
+bench_offload trains): 2 steps, 2 steps whose gradients wait for `--slow` matmuls, and `--steps`
+steps.
 Prints one line per check (max |difference|, which must be 0 except `*`) and exits non-zero on a
 mismatch. Added after bench_offload's first GPU runs, where rows updated through pinned_host
-tables differed from the HBM placement's. H200 (jax 0.11.2, 3ce5d4f): the row primitives, every
-threaded chain and the 2-step separate / fused chains 0; 8 separate steps 1.68e7, 8 fused steps
-1.23e7, 2 separate steps behind 1000 matmuls 3.48e4 (MISMATCH: why the library refuses those
-two pipelines on a GPU, offload.HostTableTrainer(allow_xla_host_writes=...)); `*` on the 16.8M
-rows 64, 832 and 64 in three runs.
+tables differed from the HBM placement's. H200 (jax 0.11.2): the row primitives and every
+threaded chain 0 in every run. The XLA chains vary from run to run: at 3ce5d4f 8 separate steps
+1.68e7, 8 fused steps 1.23e7, 2 separate steps behind 1000 matmuls 3.48e4; at f518b64 8 separate
+steps 0, 8 fused 1.23e7, the 1000-matmul chains 0, and 8 separate / fused steps whose trainer
+kept every host operand of its scatters alive (an option since removed) 1.68e7 / 0 (MISMATCH:
+why the library refuses those two pipelines on a GPU,
+offload.HostTableTrainer(allow_xla_host_writes=...); not a buffer freed early). `*` on the 16.8M rows: 64, 832 and 64 in three runs, 0 at f518b64.
 
 Dimension legend: R table rows, E row width, U row slots.
 """
@@ -103,7 +104,7 @@ def check_primitives(rows, width, slots, placement, seed=0):
 LAYERS = (1, 2)  # two tables, as bench_offload trains
 
 
-def _host_vs_hbm(rows, width, train, train_hbm=None, retain=0):
+def _host_vs_hbm(rows, width, train, train_hbm=None):
   """max |difference| between pinned_host and HBM tables (one per layer of LAYERS) after
   `train(trainer)` (the HBM ones after `train_hbm(trainer)` if given), over the row ids it
   returns per layer (the rows its steps touched; padding ids R are dropped)."""
@@ -112,8 +113,7 @@ def _host_vs_hbm(rows, width, train, train_hbm=None, retain=0):
   for placement in ("pinned_host", "device"):
     trainer = offload.HostTableTrainer(cfg, {l: _table(rows, width, placement) for l in LAYERS},
                                        {l: np.zeros(2, np.int32) for l in LAYERS},
-                                       allow_xla_host_writes=True,  # what this checks
-                                       retain_host_operands=retain)
+                                       allow_xla_host_writes=True)  # what this checks
     touched = (train_hbm or train)(trainer) if placement == "device" else train(trainer)
     for l in LAYERS:
       rid = np.asarray(touched[l])
@@ -126,15 +126,13 @@ def _host_vs_hbm(rows, width, train, train_hbm=None, retain=0):
              for l in LAYERS)
 
 
-def check_trainer_step(rows, width, seed=0, slots=2048, slow=0, steps=2, retain=0):
+def check_trainer_step(rows, width, seed=0, slots=2048, slow=0, steps=2):
   """HostTableTrainer on pinned_host tables vs the same updates of HBM tables (two layers),
   over `steps` steps of each pipeline: separate (`prefetch` of s+1, then `apply_grad` of s),
   fused (make_fused_step: step s's update is output to the host by its program and scattered
   by step s+1's) and threaded (make_threaded_step; the HBM side runs the fused steps: threaded
   steps need host tables). `slow` > 0: every gradient waits for `slow` 2048^2 matmuls first (a
-  model step that takes time, as in training; the gradient's values are unchanged). `retain`
-  > 0: only the separate and fused pipelines, with `HostTableTrainer(retain_host_operands=
-  retain)` (do they still differ when no host operand of theirs can be freed early?)."""
+  model step that takes time, as in training; the gradient's values are unchanged)."""
   dev = offload.placement_sharding("device")
   x = jax.device_put(np.full((2048, 2048), 1e-3, np.float32), dev)
   ids = [{l: np.random.default_rng([seed, l, i]).integers(0, rows, (4, slots // 8, 2))
@@ -170,18 +168,13 @@ def check_trainer_step(rows, width, seed=0, slots=2048, slow=0, steps=2, retain=
       _, h = run(h, ids[s + 1] if s + 1 < steps else None, x, grads(h, s))
     return touched_rows(touched)
 
-  kept = ", operands retained" if retain else ""
   with warnings.catch_warnings():  # their GPU warning (allowed above): this is what they check
     warnings.simplefilter("ignore", RuntimeWarning)
-    out = {f"{steps} separate steps host vs HBM{kept}": _host_vs_hbm(
-               rows, width, separate_steps, retain=retain),
-           f"{steps} fused steps host vs HBM{kept}": _host_vs_hbm(
-               rows, width, chained_steps, retain=retain)}
-    if not retain:
-      # NumPy views of the pinned_host buffers written by worker threads (HBM: fused).
-      out[f"{steps} threaded steps host vs HBM"] = _host_vs_hbm(
-          rows, width, lambda t: chained_steps(t, threaded=True), chained_steps)
-    return out
+    return {f"{steps} separate steps host vs HBM": _host_vs_hbm(rows, width, separate_steps),
+            f"{steps} fused steps host vs HBM": _host_vs_hbm(rows, width, chained_steps),
+            # NumPy views of the pinned_host buffers written by worker threads (HBM: fused).
+            f"{steps} threaded steps host vs HBM": _host_vs_hbm(
+                rows, width, lambda t: chained_steps(t, threaded=True), chained_steps)}
 
 
 def _verdict(name, diff):
@@ -208,13 +201,12 @@ def main():
         bad |= diff != 0 and not name.endswith("*")
         print(f"  R={rows:>11,} {placement:<11} {name:<46} max |diff| {diff:.3g}"
               f"{_verdict(name, diff)}", flush=True)
-  for rows, slots, slow, steps, retain in ((args.rows, args.slots, 0, 2, 0),
-                                           (args.rows, args.slots, args.slow, 2, 0),
-                                           (args.rows, args.slots, 0, args.steps, 0),
-                                           (args.rows, args.slots, 0, args.steps, args.steps),
-                                           (args.rows, 2048, 0, 2, 0), (4099, 2048, 0, 2, 0)):
+  for rows, slots, slow, steps in ((args.rows, args.slots, 0, 2),
+                                   (args.rows, args.slots, args.slow, 2),
+                                   (args.rows, args.slots, 0, args.steps),
+                                   (args.rows, 2048, 0, 2), (4099, 2048, 0, 2)):
     for name, diff in check_trainer_step(rows, args.width, slots=slots, slow=slow,
-                                         steps=steps, retain=retain).items():
+                                         steps=steps).items():
       name += f", {slow} matmuls" if slow else ""
       bad |= diff != 0
       print(f"  R={rows:>11,} U={slots:>7,} {name:<46} max |diff| {diff:.3g}"

@@ -673,27 +673,6 @@ def test_xla_host_write_paths_refused_on_a_gpu_unless_allowed(monkeypatch):
     allowed.make_fused_step(step)                  # warned once per trainer
 
 
-def test_retained_host_operands_are_the_last_scatters():
-  """retain_host_operands=k keeps the (row ids, updated rows) of the last k host scatters
-  alive (a diagnosis of the GPU corruption); results are unchanged."""
-  batches = _batches(3, seed=2)
-  got = {}
-  for retain in (0, 2):
-    trainer = offload.HostTableTrainer(CFG, _tables("pinned_host"),
-                                       {l: _offsets(l) for l in LAYERS},
-                                       retain_host_operands=retain)
-    for ids, _ in batches:
-      handle = trainer.prefetch(ids)
-      trainer.apply_grad(handle, {l: jnp.ones_like(handle.leaves[l][0]) for l in LAYERS}, LR)
-    assert len(trainer._retained) == (2 if retain else 0)
-    if retain:
-      row_ids_home, new_home = trainer._retained[-1]
-      assert row_ids_home is handle.row_ids_home and set(new_home) == set(LAYERS)
-    got[retain] = {l: np.asarray(t) for l, t in trainer.tables.items()}
-  for l in LAYERS:
-    np.testing.assert_array_equal(got[0][l], got[2][l])
-
-
 def test_threaded_step_reraises_a_failed_gather_once():
   batches = _batches(3, seed=7)
   trainer = offload.HostTableTrainer(CFG, _tables("pinned_host"), {l: _offsets(l) for l in LAYERS})
