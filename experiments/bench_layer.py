@@ -109,9 +109,10 @@ def breakdown(cfg, hashing, tokens, table, dtype):
   parts["lookup"] = bench(jax.jit(jax.grad(lookup)), (table,))
 
   def proj(e, wv, wk):
-    value = jnp.einsum("btf,fd->btd", e, wv.astype(dtype), preferred_element_type=jnp.float32)
-    keys = jnp.einsum("btf,mfd->btmd", e, wk.astype(dtype), preferred_element_type=jnp.float32)
-    return jnp.sum(value) + jnp.sum(keys * keys)
+    # As Engram: outputs in the compute dtype, used in f32.
+    value = jnp.einsum("btf,fd->btd", e, wv.astype(dtype), preferred_element_type=dtype)
+    keys = jnp.einsum("btf,mfd->btmd", e, wk.astype(dtype), preferred_element_type=dtype)
+    return jnp.sum(value.astype(jnp.float32)) + jnp.sum(jnp.square(keys.astype(jnp.float32)))
   parts["projections"] = bench(jax.jit(jax.grad(proj, argnums=(0, 1, 2))), (e, wv, wk))
 
   def rms(x):
@@ -124,6 +125,8 @@ def breakdown(cfg, hashing, tokens, table, dtype):
     return jnp.sum(jax.nn.sigmoid(s)[..., None] * value[:, :, None, :])
   parts["gate"] = bench(jax.jit(jax.grad(gate, argnums=(0, 1, 2))), (v32, h, v32[:, :, 0]))
 
+  # float32 input and compute dtype (ShortConv's default): the bf16 layer rounds the conv's
+  # normalised input to bf16, so this part is an upper bound of what its conv costs there.
   conv = ShortConv(dataclasses.replace(cfg, zero_init_conv=False))
   conv_params = conv.init(key, v32)
   parts["conv"] = bench(jax.jit(jax.grad(lambda p, x: jnp.sum(conv.apply(p, x)),

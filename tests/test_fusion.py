@@ -4,6 +4,7 @@ import math
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -80,6 +81,37 @@ def test_bf16_compute_f32_params_matches_reference():
   # bf16 keeps 8 mantissa bits (relative step 2^-8 ~ 4e-3); inputs, weights and the output are
   # rounded to it, so a few steps of error is expected.
   np.testing.assert_allclose(np.asarray(out, np.float32), want, rtol=2e-2, atol=2e-2)
+
+
+def _jaxpr_eqns(jaxpr):
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from _jaxpr_eqns(sub)
+
+
+def test_bf16_layer_runs_its_matmuls_and_their_backward_in_bf16():
+  """bf16 compute: the projections return bf16 (as torch's autocast Linear), so every matmul of
+  the forward and of the backward takes bf16 operands (f32 cotangents would make the backward's
+  matmuls f32: TF32 on a GPU, 1.95 vs 1.07 ms for the projections on the H200), and the conv's
+  normalised input is rounded to bf16 (its taps multiply-add in f32)."""
+  cfg = tiny_config()
+  hidden, ids = random_inputs(cfg)
+  layer = Engram(cfg, HEAD_SIZES, dtype=jnp.bfloat16)
+  params = nn.unbox(layer.init(jax.random.key(0), jnp.asarray(hidden, jnp.bfloat16), ids))
+
+  def loss(params, hidden):
+    return jnp.sum(layer.apply(params, hidden, ids).astype(jnp.float32))
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(params,
+                                                        jnp.asarray(hidden, jnp.bfloat16))
+  dots = [e for e in _jaxpr_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+  assert len(dots) >= 6, len(dots)       # 2 forward + 2 x 2 backward
+  for e in dots:
+    types = [v.aval.dtype for v in e.invars] + [v.aval.dtype for v in e.outvars]
+    assert all(t == jnp.bfloat16 for t in types), (e, types)
+  f32_pads = [e for e in _jaxpr_eqns(jaxpr.jaxpr) if e.primitive.name == "pad"
+              and e.outvars[0].aval.ndim == 4 and e.outvars[0].aval.dtype == jnp.float32]
+  assert not f32_pads, f32_pads          # the conv pads its bf16 input
 
 
 def test_zero_init_conv_gives_gated_value_exactly():
