@@ -79,8 +79,7 @@ def resolve_plan(width: int, *, implementation: Optional[str] = None, interpret:
   if backward is None:
     on_gpu = forward == "gpu" or (forward == "xla" and platform == "gpu")
     backward = "pallas" if on_gpu and width % 16 == 0 else "xla"
-  if backward not in segment_sum.IMPLEMENTATIONS:
-    raise ValueError(f"backward must be None, 'xla', 'scan' or 'pallas', got {backward!r}")
+  segment_sum.check_backward(backward)
   if backward == "pallas" and platform != "gpu" and not interpret:
     raise ValueError("backward='pallas' is the Triton segment-sum: GPU only, or interpret=True")
   if backward == "pallas" and width % 16:

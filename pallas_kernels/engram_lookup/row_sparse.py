@@ -150,8 +150,7 @@ def expand_rows(rows_UxE: jax.Array, inverse_BxTxH: jax.Array, *,
   the inverse index (same sums, bit for bit); it must describe `inverse_BxTxH` over U slots.
   """
   backward = backward or _default_backward(rows_UxE.shape[-1])
-  if backward not in segment_sum.IMPLEMENTATIONS:
-    raise ValueError(f"backward must be None, 'xla', 'scan' or 'pallas', got {backward!r}")
+  segment_sum.check_backward(backward)
   if plan is not None and (plan.order_N.shape != (inverse_BxTxH.size,)
                            or plan.starts_U1.shape != (rows_UxE.shape[0] + 1,)):
     raise ValueError(f"plan describes {plan.order_N.shape[0]} lookups over "

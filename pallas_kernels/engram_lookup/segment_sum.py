@@ -191,6 +191,13 @@ def segment_sum_pallas(g_NxE: jax.Array, plan: SortedSegments, *,
 IMPLEMENTATIONS = ("xla", "scan", "pallas")  # every `backward=` of the lookups
 
 
+def check_backward(backward: str) -> None:
+  """The lookups' `backward=` check (after None is resolved): one of IMPLEMENTATIONS."""
+  if backward not in IMPLEMENTATIONS:
+    names = ", ".join(repr(i) for i in IMPLEMENTATIONS[:-1]) + f" or {IMPLEMENTATIONS[-1]!r}"
+    raise ValueError(f"backward must be None, {names}, got {backward!r}")
+
+
 def segment_sum(g_NxE: jax.Array, plan: SortedSegments, *, implementation: str = "xla",
                 interpret: bool = False,
                 config: GpuSegmentSumConfig = GpuSegmentSumConfig()) -> jax.Array:
