@@ -35,8 +35,8 @@ docstring): prefer CachedGenerator.
 Measured on the H200 (experiments/bench_offload.py, 32 GB of pinned_host tables, d=4096, 24
 blocks; README), overhead over HBM tables (HBM tok/s / host tok/s - 1): CachedGenerator +12.1%
 (in-step fetch) / +10.8% (separate) with 64 sequences, +6.3% / +6.4% with 512;
-ThreadedGenerator +100% / +21%. XLA runs
-a host gather as a host function on the GPU stream, so it cannot overlap the device's work.
+ThreadedGenerator +100% / +21%. XLA runs a host gather as a host function on the GPU stream,
+so it cannot overlap the device's work.
 
 Sampling: temperature 0 is greedy (argmax); otherwise `categorical(logits / temperature)` with
 a key folded per position.
@@ -134,19 +134,20 @@ class Generator:
     rows on the H200 (experiments/check_host_rows.py, README "Host tables")."""
     return {l: jax.device_put(rows_BxTxH[l].reshape(-1), self.home[l]) for l in self.layers}
 
-  def _fetch_rows(self, rows_BxTxH: dict, tables: Optional[Mapping] = None,
-                  ids_home: Optional[dict] = None) -> dict:
-    """Starts the fetch of `rows` (device or NumPy ids, [B, T, H]) for every layer (explicit
-    puts; async). Inside a jitted step pass the tables as that step's arguments (`tables`), so
-    they are operands, not constants, and the ids already where the tables live (`ids_home`,
-    from `_ids_home`)."""
-    tables = self.tables if tables is None else tables
-    ids_home = self._ids_home(rows_BxTxH) if ids_home is None else ids_home
+  def _gather_home(self, ids_home: dict, batch: int, tables: Mapping) -> dict:
+    """The rows of `_ids_home`'s flat ids, `[B, T, H, E]` per layer. Inside a jitted step pass
+    the tables as that step's arguments, so they are operands, not constants."""
     out = {}
     for l in self.layers:
       rows = offload.fetch_rows(tables[l], ids_home[l])
-      out[l] = rows.reshape(rows_BxTxH[l].shape + (rows.shape[-1],))
+      out[l] = rows.reshape(batch, -1, self.offsets[l].shape[0], rows.shape[-1])
     return out
+
+  def _fetch_rows(self, rows_BxTxH: dict) -> dict:
+    """Starts the fetch of `rows` (device or NumPy ids, [B, T, H]) for every layer (explicit
+    puts; async)."""
+    batch = next(iter(rows_BxTxH.values())).shape[0]
+    return self._gather_home(self._ids_home(rows_BxTxH), batch, self.tables)
 
   def _step_fn(self, tokens_BxT, t, hist_BxN, buffers, seed, temperature, greedy):
     """Forward at the fixed window, sample token t+1, advance history, rows of t+1."""
@@ -272,14 +273,15 @@ class CachedGenerator(Generator):
                                    {l: buffer_rows(r) for l, r in rows.items()})
     return (cache,) + self._next(logits, hist_BxN, t, seed, temperature, greedy)
 
-  def _decode_fetching_fn(self, cache, variables, tok_B, hist_BxN, row_ids, ids_home, t, seed,
+  def _decode_fetching_fn(self, cache, variables, tok_B, hist_BxN, ids_home, t, seed,
                           temperature, greedy, tables):
     """`_decode_fn` with the gather of token t's rows inside the program (tables are
     arguments: host tables stay where they are, only B*H rows per layer move; `ids_home`:
-    `row_ids` already moved where the tables live, by a transfer before this program)."""
+    token t's row ids, already moved where the tables live by a transfer before this
+    program)."""
     return self._decode_fn(cache, variables, tok_B, hist_BxN,
-                           self._fetch_rows(row_ids, tables, ids_home), t, seed, temperature,
-                           greedy)
+                           self._gather_home(ids_home, tok_B.shape[0], tables), t, seed,
+                           temperature, greedy)
 
   def __call__(self, prompt_BxP: np.ndarray, max_new_tokens: int, *, temperature: float = 0.0,
                seed: int = 0, pad_id: int = 0) -> np.ndarray:
@@ -298,7 +300,7 @@ class CachedGenerator(Generator):
       # Token t is known (on the device): its rows are fetched before the forward reads them,
       # inside its program or just before it.
       if self.fetch_in_step:
-        cache, tok, hist, rows = self._decode_fetching(cache, self.variables, tok, hist, rows,
+        cache, tok, hist, rows = self._decode_fetching(cache, self.variables, tok, hist,
                                                        self._ids_home(rows), put(np.int32(t)),
                                                        seed_dev, temp, greedy, self.tables)
       else:
