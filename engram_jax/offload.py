@@ -601,8 +601,9 @@ class HostTableTrainer:
       return
     msg = (f"{what}: on the H200 (jax 0.11.2) host tables updated through XLA host compute "
            "(apply_grad, make_fused_step) come out wrong: experiments/check_host_rows finds "
-           "rows up to 1.7e7 from the HBM placement's after 8 separate or fused steps (exact "
-           "after 2), while make_threaded_step stays exact; the cause is not found. Use "
+           "rows up to 1.7e7 from the HBM placement's after 8 separate or fused steps in some "
+           "runs (which chains differ changes from run to run), while make_threaded_step "
+           "stays exact; the cause is not found. Use "
            "make_threaded_step (engram.host_step='threads')")
     if not self.allow_xla_host_writes:
       raise RuntimeError(msg + ", or pass HostTableTrainer(allow_xla_host_writes=True) to run "

@@ -25,7 +25,8 @@ threaded chain 0 in every run. The XLA chains vary from run to run: at 3ce5d4f 8
 steps 0, 8 fused 1.23e7, the 1000-matmul chains 0, and 8 separate / fused steps whose trainer
 kept every host operand of its scatters alive (an option since removed) 1.68e7 / 0 (MISMATCH:
 why the library refuses those two pipelines on a GPU,
-offload.HostTableTrainer(allow_xla_host_writes=...); not a buffer freed early). `*` on the 16.8M rows: 64, 832 and 64 in three runs, 0 at f518b64.
+offload.HostTableTrainer(allow_xla_host_writes=...); not a buffer freed early). `*` on the
+16.8M rows: 64, 832 and 64 in three runs, 0 at f518b64.
 
 Dimension legend: R table rows, E row width, U row slots.
 """
