@@ -55,25 +55,39 @@ def torch_conv1d_default_init(kernel_size: int):
 
 
 class StreamRMSNorm(nn.Module):
-  """M independent RMSNorms over the last axis of `x_...xMxD`; returns float32."""
+  """M independent RMSNorms over the last axis of `x_...xMxD`; returns float32.
+
+  `gain_NxM`: `x` is `[..., D]`, shared by the M streams, and the streams normalised are the
+  scaled copies `gain[..., m] * x`. Their norms come from the one mean square of `x`
+  (`mean((g x)^2) = g^2 mean(x^2)`), so the M copies are never built before the norm (the
+  Engram value's M gated copies, whose M mean squares would otherwise each read `[..., M, D]`).
+  """
 
   eps: float
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_NxMxD: jax.Array) -> jax.Array:
-    m, d = x_NxMxD.shape[-2:]
+  def __call__(self, x_NxMxD: jax.Array, gain_NxM: Optional[jax.Array] = None) -> jax.Array:
+    m, d = (gain_NxM.shape[-1], x_NxMxD.shape[-1]) if gain_NxM is not None else x_NxMxD.shape[-2:]
     scale_MxD = self.param(
         "scale", nn.with_logical_partitioning(nn.initializers.ones, ("streams", "embed")),
-        (m, d), self.param_dtype)
+        (m, d), self.param_dtype).astype(jnp.float32)
     x32 = x_NxMxD.astype(jnp.float32)
-    inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return x32 * inv_rms * scale_MxD.astype(jnp.float32)
+    mean_square = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    if gain_NxM is None:
+      return x32 * jax.lax.rsqrt(mean_square + self.eps) * scale_MxD
+    g_NxM = gain_NxM.astype(jnp.float32)
+    factor_NxM = g_NxM * jax.lax.rsqrt(jnp.square(g_NxM) * mean_square + self.eps)
+    return factor_NxM[..., None] * x32[..., None, :] * scale_MxD
 
 
 class ShortConv(nn.Module):
-  """`SiLU(conv(RMSNorm_m(x)))`: depthwise, causal, dilated conv over the M*D channels.
+  """`SiLU(conv(RMSNorm_m(gate_m * value)))`: depthwise, causal, dilated conv over the M*D channels.
 
+  Its input is the M gated copies of the shared value, `x_m = gate[..., m] * value`, passed as
+  the two factors (`value_BxTxD`, `gate_BxTxM`): the RMSNorm of each copy comes from the one
+  mean square of the value (`StreamRMSNorm`'s `gain_NxM`), so the [B, T, M, D] input is never
+  materialised; its normalised form is built inside the taps' fusion.
   `dtype`: the normalised input is rounded to it before the taps (multiply-adds in float32).
   Causal means output t sees inputs t - j*dilation, j = 0..K-1 (left zero padding of
   (K-1)*dilation, the demo's symmetric padding followed by keeping the first T outputs).
@@ -92,11 +106,11 @@ class ShortConv(nn.Module):
   dtype: Any = jnp.float32  # the normalised input is rounded to it before the taps
 
   @nn.compact
-  def __call__(self, x_BxTxMxD: jax.Array,
+  def __call__(self, value_BxTxD: jax.Array, gate_BxTxM: jax.Array,
                segment_ids_BxT: Optional[jax.Array] = None) -> jax.Array:
     cfg = self.config
     k, dil = cfg.kernel_size, cfg.dilation
-    _, t, m, d = x_BxTxMxD.shape
+    t, m, d = value_BxTxD.shape[1], gate_BxTxM.shape[-1], value_BxTxD.shape[-1]
     init = (nn.initializers.zeros if cfg.zero_init_conv else torch_conv1d_default_init(k))
     # Tap j of kernel_KxMxD multiplies the input (K-1-j)*dilation steps back, as in torch's
     # cross-correlation; the kernel width axis is tiny and never sharded.
@@ -104,7 +118,7 @@ class ShortConv(nn.Module):
         "kernel", nn.with_logical_partitioning(init, (None, "streams", "embed")),
         (k, m, d), self.param_dtype).astype(jnp.float32)
     xn_BxTxMxD = StreamRMSNorm(cfg.conv_norm_eps, self.param_dtype, name="norm")(
-        x_BxTxMxD).astype(self.dtype)
+        value_BxTxD, gain_NxM=gate_BxTxM).astype(self.dtype)
     pad = (k - 1) * dil
     xp_BxPxMxD = jnp.pad(xn_BxTxMxD, ((0, 0), (pad, 0), (0, 0), (0, 0)))
     if self.decode and pad:
@@ -201,7 +215,7 @@ class Engram(nn.Module):
     v_BxTxMxD = gate_BxTxM[..., None] * value_BxTxD[:, :, None, :]
     y_BxTxMxD = v_BxTxMxD + ShortConv(cfg, self.param_dtype, self.decode, self.dtype,
                                       name="short_conv")(
-        v_BxTxMxD, segment_ids_BxT)
+        value_BxTxD, gate_BxTxM, segment_ids_BxT)
     y_BxTxMxD = nn.with_logical_constraint(y_BxTxMxD, ("batch", "length", "streams", "embed"))
     return y_BxTxMxD.astype(self.dtype)
 

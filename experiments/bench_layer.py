@@ -19,6 +19,11 @@ PyTorch side by side (unless --no-torch): a small re-statement of the demo layer
 autocast. The issue quotes the official layer at these shapes: 33.5 ms f32 eager with its NumPy
 hashing, 27.0 ms f32 eager with hashing on GPU, 20.0 ms compiled, 10.0 ms compiled + bf16.
 
+`--profile`: also traces the bf16 row-sparse step (`jax.profiler`) and prints its GPU time per
+part of the layer and its most expensive HLO instructions with their op_names. It turns XLA:GPU's
+command buffers (CUDA graphs) off for the whole run, so that every kernel names its
+instruction (as experiments/profile_step.py does); the run's times are then without them.
+
 Imports nothing from grain or ml_collections.
 
 Dimension legend: B batch, T time, M streams, D hidden, H = 16 heads, E = 64 row width,
@@ -26,8 +31,13 @@ F = H*E = d_mem, R table rows, U unique rows.
 """
 
 import argparse
+import collections
 import dataclasses
+import glob
+import os
+import re
 import statistics
+import tempfile
 import time
 
 import flax.linen as nn
@@ -79,7 +89,8 @@ def make_step(cfg, hashing, dtype, placement):
   return layer, jax.jit(step)
 
 
-def run_layer(cfg, hashing, dtype, placement, tokens, hidden, cot, table):
+def layer_step(cfg, hashing, dtype, placement, tokens, hidden, cot, table):
+  """(jitted step, its arguments) of one layer configuration."""
   layer, step = make_step(cfg, hashing, dtype, placement)
   ids = hashing.hash(tokens)[LAYER]
   init_input = ids if placement == "param" else prefetch_rows(
@@ -87,7 +98,53 @@ def run_layer(cfg, hashing, dtype, placement, tokens, hidden, cot, table):
   params = nn.meta.unbox(jax.jit(layer.init)(jax.random.key(0), hidden.astype(dtype), init_input))
   if placement == "param":
     params = {"params": {k: v for k, v in params["params"].items() if k != "memory"}}
-  return bench(step, (params, table, hidden.astype(dtype), tokens, cot))
+  return step, (params, table, hidden.astype(dtype), tokens, cot)
+
+
+# (regex on an instruction's op_name, part of the layer); the first match wins.
+PROFILE_PARTS = (
+    (r"hash", "hashing"),
+    (r"short_conv", "conv (norm, taps, SiLU)"),
+    (r"key_norm|query_norm", "gate: key/query norms"),
+    (r"btf,|fd->|fmd->|mfd", "projections"),
+    (r"memory|prefetch|expand|lookup|segment|sort|gather|scatter", "lookup + row gradient"),
+    (r"Engram", "gate: score, sigmoid, v = gate * value"),
+)
+
+
+def profile_layer(step, args, calls=5):
+  """GPU (else host) event time per call of `step`: ({part: ms}, Counter of ms per
+  instruction, {instruction: op_name}, summed ms)."""
+  from experiments.profile_step import hlo_events, op_names
+  compiled = step.lower(*args).compile()
+  jax.block_until_ready(compiled(*args))
+  directory = tempfile.mkdtemp(prefix="bench_layer_")
+  with jax.profiler.trace(directory):
+    for _ in range(calls):
+      out = compiled(*args)
+    jax.block_until_ready(out)
+  files = glob.glob(directory + "/**/*.xplane.pb", recursive=True)
+  if not files:
+    raise SystemExit(f"the profiler wrote no .xplane.pb under {directory}")
+  names = op_names(compiled.as_text())
+  per_op = collections.Counter()
+  for op, ns in hlo_events(jax.profiler.ProfileData.from_file(files[0]), "step"):
+    per_op[op] += ns / 1e6 / calls
+  parts = collections.Counter()
+  for op, ms in per_op.items():
+    name = names.get(op, "")
+    parts[next((part for pattern, part in PROFILE_PARTS if re.search(pattern, name)),
+               "outside the layer (loss, cotangent)")] += ms
+  return parts, per_op, names, sum(per_op.values())
+
+
+def print_profile(parts, per_op, names, total, top=15):
+  print(f"profile, bf16 compute, table external (row-sparse), summed events {total:.3f} ms:")
+  for part, ms in parts.most_common():
+    print(f"  {part:<42} {ms:8.3f} ms {100 * ms / total:5.1f}%")
+  print(f"  top {top} instructions (ms, name, op_name):")
+  for op, ms in per_op.most_common(top):
+    print(f"  {ms:8.3f}  {op:<28} {names.get(op, '')[-100:]}")
 
 
 def breakdown(cfg, hashing, tokens, table, dtype):
@@ -125,12 +182,12 @@ def breakdown(cfg, hashing, tokens, table, dtype):
     return jnp.sum(jax.nn.sigmoid(s)[..., None] * value[:, :, None, :])
   parts["gate"] = bench(jax.jit(jax.grad(gate, argnums=(0, 1, 2))), (v32, h, v32[:, :, 0]))
 
-  # float32 input and compute dtype (ShortConv's default): the bf16 layer rounds the conv's
-  # normalised input to bf16, so this part is an upper bound of what its conv costs there.
-  conv = ShortConv(dataclasses.replace(cfg, zero_init_conv=False))
-  conv_params = conv.init(key, v32)
-  parts["conv"] = bench(jax.jit(jax.grad(lambda p, x: jnp.sum(conv.apply(p, x)),
-                                         argnums=(0, 1))), (conv_params, v32))
+  # As in the bf16 layer: f32 value and gate, normalised input rounded to bf16.
+  conv = ShortConv(dataclasses.replace(cfg, zero_init_conv=False), dtype=dtype)
+  value, gate_BxTxM = v32[:, :, 0], jax.nn.sigmoid(v32[:, :, :, 0])
+  conv_params = conv.init(key, value, gate_BxTxM)
+  parts["conv"] = bench(jax.jit(jax.grad(lambda p, v, g: jnp.sum(conv.apply(p, v, g)),
+                                         argnums=(0, 1, 2))), (conv_params, value, gate_BxTxM))
   return parts
 
 
@@ -202,7 +259,12 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--tiny", action="store_true", help="B=1, T=128: a CPU smoke run")
+  parser.add_argument("--profile", action="store_true",
+                      help="trace the bf16 row-sparse step (command buffers off for the run)")
   args = parser.parse_args()
+  if args.profile:  # Before the backend starts: XLA reads its flags once.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_gpu_enable_command_buffer=").strip()
   if args.tiny:
     global B, T
     B, T = 1, 128
@@ -216,13 +278,16 @@ def main():
   cot = jax.random.normal(key, hidden.shape, jnp.float32)
   table = jax.random.normal(key, (num_rows, cfg.head_dim), jnp.float32)
   print(f"table rows {num_rows:,}, lookups {B * T * cfg.num_heads:,}")
-  results = {}
+  results, profiled = {}, None
   for dtype in (jnp.float32, jnp.bfloat16):
     for placement in ("param", "external"):
-      t = run_layer(cfg, hashing, dtype, placement, tokens, hidden, cot, table)
+      step, step_args = layer_step(cfg, hashing, dtype, placement, tokens, hidden, cot, table)
+      t = bench(step, step_args)
       name = f"jax {jnp.dtype(dtype).name} compute, table {placement}"
       results[name] = t
       print(f"{name}: {t * 1e3:.2f} ms", flush=True)
+      if args.profile and dtype == jnp.bfloat16 and placement == "external":
+        profiled = profile_layer(step, step_args)
   parts = breakdown(cfg, hashing, tokens, table, jnp.bfloat16)
   torch_results = {}
   if not args.no_torch:
@@ -240,6 +305,9 @@ def main():
   print("breakdown, bf16 compute, each part fwd+bwd alone:")
   for name, t in parts.items():
     print(f"  {name:<12} {t * 1e3:8.3f} ms")
+  if profiled:
+    print("(--profile: command buffers were off for every time above)")
+    print_profile(*profiled)
 
 
 if __name__ == "__main__":
