@@ -4,11 +4,17 @@
 
 Shapes: B=4, T=4096, M=4 streams, D=1024, 2 orders x 8 heads x 64 (d_mem 1024), base 646,400
 (10,344,164 table rows, f32 parameters). The step is what a user runs: token ids -> hashing on
-device (`NgramHashMapping.hash`) -> `Engram.apply` -> loss, differentiated w.r.t. every
-parameter (the table too) and the hidden states, under one jit. Two table placements:
+device (`NgramHashMapping.hash`) -> `Engram.apply` -> the backward from a given output
+cotangent in the compute dtype (`jax.vjp`; what a model's residual stream passes back), w.r.t.
+every parameter (the table too) and the hidden states, under one jit. Until 2026-11-29 the
+step differentiated `vdot(y, cot)` with an f32 `cot` (and PyTorch `out.float().sum()`): a loss
+reduction that XLA fused with the layer's last pass, and an f32 cotangent. Two table placements:
 'param' (dense [R, E] table gradient through the lookup's custom VJP) and 'external'
 (`prefetch_rows` + `expand_rows`: row-sparse [U, E] gradient; the prefetch is inside the step).
-Compute dtype f32 and bf16 (parameters stay f32).
+Compute dtype f32 and bf16 (parameters stay f32). The gated ShortConv runs its automatic
+implementation (the Triton kernels on GPU); the row-sparse steps are also timed with
+`conv_implementation='xla'` (XLA fusions of pallas_kernels/short_conv/reference.py) as its
+baseline.
 
 Breakdown (each part fwd+bwd alone, same shapes, bf16 compute): hashing, lookup, projections
 (value + M keys), gate (norms, score, sigmoid, scaling), conv (ShortConv). The parts do not add
@@ -23,6 +29,9 @@ hashing, 27.0 ms f32 eager with hashing on GPU, 20.0 ms compiled, 10.0 ms compil
 part of the layer and its most expensive HLO instructions with their op_names. It turns XLA:GPU's
 command buffers (CUDA graphs) off for the whole run, so that every kernel names its
 instruction (as experiments/profile_step.py does); the run's times are then without them.
+
+`--conv-sweep`: times the ShortConv kernels alone over a grid of block sizes (forward alone,
+then forward + backward) and prints the best; `GpuShortConvConfig`'s defaults come from it.
 
 Imports nothing from grain or ml_collections.
 
@@ -49,6 +58,7 @@ from engram_jax.config import EngramConfig
 from engram_jax.fusion import Engram, ShortConv
 from engram_jax.hashing import NgramHashMapping
 from pallas_kernels.engram_lookup import engram_lookup, prefetch_rows
+from pallas_kernels.short_conv import GpuShortConvConfig, gated_short_conv
 
 B, T, LAYER, VOCAB, PAD = 4, 4096, 1, 129_280, 2
 
@@ -65,26 +75,28 @@ def bench(fn, args, rounds=10):
 
 
 def make_step(cfg, hashing, dtype, placement):
-  """The jitted fwd+bwd step: (params, table, hidden, tokens, cot) -> (loss, grads)."""
+  """The jitted fwd+bwd step: (params, table, hidden, tokens, cot) -> (y, grads).
+
+  The backward starts from `cot`, a given cotangent of the output in the compute dtype (what
+  the residual stream of a model in that dtype passes back), through `jax.vjp`: no loss
+  reduction is timed. The PyTorch side calls `out.backward(cot)` likewise.
+  """
   layer = Engram(cfg, hashing.head_sizes(LAYER), table_placement=placement, dtype=dtype)
   offsets_H = jnp.asarray(hashing.offsets(LAYER), jnp.int32)
-
-  def loss_param(params, table, hidden, ids, cot):
-    params = {"params": {**params["params"], "memory": {"table": table}}}
-    return jnp.vdot(layer.apply(params, hidden, ids).astype(jnp.float32), cot)
-
-  def loss_external(params, rows_UxE, hidden, pre, cot):
-    y = layer.apply(params, hidden, pre._replace(rows_UxE=rows_UxE))
-    return jnp.vdot(y.astype(jnp.float32), cot)
 
   def step(params, table, hidden, tokens, cot):
     ids = hashing.hash(tokens)[LAYER]
     if placement == "param":
-      return jax.value_and_grad(loss_param, argnums=(0, 1, 2))(params, table, hidden, ids, cot)
+      def apply(params, table, hidden):
+        return layer.apply({"params": {**params["params"], "memory": {"table": table}}},
+                           hidden, ids)
+      y, vjp = jax.vjp(apply, params, table, hidden)
+      return y, vjp(cot)
     # Row-sparse: the gradient is w.r.t. the U prefetched rows, never a dense table.
     pre = prefetch_rows(table, ids, offsets_H)
-    return jax.value_and_grad(loss_external, argnums=(0, 1, 2))(params, pre.rows_UxE, hidden,
-                                                                pre, cot)
+    y, vjp = jax.vjp(lambda p, rows, h: layer.apply(p, h, pre._replace(rows_UxE=rows)),
+                     params, pre.rows_UxE, hidden)
+    return y, vjp(cot)
 
   return layer, jax.jit(step)
 
@@ -98,7 +110,7 @@ def layer_step(cfg, hashing, dtype, placement, tokens, hidden, cot, table):
   params = nn.meta.unbox(jax.jit(layer.init)(jax.random.key(0), hidden.astype(dtype), init_input))
   if placement == "param":
     params = {"params": {k: v for k, v in params["params"].items() if k != "memory"}}
-  return step, (params, table, hidden.astype(dtype), tokens, cot)
+  return step, (params, table, hidden.astype(dtype), tokens, cot.astype(dtype))
 
 
 # (regex on an instruction's op_name, part of the layer); the first match wins.
@@ -182,13 +194,61 @@ def breakdown(cfg, hashing, tokens, table, dtype):
     return jnp.sum(jax.nn.sigmoid(s)[..., None] * value[:, :, None, :])
   parts["gate"] = bench(jax.jit(jax.grad(gate, argnums=(0, 1, 2))), (v32, h, v32[:, :, 0]))
 
-  # As in the bf16 layer: f32 value and gate, normalised input rounded to bf16.
-  conv = ShortConv(dataclasses.replace(cfg, zero_init_conv=False), dtype=dtype)
+  # As in the bf16 layer: f32 value and gate, normalised input rounded to bf16, output bf16.
   value, gate_BxTxM = v32[:, :, 0], jax.nn.sigmoid(v32[:, :, :, 0])
-  conv_params = conv.init(key, value, gate_BxTxM)
-  parts["conv"] = bench(jax.jit(jax.grad(lambda p, v, g: jnp.sum(conv.apply(p, v, g)),
-                                         argnums=(0, 1, 2))), (conv_params, value, gate_BxTxM))
+  for impl in ("pallas", "xla") if jax.default_backend() == "gpu" else ("xla",):
+    conv = ShortConv(dataclasses.replace(cfg, zero_init_conv=False, conv_implementation=impl),
+                     dtype=dtype)
+    conv_params = conv.init(key, value, gate_BxTxM)
+    parts[f"conv ({impl})"] = bench(
+        jax.jit(jax.grad(lambda p, v, g: jnp.sum(conv.apply(p, v, g).astype(jnp.float32)),
+                         argnums=(0, 1, 2))), (conv_params, value, gate_BxTxM))
   return parts
+
+
+def conv_sweep(cfg):
+  """Block sizes of the ShortConv kernels: forward alone, then forward + backward."""
+  key = jax.random.key(2)
+  m, d, k = cfg.hc_mult, cfg.hidden_size, cfg.kernel_size
+  value = jax.random.normal(key, (B, T, d))
+  gate = jax.nn.sigmoid(jax.random.normal(key, (B, T, m)))
+  scale, kernel = jnp.ones((m, d)), 0.1 * jax.random.normal(key, (k, m, d))
+
+  def run(config, backward):
+    def f(value, gate, scale, kernel):
+      return gated_short_conv(value, gate, scale, kernel, dilation=cfg.dilation,
+                              eps=cfg.conv_norm_eps, dtype=jnp.bfloat16,
+                              implementation="pallas", config=config)
+    g = f
+    if backward:
+      g = jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3))
+    try:
+      return bench(jax.jit(g), (value, gate, scale, kernel), rounds=20)
+    except Exception as err:  # A tile too large for the registers fails to compile.
+      print(f"  {config}: {type(err).__name__}: {str(err)[:120]}")
+      return float("inf")
+
+  fwd = {}
+  for bt in (8, 16, 32):
+    for bd in (64, 128, 256):
+      for warps in (4, 8):
+        c = GpuShortConvConfig(block_t=bt, block_d=bd, num_warps=warps)
+        fwd[c] = run(c, False)
+  best = min(fwd, key=fwd.get)
+  print("conv sweep, forward alone (bf16 out), ms: "
+        + ", ".join(f"{c.block_t}x{c.block_d}/{c.num_warps}w {t * 1e3:.3f}"
+                    for c, t in sorted(fwd.items(), key=lambda kv: kv[1])[:6]))
+  bwd = {}
+  for bt in (8, 16, 32):
+    for chunks in (4, 16):
+      for warps in (4, 8):
+        c = dataclasses.replace(best, bwd_block_t=bt, bwd_chunks=chunks, bwd_num_warps=warps)
+        bwd[c] = run(c, True)
+  print("conv sweep, forward + backward (forward at the best tile above), ms: "
+        + ", ".join(f"{c.bwd_block_t}x{c.block_d}x{c.bwd_chunks}/{c.bwd_num_warps}w "
+                    f"{t * 1e3:.3f}" for c, t in sorted(bwd.items(), key=lambda kv: kv[1])[:6]))
+  print(f"default {GpuShortConvConfig()}: fwd {fwd.get(GpuShortConvConfig(), float('nan')) * 1e3:.3f}"
+        f" ms; fwd+bwd {run(GpuShortConvConfig(), True) * 1e3:.3f} ms")
 
 
 def torch_baseline(num_rows, offsets):
@@ -230,10 +290,14 @@ def torch_baseline(num_rows, offsets):
   rows = (torch.randint(0, 646_000, (B, T, 16), device=dev)
           + torch.as_tensor(offsets, device=dev))
 
+  cots = {}
+
   def step(fn, autocast):
     with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
       out = fn(hidden, rows)
-    out.float().sum().backward()
+    if out.dtype not in cots:  # As the JAX side: a given cotangent in the output's dtype.
+      cots[out.dtype] = torch.randn(out.shape, device=dev).to(out.dtype)
+    out.backward(cots[out.dtype])
 
   def timed(fn, autocast, reps=10):
     for _ in range(3):
@@ -259,6 +323,8 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--tiny", action="store_true", help="B=1, T=128: a CPU smoke run")
+  parser.add_argument("--conv-sweep", action="store_true",
+                      help="block sizes of the ShortConv kernels (GPU)")
   parser.add_argument("--profile", action="store_true",
                       help="trace the bf16 row-sparse step (command buffers off for the run)")
   args = parser.parse_args()
@@ -288,7 +354,14 @@ def main():
       print(f"{name}: {t * 1e3:.2f} ms", flush=True)
       if args.profile and dtype == jnp.bfloat16 and placement == "external":
         profiled = profile_layer(step, step_args)
+      if placement == "external" and jax.default_backend() == "gpu":
+        xla_cfg = dataclasses.replace(cfg, conv_implementation="xla")
+        t = bench(*layer_step(xla_cfg, hashing, dtype, placement, tokens, hidden, cot, table))
+        results[name + ", conv xla"] = t
+        print(f"{name}, conv xla: {t * 1e3:.2f} ms", flush=True)
   parts = breakdown(cfg, hashing, tokens, table, jnp.bfloat16)
+  if args.conv_sweep:
+    conv_sweep(cfg)
   torch_results = {}
   if not args.no_torch:
     try:
