@@ -55,8 +55,6 @@ class EngramConfig:
       of the previous document's tokens, and keep the ShortConv's taps inside each document.
       Off reproduces the reference ids and outputs.
     lookup_implementation: None (automatic), 'xla' or 'pallas'; see pallas_kernels.engram_lookup.
-    conv_implementation: None (automatic: the Triton kernels on GPU, XLA elsewhere), 'xla' or
-      'pallas'; the gated ShortConv branch, see pallas_kernels.short_conv.
   """
 
   engram_vocab_size: tuple[int, ...] = (129280 * 5, 129280 * 5)
@@ -77,7 +75,6 @@ class EngramConfig:
   table_init_std: float = 1.0
   segment_reset: bool = False
   lookup_implementation: LookupImpl = None
-  conv_implementation: LookupImpl = None
 
   def __post_init__(self):
     # Accept lists from ml_collections / JSON and store tuples so the config stays hashable.
@@ -125,9 +122,6 @@ class EngramConfig:
     if self.lookup_implementation not in (None, "xla", "pallas"):
       raise _err("lookup_implementation",
                  f"must be None, 'xla' or 'pallas', got {self.lookup_implementation!r}")
-    if self.conv_implementation not in (None, "xla", "pallas"):
-      raise _err("conv_implementation",
-                 f"must be None, 'xla' or 'pallas', got {self.conv_implementation!r}")
 
   @property
   def num_orders(self) -> int:

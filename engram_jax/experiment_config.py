@@ -6,8 +6,8 @@ table sizes), OptimConfig, TableOptimizerConfig, and the hashing objects whose f
 into every checkpoint. Layers never see the ConfigDict.
 
 Conventions of the ConfigDict (experiments/configs/base.py): '' and 0 stand for "automatic"
-where a dataclass field is Optional (attention_impl, lookup_implementation,
-conv_implementation, conv_dilation, vocab_size, file lists).
+where a dataclass field is Optional (attention_impl, lookup_implementation, conv_dilation,
+vocab_size, file lists).
 
 Dimension legend: V tokenizer vocabulary, V' compressed vocabulary, H hash heads, R table rows.
 """
@@ -99,8 +99,7 @@ def engram_config(config: ml_collections.ConfigDict) -> Optional[EngramConfig]:
       hidden_size=m.hidden_size, hc_mult=m.hc_mult, signed_sqrt_gate=e.signed_sqrt_gate,
       zero_init_conv=e.zero_init_conv, conv_dilation=_none_if_empty(e.conv_dilation),
       table_init_std=e.table_init_std, segment_reset=e.segment_reset,
-      lookup_implementation=_none_if_empty(e.lookup_implementation),
-      conv_implementation=_none_if_empty(e.conv_implementation))
+      lookup_implementation=_none_if_empty(e.lookup_implementation))
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int,

@@ -16,7 +16,14 @@ run in float32, on the conv's normalised input rounded to the compute dtype (as 
 autocast conv reads it); the output is cast back to the compute dtype. With float32 compute
 all of it is float32. On the H200 the bf16 layer (experiments/bench_layer.py, row-sparse table)
 took 4.83 ms with f32 projection outputs and conv input, 4.17 ms with bf16 projection outputs,
-3.75 ms with the bf16 conv input too (one run each).
+3.75 ms with the bf16 conv input too (one run each), then 3.64 -> 3.43 ms (median of three
+interleaved runs) once the conv's norm came from the value's one mean square (StreamRMSNorm's
+`gain_NxM`) instead of M norms of the materialised gated copies.
+
+Tried and measured slower on the H200, so not kept: a Pallas-Triton kernel pair for the whole
+gated conv branch (forward 0.37 ms, forward + backward 2.3 ms at best, against 1.3 ms for XLA's
+fusions; commit d8d05d9 has it), and the value and key projections as one matmul over the
+concatenated kernels (3.66 vs 3.26 ms for the layer).
 
 Initialisation: RMSNorm scales 1; key/value kernels lecun-normal over their input width with
 zero biases (Flax's Dense default, not torch's uniform); the conv kernel is zero when
@@ -39,8 +46,6 @@ import jax.numpy as jnp
 
 from engram_jax.config import EngramConfig
 from engram_jax.memory import EngramInput, MultiHeadMemory
-from pallas_kernels import short_conv
-from pallas_kernels.short_conv import reference as conv_reference
 
 # Floor of |s| in the signed square root, as in the demo (keeps the sqrt's gradient finite).
 GATE_ABS_FLOOR = 1e-6
@@ -57,60 +62,55 @@ def torch_conv1d_default_init(kernel_size: int):
 
 
 class StreamRMSNorm(nn.Module):
-  """M independent RMSNorms over the last axis of `x_...xMxD`; returns float32."""
+  """M independent RMSNorms over the last axis of `x_...xMxD`; returns float32.
+
+  `gain_NxM`: `x` is `[..., D]`, shared by the M streams, and the streams normalised are the
+  scaled copies `gain[..., m] * x`. Their norms come from the one mean square of `x`
+  (`mean((g x)^2) = g^2 mean(x^2)`), so the M copies are never built before the norm (the
+  Engram value's M gated copies, whose M mean squares would otherwise each read `[..., M, D]`).
+  """
 
   eps: float
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_NxMxD: jax.Array) -> jax.Array:
-    m, d = x_NxMxD.shape[-2:]
+  def __call__(self, x_NxMxD: jax.Array, gain_NxM: Optional[jax.Array] = None) -> jax.Array:
+    m, d = (gain_NxM.shape[-1], x_NxMxD.shape[-1]) if gain_NxM is not None else x_NxMxD.shape[-2:]
     scale_MxD = self.param(
         "scale", nn.with_logical_partitioning(nn.initializers.ones, ("streams", "embed")),
-        (m, d), self.param_dtype)
+        (m, d), self.param_dtype).astype(jnp.float32)
     x32 = x_NxMxD.astype(jnp.float32)
-    inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return x32 * inv_rms * scale_MxD.astype(jnp.float32)
-
-
-class NormScale(nn.Module):
-  """The `[M, D]` `scale` of M RMSNorms whose arithmetic happens elsewhere (the ShortConv's)."""
-
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, m: int, d: int) -> jax.Array:
-    return self.param(
-        "scale", nn.with_logical_partitioning(nn.initializers.ones, ("streams", "embed")),
-        (m, d), self.param_dtype)
+    mean_square = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    if gain_NxM is None:
+      return x32 * jax.lax.rsqrt(mean_square + self.eps) * scale_MxD
+    g_NxM = gain_NxM.astype(jnp.float32)
+    factor_NxM = g_NxM * jax.lax.rsqrt(jnp.square(g_NxM) * mean_square + self.eps)
+    return factor_NxM[..., None] * x32[..., None, :] * scale_MxD
 
 
 class ShortConv(nn.Module):
-  """`x + SiLU(conv(RMSNorm_m(x)))` for the M gated copies `x_m = gate_m * value`.
+  """`SiLU(conv(RMSNorm_m(gate_m * value)))`: depthwise, causal, dilated conv over the M*D channels.
 
-  A depthwise, causal, dilated conv over the M*D channels, returned with its input added, in
-  `dtype`. The copies are passed as their two factors (`value_BxTxD`, `gate_BxTxM`) and never
-  materialised: the RMSNorm of each comes from the one mean square of the value, and the
-  normalised input is built inside the taps (pallas_kernels/short_conv/reference.py states the
-  maths). Training and prefill run `pallas_kernels.short_conv.gated_short_conv`
-  (`config.conv_implementation`: the Triton kernels on GPU by default, XLA elsewhere).
-  `dtype`: the normalised input is rounded to it before the taps (multiply-adds in float32),
-  and the output is cast to it.
+  Its input is the M gated copies of the shared value, `x_m = gate[..., m] * value`, passed as
+  the two factors (`value_BxTxD`, `gate_BxTxM`): the RMSNorm of each copy comes from the one
+  mean square of the value (`StreamRMSNorm`'s `gain_NxM`), so the [B, T, M, D] input is never
+  materialised; its normalised form is built inside the taps' fusion.
+  `dtype`: the normalised input is rounded to it before the taps (multiply-adds in float32).
   Causal means output t sees inputs t - j*dilation, j = 0..K-1 (left zero padding of
   (K-1)*dilation, the demo's symmetric padding followed by keeping the first T outputs).
   With `segment_ids_BxT`, a tap that reaches into another packed document is dropped, so a
   document's output never depends on the one before it (the demo has no such mask).
+  Returns float32 `[B, T, M, D]`.
 
   `decode=True`: the last (K-1)*dilation normalised inputs are kept in the 'cache' collection
   (`history`, zeros = the causal padding); the first call only creates it (its inputs are not
-  recorded), every later call continues the sequence from it. No segment mask in decoding;
-  decoding runs the XLA reference.
+  recorded), every later call continues the sequence from it. No segment mask in decoding.
   """
 
   config: EngramConfig
   param_dtype: Any = jnp.float32
   decode: bool = False
-  dtype: Any = jnp.float32
+  dtype: Any = jnp.float32  # the normalised input is rounded to it before the taps
 
   @nn.compact
   def __call__(self, value_BxTxD: jax.Array, gate_BxTxM: jax.Array,
@@ -123,28 +123,26 @@ class ShortConv(nn.Module):
     # cross-correlation; the kernel width axis is tiny and never sharded.
     kernel_KxMxD = self.param(
         "kernel", nn.with_logical_partitioning(init, (None, "streams", "embed")),
-        (k, m, d), self.param_dtype)
-    scale_MxD = NormScale(self.param_dtype, name="norm")(m, d)
-    if not self.decode:
-      return short_conv.gated_short_conv(
-          value_BxTxD, gate_BxTxM, scale_MxD, kernel_KxMxD, segment_ids_BxT, dilation=dil,
-          eps=cfg.conv_norm_eps, dtype=self.dtype, implementation=cfg.conv_implementation)
-    factor_BxTxM = conv_reference.norm_factor(value_BxTxD, gate_BxTxM, cfg.conv_norm_eps)
-    xn_BxTxMxD = conv_reference.normalised_input(value_BxTxD, factor_BxTxM, scale_MxD,
-                                                 self.dtype)
+        (k, m, d), self.param_dtype).astype(jnp.float32)
+    xn_BxTxMxD = StreamRMSNorm(cfg.conv_norm_eps, self.param_dtype, name="norm")(
+        value_BxTxD, gain_NxM=gate_BxTxM).astype(self.dtype)
     pad = (k - 1) * dil
     xp_BxPxMxD = jnp.pad(xn_BxTxMxD, ((0, 0), (pad, 0), (0, 0), (0, 0)))
-    if pad:
+    if self.decode and pad:
       created = self.has_variable("cache", "history")
       history = self.variable("cache", "history", jnp.zeros,
                               (xn_BxTxMxD.shape[0], pad, m, d), xn_BxTxMxD.dtype)
       if created:
         xp_BxPxMxD = jnp.concatenate([history.value, xn_BxTxMxD], axis=1)
         history.value = xp_BxPxMxD[:, -pad:]
-    conv_BxTxMxD = conv_reference.causal_taps(xp_BxPxMxD, kernel_KxMxD, t, dil)
-    v_BxTxMxD = (gate_BxTxM.astype(jnp.float32)[..., None]
-                 * value_BxTxD.astype(jnp.float32)[:, :, None, :])
-    return (v_BxTxMxD + conv_BxTxMxD).astype(self.dtype)
+    # K shifted multiply-adds: XLA fuses them into one pass, no im2col buffer.
+    taps = [xp_BxPxMxD[:, j * dil:j * dil + t] for j in range(k)]
+    if segment_ids_BxT is not None:
+      segp_BxP = jnp.pad(segment_ids_BxT, ((0, 0), (pad, 0)), constant_values=-1)
+      taps = [tap * (segp_BxP[:, j * dil:j * dil + t] == segment_ids_BxT)[:, :, None, None]
+              for j, tap in enumerate(taps)]
+    y_BxTxMxD = sum(tap.astype(jnp.float32) * kernel_KxMxD[j] for j, tap in enumerate(taps))
+    return jax.nn.silu(y_BxTxMxD)
 
 
 class Engram(nn.Module):
@@ -221,9 +219,12 @@ class Engram(nn.Module):
     gate_BxTxM = jax.nn.sigmoid(s_BxTxM)
     self.sow("intermediates", "gate", gate_BxTxM)
 
-    y_BxTxMxD = ShortConv(cfg, self.param_dtype, self.decode, self.dtype, name="short_conv")(
+    v_BxTxMxD = gate_BxTxM[..., None] * value_BxTxD[:, :, None, :]
+    y_BxTxMxD = v_BxTxMxD + ShortConv(cfg, self.param_dtype, self.decode, self.dtype,
+                                      name="short_conv")(
         value_BxTxD, gate_BxTxM, segment_ids_BxT)
-    return nn.with_logical_constraint(y_BxTxMxD, ("batch", "length", "streams", "embed"))
+    y_BxTxMxD = nn.with_logical_constraint(y_BxTxMxD, ("batch", "length", "streams", "embed"))
+    return y_BxTxMxD.astype(self.dtype)
 
   def _check_hidden(self, hidden) -> None:
     cfg = self.config

@@ -11,10 +11,7 @@ step differentiated `vdot(y, cot)` with an f32 `cot` (and PyTorch `out.float().s
 reduction that XLA fused with the layer's last pass, and an f32 cotangent. Two table placements:
 'param' (dense [R, E] table gradient through the lookup's custom VJP) and 'external'
 (`prefetch_rows` + `expand_rows`: row-sparse [U, E] gradient; the prefetch is inside the step).
-Compute dtype f32 and bf16 (parameters stay f32). The gated ShortConv runs its automatic
-implementation (the Triton kernels on GPU); the row-sparse steps are also timed with
-`conv_implementation='xla'` (XLA fusions of pallas_kernels/short_conv/reference.py) as its
-baseline.
+Compute dtype f32 and bf16 (parameters stay f32).
 
 Breakdown (each part fwd+bwd alone, same shapes, bf16 compute): hashing, lookup, projections
 (value + M keys), gate (norms, score, sigmoid, scaling), conv (ShortConv). The parts do not add
@@ -29,9 +26,6 @@ hashing, 27.0 ms f32 eager with hashing on GPU, 20.0 ms compiled, 10.0 ms compil
 part of the layer and its most expensive HLO instructions with their op_names. It turns XLA:GPU's
 command buffers (CUDA graphs) off for the whole run, so that every kernel names its
 instruction (as experiments/profile_step.py does); the run's times are then without them.
-
-`--conv-sweep`: times the ShortConv kernels alone over a grid of block sizes (forward alone,
-then forward + backward) and prints the best; `GpuShortConvConfig`'s defaults come from it.
 
 Imports nothing from grain or ml_collections.
 
@@ -58,7 +52,6 @@ from engram_jax.config import EngramConfig
 from engram_jax.fusion import Engram, ShortConv
 from engram_jax.hashing import NgramHashMapping
 from pallas_kernels.engram_lookup import engram_lookup, prefetch_rows
-from pallas_kernels.short_conv import GpuShortConvConfig, gated_short_conv
 
 B, T, LAYER, VOCAB, PAD = 4, 4096, 1, 129_280, 2
 
@@ -194,61 +187,13 @@ def breakdown(cfg, hashing, tokens, table, dtype):
     return jnp.sum(jax.nn.sigmoid(s)[..., None] * value[:, :, None, :])
   parts["gate"] = bench(jax.jit(jax.grad(gate, argnums=(0, 1, 2))), (v32, h, v32[:, :, 0]))
 
-  # As in the bf16 layer: f32 value and gate, normalised input rounded to bf16, output bf16.
+  # As in the bf16 layer: f32 value and gate, normalised input rounded to bf16.
+  conv = ShortConv(dataclasses.replace(cfg, zero_init_conv=False), dtype=dtype)
   value, gate_BxTxM = v32[:, :, 0], jax.nn.sigmoid(v32[:, :, :, 0])
-  for impl in ("pallas", "xla") if jax.default_backend() == "gpu" else ("xla",):
-    conv = ShortConv(dataclasses.replace(cfg, zero_init_conv=False, conv_implementation=impl),
-                     dtype=dtype)
-    conv_params = conv.init(key, value, gate_BxTxM)
-    parts[f"conv ({impl})"] = bench(
-        jax.jit(jax.grad(lambda p, v, g: jnp.sum(conv.apply(p, v, g).astype(jnp.float32)),
-                         argnums=(0, 1, 2))), (conv_params, value, gate_BxTxM))
+  conv_params = conv.init(key, value, gate_BxTxM)
+  parts["conv"] = bench(jax.jit(jax.grad(lambda p, v, g: jnp.sum(conv.apply(p, v, g)),
+                                         argnums=(0, 1, 2))), (conv_params, value, gate_BxTxM))
   return parts
-
-
-def conv_sweep(cfg):
-  """Block sizes of the ShortConv kernels: forward alone, then forward + backward."""
-  key = jax.random.key(2)
-  m, d, k = cfg.hc_mult, cfg.hidden_size, cfg.kernel_size
-  value = jax.random.normal(key, (B, T, d))
-  gate = jax.nn.sigmoid(jax.random.normal(key, (B, T, m)))
-  scale, kernel = jnp.ones((m, d)), 0.1 * jax.random.normal(key, (k, m, d))
-
-  def run(config, backward):
-    def f(value, gate, scale, kernel):
-      return gated_short_conv(value, gate, scale, kernel, dilation=cfg.dilation,
-                              eps=cfg.conv_norm_eps, dtype=jnp.bfloat16,
-                              implementation="pallas", config=config)
-    g = f
-    if backward:
-      g = jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3))
-    try:
-      return bench(jax.jit(g), (value, gate, scale, kernel), rounds=20)
-    except Exception as err:  # A tile too large for the registers fails to compile.
-      print(f"  {config}: {type(err).__name__}: {str(err)[:120]}")
-      return float("inf")
-
-  fwd = {}
-  for bt in (8, 16, 32):
-    for bd in (64, 128, 256):
-      for warps in (4, 8):
-        c = GpuShortConvConfig(block_t=bt, block_d=bd, num_warps=warps)
-        fwd[c] = run(c, False)
-  best = min(fwd, key=fwd.get)
-  print("conv sweep, forward alone (bf16 out), ms: "
-        + ", ".join(f"{c.block_t}x{c.block_d}/{c.num_warps}w {t * 1e3:.3f}"
-                    for c, t in sorted(fwd.items(), key=lambda kv: kv[1])[:6]))
-  bwd = {}
-  for bt in (8, 16, 32):
-    for chunks in (4, 16):
-      for warps in (4, 8):
-        c = dataclasses.replace(best, bwd_block_t=bt, bwd_chunks=chunks, bwd_num_warps=warps)
-        bwd[c] = run(c, True)
-  print("conv sweep, forward + backward (forward at the best tile above), ms: "
-        + ", ".join(f"{c.bwd_block_t}x{c.block_d}x{c.bwd_chunks}/{c.bwd_num_warps}w "
-                    f"{t * 1e3:.3f}" for c, t in sorted(bwd.items(), key=lambda kv: kv[1])[:6]))
-  print(f"default {GpuShortConvConfig()}: fwd {fwd.get(GpuShortConvConfig(), float('nan')) * 1e3:.3f}"
-        f" ms; fwd+bwd {run(GpuShortConvConfig(), True) * 1e3:.3f} ms")
 
 
 def torch_baseline(num_rows, offsets):
@@ -323,8 +268,6 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--tiny", action="store_true", help="B=1, T=128: a CPU smoke run")
-  parser.add_argument("--conv-sweep", action="store_true",
-                      help="block sizes of the ShortConv kernels (GPU)")
   parser.add_argument("--profile", action="store_true",
                       help="trace the bf16 row-sparse step (command buffers off for the run)")
   args = parser.parse_args()
@@ -354,14 +297,7 @@ def main():
       print(f"{name}: {t * 1e3:.2f} ms", flush=True)
       if args.profile and dtype == jnp.bfloat16 and placement == "external":
         profiled = profile_layer(step, step_args)
-      if placement == "external" and jax.default_backend() == "gpu":
-        xla_cfg = dataclasses.replace(cfg, conv_implementation="xla")
-        t = bench(*layer_step(xla_cfg, hashing, dtype, placement, tokens, hidden, cot, table))
-        results[name + ", conv xla"] = t
-        print(f"{name}, conv xla: {t * 1e3:.2f} ms", flush=True)
   parts = breakdown(cfg, hashing, tokens, table, jnp.bfloat16)
-  if args.conv_sweep:
-    conv_sweep(cfg)
   torch_results = {}
   if not args.no_torch:
     try:

@@ -86,7 +86,6 @@ def get_config(arg=None):
   c.engram.table_init_std = 1.0
   c.engram.segment_reset = True   # packed documents hash independently
   c.engram.lookup_implementation = ""  # '' -> automatic
-  c.engram.conv_implementation = ""  # '' -> automatic (Triton kernels on GPU, XLA elsewhere)
   c.engram.hash_on_device = False  # False: hash ids computed in the grain pipeline
   # Where the tables and their optimiser state live: 'device' (HBM, in the train state) or
   # 'pinned_host' (host DRAM, engram_jax.offload.HostTableTrainer; rows of step s+1 are
