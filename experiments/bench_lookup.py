@@ -23,13 +23,19 @@ per call, so the fixed cost of launching a program (~20-30 us on the H200) cance
 inputs keep XLA from merging calls and the L2 cold. The backward is timed call by call
 (`bench_calls`): the difference of two programs underestimated the dense table-sized gradient
 12x at 100M rows, so its columns include each call's launch, which favours the dense baseline.
-Compare columns within one run, not across runs. Imports nothing from grain or ml_collections.
+Compare columns within one run, not across runs. `--kernel-time` adds, for the forward, the
+GPU time of each call's kernels read from a `jax.profiler` trace (the 24 calls traced one by
+one; no launch gaps or host time), with XLA's command buffers off for the run so that every
+kernel is its own event. Imports nothing from grain or ml_collections.
 
 Dimension legend: R table rows, E row width, N = B*T*H lookups, H heads (16), U unique slots.
 """
 
 import argparse
+import glob
+import os
 import statistics
+import tempfile
 import time
 
 import jax
@@ -83,6 +89,35 @@ def bench_calls(fn, args_list, rounds=5):
   return statistics.median(times)
 
 
+def kernel_time(fn, args_list, label):
+  """Mean GPU seconds per call of jitted `fn`: the summed durations of the trace's GPU events
+  of its module (named after `label`) over the calls, each call run once on its inputs."""
+  def timed(*args):
+    return fn(*args)
+  timed.__name__ = f"ktime_{label}"
+  jitted = jax.jit(timed)
+  for args in args_list:
+    jax.block_until_ready(jitted(*args))
+  directory = tempfile.mkdtemp(prefix="bench_lookup_")
+  with jax.profiler.trace(directory):
+    for args in args_list:
+      jax.block_until_ready(jitted(*args))
+  files = glob.glob(directory + "/**/*.xplane.pb", recursive=True)
+  if not files:
+    raise SystemExit(f"the profiler wrote no .xplane.pb under {directory}")
+  total_ns = 0
+  for plane in jax.profiler.ProfileData.from_file(files[0]).planes:
+    if not plane.name.startswith("/device:GPU"):
+      continue
+    for line in plane.lines:
+      for event in line.events:
+        if timed.__name__ in str(dict(event.stats).get("hlo_module", "")):
+          total_ns += event.duration_ns
+  if total_ns == 0:
+    raise SystemExit(f"no GPU event of module {timed.__name__} in the trace")
+  return total_ns / 1e9 / len(args_list)
+
+
 def make_table(rows, width, dtype, seed=0):
   return jax.random.normal(jax.random.key(seed), (rows, width), jnp.float32).astype(dtype)
 
@@ -96,7 +131,7 @@ def make_ids(num_lookups, rows, seed, sets=24):
   return ids, offsets_H
 
 
-def forward_sweep(tables, lookups, dtypes, widths, config):
+def forward_sweep(tables, lookups, dtypes, widths, config, with_kernel_time=False):
   print("\n== forward: [N lookups] x [E] rows from [R, E]; TB/s = 2*N*E*bytes / time ==")
   header = (f"{'R':>11} {'E':>3} {'dtype':>8} {'N':>7} | {'copy us':>8} {'TB/s':>5} | "
             f"{'take us':>8} {'TB/s':>5} | {'pallas us':>9} {'TB/s':>5} | {'x take':>6} "
@@ -124,6 +159,14 @@ def forward_sweep(tables, lookups, dtypes, widths, config):
                   f"{t_take * 1e6:>8.1f} {nbytes / t_take / 1e12:>5.2f} | "
                   f"{t_kern * 1e6:>9.1f} {nbytes / t_kern / 1e12:>5.2f} | "
                   f"{t_take / t_kern:>6.2f} {'yes' if ok else 'NO':>3}")
+          if with_kernel_time:
+            k_copy = kernel_time(neg, copies, "copy")
+            k_take = kernel_time(take, [(table, i, offsets) for i in ids], "take")
+            k_kern = kernel_time(kern, [(table, i, offsets) for i in ids], "pallas")
+            line += (f" || GPU us: copy {k_copy * 1e6:.1f} ({nbytes / k_copy / 1e12:.2f} TB/s)"
+                     f" take {k_take * 1e6:.1f} ({nbytes / k_take / 1e12:.2f})"
+                     f" pallas {k_kern * 1e6:.1f} ({nbytes / k_kern / 1e12:.2f})"
+                     f" x take {k_take / k_kern:.2f}")
           print(line, flush=True)
           rows_out.append(line)
           del copies
@@ -220,7 +263,13 @@ def main():
   parser.add_argument("--quick", action="store_true", help="reduced sweep")
   parser.add_argument("--parts", default="forward,backward,segment_sum",
                       help="which parts to run (forward includes the block sweep)")
+  parser.add_argument("--kernel-time", action="store_true",
+                      help="forward: also GPU kernel time per call from a profiler trace "
+                           "(command buffers off for the run)")
   args = parser.parse_args()
+  if args.kernel_time:  # Before the backend starts: XLA reads its flags once.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_gpu_enable_command_buffer=").strip()
   parts = set(args.parts.split(","))
   if not parts <= {"forward", "backward", "segment_sum"}:
     raise SystemExit(f"--parts: a comma list of forward, backward, segment_sum; got {args.parts}")
@@ -232,7 +281,8 @@ def main():
     bwd_tables = (1_000_000, 10_000_000, 100_000_000)
   if "forward" in parts:
     best = config_sweep(8_000_000, 64, jnp.bfloat16, 524_288)
-    header, fwd = forward_sweep(tables, lookups, (jnp.bfloat16, jnp.float32), (64, 80), best)
+    header, fwd = forward_sweep(tables, lookups, (jnp.bfloat16, jnp.float32), (64, 80), best,
+                                args.kernel_time)
   if "backward" in parts:
     bheader, bwd = backward_sweep(bwd_tables, 262_144, 64, jnp.bfloat16)
   if "segment_sum" in parts:
