@@ -97,3 +97,13 @@ def test_interpret_segment_sum_methods_match_numpy(method, width):
   dense[np.asarray(plan.keys_U)] = np.asarray(got)
   np.testing.assert_allclose(dense[:40], want, rtol=1e-5, atol=1e-5)
   assert not dense[40].any(), "padding slots must sum to zero"
+
+
+@pytest.mark.parametrize("platform, width, want", [
+    ("gpu", 64, "gpu"), ("gpu", 128, "gpu"), ("gpu", 80, "xla"), ("tpu", 80, "tpu"),
+    ("cpu", 64, "xla")])
+def test_automatic_forward_follows_the_measurements(monkeypatch, platform, width, want):
+  """On GPU the Triton gather only where it measured faster than jnp.take (power-of-two E)."""
+  from pallas_kernels.engram_lookup import api
+  monkeypatch.setattr(api, "current_platform", lambda: platform)
+  assert api.resolve_plan(width, backward="xla").forward == want
