@@ -1,6 +1,6 @@
 """Benchmark of one whole Engram layer, forward + backward, at the official demo's shapes.
 
-  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.bench_layer [--no-torch]
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.bench_layer [--no-torch] [--repeats 5]
 
 Shapes: B=4, T=4096, M=4 streams, D=1024, 2 orders x 8 heads x 64 (d_mem 1024), base 646,400
 (10,344,164 table rows, f32 parameters). The step is what a user runs: token ids -> hashing on
@@ -268,6 +268,8 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--no-torch", action="store_true")
   parser.add_argument("--tiny", action="store_true", help="B=1, T=128: a CPU smoke run")
+  parser.add_argument("--repeats", type=int, default=5,
+                      help="timings of each JAX step, interleaved; the table prints the median")
   parser.add_argument("--profile", action="store_true",
                       help="trace the bf16 row-sparse step (command buffers off for the run)")
   args = parser.parse_args()
@@ -287,16 +289,19 @@ def main():
   cot = jax.random.normal(key, hidden.shape, jnp.float32)
   table = jax.random.normal(key, (num_rows, cfg.head_dim), jnp.float32)
   print(f"table rows {num_rows:,}, lookups {B * T * cfg.num_heads:,}")
-  results, profiled = {}, None
+  results, profiled, steps = {}, None, {}
   for dtype in (jnp.float32, jnp.bfloat16):
     for placement in ("param", "external"):
       step, step_args = layer_step(cfg, hashing, dtype, placement, tokens, hidden, cot, table)
-      t = bench(step, step_args)
       name = f"jax {jnp.dtype(dtype).name} compute, table {placement}"
-      results[name] = t
-      print(f"{name}: {t * 1e3:.2f} ms", flush=True)
+      steps[name] = (step, step_args)
+      results[name] = [bench(step, step_args)]
+      print(f"{name}: {results[name][0] * 1e3:.2f} ms", flush=True)
       if args.profile and dtype == jnp.bfloat16 and placement == "external":
         profiled = profile_layer(step, step_args)
+  for _ in range(args.repeats - 1):  # Interleaved, so drifts of the machine hit every step.
+    for name, (step, step_args) in steps.items():
+      results[name].append(bench(step, step_args))
   parts = breakdown(cfg, hashing, tokens, table, jnp.bfloat16)
   torch_results = {}
   if not args.no_torch:
@@ -305,8 +310,11 @@ def main():
     except Exception as err:  # The baseline is optional; say why it is missing.
       print(f"torch baseline failed: {type(err).__name__}: {err}")
   print(f"\n== Engram layer fwd+bwd, B={B} T={T} M=4 D=1024, 16 heads x 64 ==")
-  for name, t in results.items():
-    print(f"{name:<45} {t * 1e3:8.2f} ms")
+  print(f"(median of {args.repeats} interleaved timings, each a median of 10 calls; "
+        "min-max in brackets)")
+  for name, ts in results.items():
+    print(f"{name:<45} {statistics.median(ts) * 1e3:8.2f} ms  "
+          f"[{min(ts) * 1e3:.2f}-{max(ts) * 1e3:.2f}]")
   for name, t in torch_results.items():
     print(f"{name + ' (measured here)':<45} {t * 1e3:8.2f} ms")
   print("quoted (issue): torch f32 eager+numpy hash 33.5 | f32 eager 27.0 | compile 20.0 | "
