@@ -10,15 +10,16 @@ rows needs a per-row address in every thread, which Triton expresses directly (p
 gather (Blackwell only), so a Mosaic kernel would issue one bulk copy per row from one thread;
 we did not build it, so there is no Mosaic number to compare.
 
-Measured on one H200 (bench_lookup --quick, 10M-row table, 524,288 lookups, us per call):
-bf16 E=64 copy 70.0 / jnp.take 89.5 / this kernel 94.2; f32 E=64 108.4 / 117.2 / 108.6;
-bf16 E=80 87.6 / 119.0 / 103.6; f32 E=80 130.1 / 142.3 / 202.6. jnp.take in jax 0.11.2 is
-already within 1.1-1.3x of a same-size device copy, so the kernel cannot be 4x faster than it:
-all three are bound by the bytes moved (a same-size copy reaches only 1.9-2.6 TB/s at 64-168
-MB, short of the 4.2 TB/s of large copies). What limits the gather beyond the copy: each
-128-byte random row is its own set of four 32-byte sectors in a different DRAM page, so rows
-cost row activations a streaming copy does not. The Engram layer calls the kernel through the
-custom VJP, whose gradient is what actually pays (see segment_sum.py).
+Measured on one H200 (`bench_lookup --parts forward --kernel-time`, GPU kernel time from a
+profiler trace, 524,288 lookups, 100M-row table, us per call): bf16 E=64 copy 40.9 / jnp.take
+50.2 / this kernel 40.3 (3.33 TB/s); f32 E=64 63.2 / 70.5 / 72.6; bf16 E=80 50.9 / 65.8 / 70.1;
+f32 E=80 78.6 / 92.9 / 113.3. For 128-byte bf16 rows the kernel runs at a same-size copy's
+speed and 1.24x jnp.take (which reaches 0.82x of the copy in jax 0.11.2), so it cannot be 4x
+faster than jnp.take; for E=80 (two column chunks) and f32 rows it is slower, and
+`engram_lookup` picks jnp.take for non-power-of-two E. What limits the gather beyond the copy:
+each 128-byte random row is its own set of four 32-byte sectors in a different DRAM page, so
+rows cost row activations a streaming copy does not. The Engram layer calls the kernel through
+the custom VJP, whose gradient is what actually pays (see segment_sum.py).
 
 Widths: Triton blocks need power-of-two extents. E is read as power-of-two column chunks,
 widest first (at most 128): E=64 -> one chunk, E=80 -> 64 + 16 (five 16-wide chunks measured
