@@ -16,10 +16,8 @@ profiler trace, 524,288 lookups, 100M-row table, us per call): bf16 E=64 copy 40
 f32 E=80 78.6 / 92.9 / 113.3. For 128-byte bf16 rows the kernel runs at a same-size copy's
 speed and 1.24x jnp.take (which reaches 0.82x of the copy in jax 0.11.2), so it cannot be 4x
 faster than jnp.take; for E=80 (two column chunks) and f32 rows it is slower, and
-`engram_lookup` picks jnp.take for non-power-of-two E. What limits the gather beyond the copy:
-each 128-byte random row is its own set of four 32-byte sectors in a different DRAM page, so
-rows cost row activations a streaming copy does not. The Engram layer calls the kernel through
-the custom VJP, whose gradient is what actually pays (see segment_sum.py).
+`engram_lookup` picks jnp.take for non-power-of-two E. The Engram layer calls the kernel
+through the custom VJP, whose gradient is what actually pays (see segment_sum.py).
 
 Widths: Triton blocks need power-of-two extents. E is read as power-of-two column chunks,
 widest first (at most 128): E=64 -> one chunk, E=80 -> 64 + 16 (five 16-wide chunks measured
