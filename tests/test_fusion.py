@@ -4,7 +4,6 @@ import math
 
 import flax.linen as nn
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from engram_jax.convert import from_torch_state_dict, to_torch_state_dict
 from engram_jax.fusion import Engram
 from pallas_kernels.engram_lookup import prefetch_rows
 from tests import numpy_layer_reference as ref
+from tests.jaxpr_util import jaxpr_eqns
 
 HEAD_SIZES = (11, 13, 17, 19)  # H = 2 orders x 2 heads, distinct small primes
 B, T = 2, 12
@@ -83,13 +83,6 @@ def test_bf16_compute_f32_params_matches_reference():
   np.testing.assert_allclose(np.asarray(out, np.float32), want, rtol=2e-2, atol=2e-2)
 
 
-def _jaxpr_eqns(jaxpr):
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      yield from _jaxpr_eqns(sub)
-
-
 def test_bf16_layer_runs_its_matmuls_and_their_backward_in_bf16():
   """bf16 compute: the projections return bf16 (as torch's autocast Linear), so every matmul of
   the forward and of the backward takes bf16 operands (f32 cotangents would make the backward's
@@ -104,12 +97,12 @@ def test_bf16_layer_runs_its_matmuls_and_their_backward_in_bf16():
     return jnp.sum(layer.apply(params, hidden, ids).astype(jnp.float32))
   jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(params,
                                                         jnp.asarray(hidden, jnp.bfloat16))
-  dots = [e for e in _jaxpr_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+  dots = [e for e in jaxpr_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
   assert len(dots) >= 6, len(dots)       # 2 forward + 2 x 2 backward
   for e in dots:
     types = [v.aval.dtype for v in e.invars] + [v.aval.dtype for v in e.outvars]
     assert all(t == jnp.bfloat16 for t in types), (e, types)
-  f32_pads = [e for e in _jaxpr_eqns(jaxpr.jaxpr) if e.primitive.name == "pad"
+  f32_pads = [e for e in jaxpr_eqns(jaxpr.jaxpr) if e.primitive.name == "pad"
               and e.outvars[0].aval.ndim == 4 and e.outvars[0].aval.dtype == jnp.float32]
   assert not f32_pads, f32_pads          # the conv pads its bf16 input
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from pallas_kernels.engram_lookup import (RowSparse, densify, expand_rows, prefetch_rows,
                                           reference, row_sparse_grad, unique_rows)
 from pallas_kernels.engram_lookup.row_sparse import segment_sum_sorted
+from tests.jaxpr_util import jaxpr_eqns
 from tests.kernel_test_base import GRAD_TOLERANCE, random_case
 
 
@@ -90,20 +91,6 @@ def test_scan_segment_sum_equals_the_sums():
   np.testing.assert_allclose(got, want64, rtol=1e-5, atol=1e-5)
 
 
-def _count_primitive(jaxpr, name):
-  """Equations of primitive `name` in a jaxpr and the jaxprs nested in its equations."""
-  n = 0
-  for eqn in jaxpr.eqns:
-    n += eqn.primitive.name == name
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (list, tuple)) else [value]:
-        if hasattr(sub, "jaxpr") and hasattr(sub, "consts"):   # ClosedJaxpr
-          n += _count_primitive(sub.jaxpr, name)
-        elif hasattr(sub, "eqns"):                             # Jaxpr
-          n += _count_primitive(sub, name)
-  return n
-
-
 @pytest.mark.parametrize("backward", ["xla", "scan"])
 def test_prefetch_plan_skips_the_backward_sort_with_equal_sums(backward):
   """`expand_rows(..., plan=prefetched.plan)`: the gradient is bit-identical to sorting the
@@ -119,7 +106,8 @@ def test_prefetch_plan_skips_the_backward_sort_with_equal_sums(backward):
           cot))(pre.rows_UxE)
     return f
 
-  sorts = {p: _count_primitive(jax.make_jaxpr(grad(p))(table).jaxpr, "sort")
+  sorts = {p: sum(e.primitive.name == "sort"
+                  for e in jaxpr_eqns(jax.make_jaxpr(grad(p))(table).jaxpr))
            for p in (False, True)}
   assert sorts == {False: 2, True: 1}, sorts
   np.testing.assert_array_equal(np.asarray(jax.jit(grad(True))(table)),
