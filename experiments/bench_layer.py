@@ -36,11 +36,8 @@ F = H*E = d_mem, R table rows, U unique rows.
 import argparse
 import collections
 import dataclasses
-import glob
-import os
 import re
 import statistics
-import tempfile
 import time
 
 import flax.linen as nn
@@ -51,6 +48,7 @@ import numpy as np
 from engram_jax.config import EngramConfig
 from engram_jax.fusion import Engram, ShortConv
 from engram_jax.hashing import NgramHashMapping
+from experiments import trace_lines
 from pallas_kernels.engram_lookup import engram_lookup, prefetch_rows
 
 B, T, LAYER, VOCAB, PAD = 4, 4096, 1, 129_280, 2
@@ -123,17 +121,11 @@ def profile_layer(step, args, calls=5):
   from experiments.profile_step import hlo_events, op_names
   compiled = step.lower(*args).compile()
   jax.block_until_ready(compiled(*args))
-  directory = tempfile.mkdtemp(prefix="bench_layer_")
-  with jax.profiler.trace(directory):
-    for _ in range(calls):
-      out = compiled(*args)
-    jax.block_until_ready(out)
-  files = glob.glob(directory + "/**/*.xplane.pb", recursive=True)
-  if not files:
-    raise SystemExit(f"the profiler wrote no .xplane.pb under {directory}")
+  _, profile, _ = trace_lines.profiled(
+      lambda: jax.block_until_ready([compiled(*args) for _ in range(calls)]))
   names = op_names(compiled.as_text())
   per_op = collections.Counter()
-  for op, ns in hlo_events(jax.profiler.ProfileData.from_file(files[0]), "step"):
+  for op, ns in hlo_events(profile, "step"):
     per_op[op] += ns / 1e6 / calls
   parts = collections.Counter()
   for op, ms in per_op.items():
@@ -273,9 +265,8 @@ def main():
   parser.add_argument("--profile", action="store_true",
                       help="trace the bf16 row-sparse step (command buffers off for the run)")
   args = parser.parse_args()
-  if args.profile:  # Before the backend starts: XLA reads its flags once.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_gpu_enable_command_buffer=").strip()
+  if args.profile:
+    trace_lines.command_buffers_off()
   if args.tiny:
     global B, T
     B, T = 1, 128

@@ -32,16 +32,14 @@ Dimension legend: R table rows, E row width, N = B*T*H lookups, H heads (16), U 
 """
 
 import argparse
-import glob
-import os
 import statistics
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import trace_lines
 from pallas_kernels.engram_lookup import (GpuLookupConfig, GpuSegmentSumConfig, engram_lookup,
                                           expand_rows, prefetch_rows, reference, segment_sum)
 
@@ -98,15 +96,10 @@ def kernel_time(fn, args_list, label):
   jitted = jax.jit(timed)
   for args in args_list:
     jax.block_until_ready(jitted(*args))
-  directory = tempfile.mkdtemp(prefix="bench_lookup_")
-  with jax.profiler.trace(directory):
-    for args in args_list:
-      jax.block_until_ready(jitted(*args))
-  files = glob.glob(directory + "/**/*.xplane.pb", recursive=True)
-  if not files:
-    raise SystemExit(f"the profiler wrote no .xplane.pb under {directory}")
+  _, profile, _ = trace_lines.profiled(
+      lambda: [jax.block_until_ready(jitted(*args)) for args in args_list])
   total_ns = 0
-  for plane in jax.profiler.ProfileData.from_file(files[0]).planes:
+  for plane in profile.planes:
     if not plane.name.startswith("/device:GPU"):
       continue
     for line in plane.lines:
@@ -267,9 +260,8 @@ def main():
                       help="forward: also GPU kernel time per call from a profiler trace "
                            "(command buffers off for the run)")
   args = parser.parse_args()
-  if args.kernel_time:  # Before the backend starts: XLA reads its flags once.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_gpu_enable_command_buffer=").strip()
+  if args.kernel_time:
+    trace_lines.command_buffers_off()
   parts = set(args.parts.split(","))
   if not parts <= {"forward", "backward", "segment_sum"}:
     raise SystemExit(f"--parts: a comma list of forward, backward, segment_sum; got {args.parts}")

@@ -30,16 +30,15 @@ Dimension legend: none (times only).
 import argparse
 import collections
 import glob
-import os
 import re
 import tempfile
 import time
 
-if "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_gpu_enable_command_buffer=").strip()
+from experiments import trace_lines
 
-import jax  # noqa: E402  (after XLA_FLAGS)
+trace_lines.command_buffers_off()  # Before the backend starts.
+
+import jax  # noqa: E402
 
 from experiments import bench_train_step  # noqa: E402
 

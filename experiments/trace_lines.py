@@ -12,11 +12,14 @@ time. Compared with the wall time, a GPU stream's busy time says how much of a s
 computed and how much it waited, and the host lines say which host threads ran beside it (on a
 GPU, host compute of pinned_host operands runs on the host's XLA thread pools).
 
-Used by `experiments/bench_offload.py --trace_steps`.
+Used by `experiments/bench_offload.py --trace_steps`. `profiled` (the trace itself) and
+`command_buffers_off` are shared with profile_step, bench_layer --profile and bench_lookup
+--kernel-time.
 """
 
 import collections
 import glob
+import os
 import tempfile
 import time
 from typing import Any
@@ -24,8 +27,18 @@ from typing import Any
 import jax
 
 
-def traced(fn) -> tuple[Any, list[dict], float]:
-  """(fn's result, summarize(...) rows, wall ms) of one call of `fn` under the profiler."""
+def command_buffers_off() -> None:
+  """Appends `--xla_gpu_enable_command_buffer=` to XLA_FLAGS (unless that flag is set): XLA:GPU
+  then launches every kernel as its own profiler event naming its HLO instruction, instead of
+  recording CUDA graphs. Call it before the backend starts: XLA reads its flags once."""
+  if "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_gpu_enable_command_buffer=").strip()
+
+
+def profiled(fn) -> tuple[Any, "jax.profiler.ProfileData", float]:
+  """(fn's result, the trace as ProfileData, wall ms) of one call of `fn` under the profiler;
+  `fn` must block until its work is done."""
   directory = tempfile.mkdtemp(prefix="trace_lines_")
   with jax.profiler.trace(directory):
     t0 = time.perf_counter()
@@ -34,7 +47,13 @@ def traced(fn) -> tuple[Any, list[dict], float]:
   files = glob.glob(directory + "/**/*.xplane.pb", recursive=True)
   if not files:
     raise RuntimeError(f"the profiler wrote no .xplane.pb under {directory}")
-  return result, summarize(jax.profiler.ProfileData.from_file(files[0])), wall_ms
+  return result, jax.profiler.ProfileData.from_file(files[0]), wall_ms
+
+
+def traced(fn) -> tuple[Any, list[dict], float]:
+  """(fn's result, summarize(...) rows, wall ms) of one call of `fn` under the profiler."""
+  result, profile, wall_ms = profiled(fn)
+  return result, summarize(profile), wall_ms
 
 
 def _union_ns(intervals) -> int:
