@@ -107,7 +107,7 @@ class Generator:
     self.mapping = mapping
     self.n = mapping.max_ngram_size
     self.placements = {l: offload.placement_of(t) for l, t in tables.items()}
-    device = next(iter(tables.values())).sharding._device
+    device = self.device = next(iter(tables.values())).sharding._device
     self.dev = offload.placement_sharding("device", device)
     self.home = {l: offload.placement_sharding(p, device) for l, p in self.placements.items()}
     # NumPy, not device arrays: the jitted steps close over these, and a closed-over device
@@ -233,23 +233,64 @@ class CachedGenerator(Generator):
     variables: the model's weights, passed to both (arguments of the jitted steps, not
       constants baked into them).
     tables, mapping, compression: as `Generator`.
-    fetch_in_step: True: the gather of token t's rows is part of the program that runs token
-      t's forward (XLA may overlap it with the blocks before the first Engram layer, as the
-      paper prefetches; on a GPU it does not: the host gather holds the stream); False: it is
-      its own program, dispatched before that forward. Either way the row ids are moved to
-      the table's memory by an explicit transfer before the gathering program.
-  Same tokens as `Generator` over the same model, either way (tests/test_generate.py).
+    fetch: how token t's rows reach its forward.
+      'direct': read inside the program of token t's forward from row ids that never leave
+        the device; a pinned_host table is read by the GPU itself over PCIe
+        (`offload.direct_rows`), an HBM table by `jnp.take`. The prompt's rows too.
+      'step': also inside that program, but the row ids are first moved to the table's memory
+        by a transfer of their own and XLA's host offloader gathers there (a host function on
+        the GPU stream), then copies the rows to the device.
+      'program': the 'step' gather as a program of its own, dispatched before the forward.
+      'auto' (default): 'direct' on a GPU, or when no table is in pinned_host; else 'step'
+        (CPU and TPU, where the GPU kernel cannot read host memory). The choice is `self.fetch`.
+    interpret: run 'direct''s kernel in the Pallas interpreter (tests on CPU).
+  Same tokens as `Generator` over the same model, every way (tests/test_generate.py).
   """
+
+  FETCHES = ("direct", "step", "program")
 
   def __init__(self, decode_fn: DecodeFn, init_cache: Callable[[Any, int, int], Any],
                variables: Any, tables: Mapping[int, jax.Array], mapping: NgramHashMapping,
-               compression: Optional[np.ndarray] = None, *, fetch_in_step: bool = True):
+               compression: Optional[np.ndarray] = None, *, fetch: str = "auto",
+               interpret: bool = False):
     super().__init__(None, tables, mapping, compression)
     self.decode_fn, self.init_cache, self.variables = decode_fn, init_cache, variables
-    self.fetch_in_step = fetch_in_step
+    host = any(p == "pinned_host" for p in self.placements.values())
+    on_gpu = self.device.platform == "gpu"
+    if fetch == "auto":
+      fetch = "direct" if on_gpu or not host else "step"
+    if fetch not in self.FETCHES:
+      raise ValueError(f"fetch must be 'auto' or one of {self.FETCHES}, got {fetch!r}")
+    if fetch == "direct" and host and not on_gpu and not interpret:
+      raise ValueError(f"fetch='direct' reads pinned_host tables from a GPU kernel; on "
+                       f"{self.device.platform} use fetch='step' (or interpret=True in tests)")
+    self.fetch, self.interpret = fetch, interpret
     self._prefill = jax.jit(self._prefill_fn, donate_argnums=0)
     self._decode = jax.jit(self._decode_fn, donate_argnums=(0, 3))  # cache, history in place
     self._decode_fetching = jax.jit(self._decode_fetching_fn, donate_argnums=(0, 3))
+    self._decode_direct = jax.jit(self._decode_direct_fn, donate_argnums=(0, 3))
+    self._read_direct = jax.jit(self._read_direct_fn)
+
+  def _read_direct_fn(self, rows_BxTxH: dict, tables: Mapping) -> dict:
+    """Each layer's rows `[B, T, H, E]` for global row ids on the device: pinned_host tables
+    read by the GPU over PCIe, HBM tables by jnp.take; nothing touches the host."""
+    out = {}
+    for l in self.layers:
+      b, t, h = rows_BxTxH[l].shape
+      ids_N = rows_BxTxH[l].reshape(-1)
+      if self.placements[l] == "pinned_host":
+        rows = offload.direct_rows(tables[l], ids_N, interpret=self.interpret)
+      else:
+        rows = jnp.take(tables[l], ids_N, axis=0)
+      out[l] = rows.reshape(b, t, h, rows.shape[-1])
+    return out
+
+  def _decode_direct_fn(self, cache, variables, tok_B, hist_BxN, rows, t, seed, temperature,
+                        greedy, tables):
+    """`_decode_fn` reading token t's rows inside the program from its row ids on the device
+    (`rows`: {layer: [B, 1, H] global ids}, an output of the previous program)."""
+    return self._decode_fn(cache, variables, tok_B, hist_BxN,
+                           self._read_direct_fn(rows, tables), t, seed, temperature, greedy)
 
   def _next(self, logits_BxTxV, hist_BxN, t, seed, temperature, greedy):
     """Samples token t+1 from the last logits; advances the history; rows of t+1."""
@@ -292,14 +333,21 @@ class CachedGenerator(Generator):
     b, p = prompt.shape
     put = lambda x: jax.device_put(x, self.dev)  # noqa: E731  explicit (transfer_guard)
     cache = self.init_cache(self.variables, b, p + max_new_tokens)
-    cache, tok, hist, rows = self._prefill(cache, self.variables, put(prompt),
-                                           self._fetch_rows(prompt_rows), hist, seed_dev,
-                                           temp, greedy)
+    if self.fetch == "direct":
+      first = self._read_direct({l: put(r) for l, r in prompt_rows.items()}, self.tables)
+    else:
+      first = self._fetch_rows(prompt_rows)
+    cache, tok, hist, rows = self._prefill(cache, self.variables, put(prompt), first, hist,
+                                           seed_dev, temp, greedy)
     out = [tok]
     for t in range(p, p + max_new_tokens - 1):
       # Token t is known (on the device): its rows are fetched before the forward reads them,
       # inside its program or just before it.
-      if self.fetch_in_step:
+      if self.fetch == "direct":
+        cache, tok, hist, rows = self._decode_direct(cache, self.variables, tok, hist, rows,
+                                                     put(np.int32(t)), seed_dev, temp, greedy,
+                                                     self.tables)
+      elif self.fetch == "step":
         cache, tok, hist, rows = self._decode_fetching(cache, self.variables, tok, hist,
                                                        self._ids_home(rows), put(np.int32(t)),
                                                        seed_dev, temp, greedy, self.tables)

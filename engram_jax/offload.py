@@ -83,6 +83,8 @@ import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from engram_jax import table_optim
+from pallas_kernels.engram_lookup import gpu as lookup_gpu
+from pallas_kernels.engram_lookup.configs import GpuLookupConfig
 from pallas_kernels.engram_lookup.row_sparse import PrefetchedRows, RowSparse
 
 PLACEMENTS = ("device", "pinned_host")
@@ -251,6 +253,41 @@ def fetch_rows(table_RxE: jax.Array, ids_N: jax.Array) -> jax.Array:
   benchmarks' row reads all go through it."""
   return jax.device_put(table_RxE.at[ids_N].get(mode="promise_in_bounds"),
                         jax.memory.Space.Device)
+
+
+def direct_rows(table_RxE: jax.Array, rows_N: jax.Array, *, interpret: bool = False,
+                config: Optional[GpuLookupConfig] = None) -> jax.Array:
+  """`table[rows]` as a device array, read by the GPU straight out of a pinned_host table.
+
+  The Pallas-Triton gather (`pallas_kernels/engram_lookup/gpu.py`) takes the pinned_host table
+  as an operand: XLA hands the kernel the host buffer's address (the operand stays in memory
+  space S(5), nothing copies it), and since pinned host memory is mapped into the GPU's unified
+  virtual address space the kernel's loads travel over PCIe, one request per row. The row ids
+  stay on the device: no device-to-host transfer, no host computation, nothing on the CPU.
+  Row ids are global and clamped into [0, R) by the kernel (a wild id can never read outside
+  the table). Use inside jit with the table as an argument (not a closed-over constant).
+
+  Measured on the H200 (GPU kernel time, 8 GiB table, uniformly random rows, each id set read
+  once): 1,024 rows 9.0 us (f32) / 6.2 us (bf16); 16,384 rows 390 / 383 us; 262,144 rows
+  7.2 / 6.6 ms; about 40M rows/s whatever the row width (each random row is a fresh page for
+  the GPU's address translation), so per-token decoding reads are cheap and whole training
+  batches are not. The block config hardly matters (8-256 rows per program within 3%).
+
+  GPU only; `interpret=True` runs the kernel in the Pallas interpreter (tests on CPU).
+  """
+  space = jax.typeof(table_RxE).memory_space
+  if space != jax.memory.Space.Host:
+    raise ValueError(f"direct_rows reads pinned_host tables; this one is in {space} memory "
+                     "(gather it with jnp.take)")
+  if isinstance(table_RxE, jax.core.Tracer):
+    platform = jax.default_backend()
+  else:
+    platform = next(iter(table_RxE.sharding.device_set)).platform
+  if platform not in ("gpu", "cuda", "rocm") and not interpret:
+    raise ValueError(f"direct_rows: the GPU reads host memory directly; on {platform} pass "
+                     "interpret=True (tests) or gather with fetch_rows")
+  return lookup_gpu.gather(table_RxE, rows_N.astype(jnp.int32), jnp.zeros((1,), jnp.int32),
+                           config=config or GpuLookupConfig(), interpret=interpret)
 
 
 def bucketed_slots(count: int, slots: int, buckets: int) -> int:

@@ -110,6 +110,9 @@ def parse():
   p.add_argument("--gen_prompt", type=int, default=112)
   p.add_argument("--gen_new", type=int, default=64)
   p.add_argument("--gen_reps", type=int, default=3, help="timed decoding calls (median)")
+  p.add_argument("--gen_fetch", default="direct,step,program,threads",
+                 help="gen: which host-table decoders run (comma list of direct, step, program, "
+                      "threads; see bench_gen)")
   p.add_argument("--probe", action="store_true", help="time the host gather/scatter first")
   p.add_argument("--modes", default="hbm,separate,fused,gen",
                  help="what to run per size: hbm (baseline, always), separate, fused, gen")
@@ -410,15 +413,17 @@ def bench_host_fused(args, params, tables, mapping, data, dev, threaded=False):
   return ms, [float(x) for x in losses], trainer
 
 
-GEN_FETCH = {"step": "host, fetch in step", "program": "host, separate fetch",
-             "threads": "host, threads"}
+GEN_FETCH = {"direct": "host, GPU reads the rows", "step": "host, fetch in step",
+             "program": "host, separate fetch", "threads": "host, threads"}
 
 
-def bench_gen(args, params, tables, mapping, fetch="step"):
+def bench_gen(args, params, tables, mapping, fetch="direct"):
   """Decoding tokens/s (median of --gen_reps timed calls after a warm-up call) and the tokens.
-  fetch: 'step' (CachedGenerator, XLA gathers in the token's program), 'program' (its own
-  program) or 'threads' (ThreadedGenerator: NumPy threads, overlapping the stages before each
-  Engram layer). HBM tables: 'step'."""
+  fetch: 'direct' (CachedGenerator: the GPU reads the token's rows from the host table inside
+  the token's program, `offload.direct_rows`), 'step' (XLA's host gather in the token's
+  program), 'program' (that gather as its own program) or 'threads' (ThreadedGenerator: NumPy
+  threads, overlapping the stages before each Engram layer). HBM tables: 'direct' (jnp.take
+  in the token's program)."""
   # The stand-in model is position-wise, so decoding needs no cache: each step is a one-token
   # forward on the rows just fetched for that token (EngramLM's caches: generate.engram_lm_decoder).
   def decode_fn(p, cache, tokens, positions, engram_inputs):
@@ -428,8 +433,9 @@ def bench_gen(args, params, tables, mapping, fetch="step"):
   if fetch == "threads":
     gen = ThreadedGenerator(stage_fn(args), lambda p, b, t: {}, params, tables, mapping)
   else:
-    gen = CachedGenerator(decode_fn, lambda p, b, t: {}, params, tables, mapping,
-                          fetch_in_step=fetch == "step")
+    # On CPU (the test suite's smoke run) 'direct''s GPU kernel runs in the Pallas interpreter.
+    gen = CachedGenerator(decode_fn, lambda p, b, t: {}, params, tables, mapping, fetch=fetch,
+                          interpret=jax.default_backend() == "cpu")
   prompt = (np.random.default_rng(1).zipf(1.1, (args.gen_batch, args.gen_prompt)) - 1) % VOCAB
   prompt = prompt.astype(np.int32)
   out = gen(prompt, args.gen_new)       # warm-up / compile
@@ -648,16 +654,18 @@ def main():
     if "fused" in modes or "gen" in modes:
       tables = tables_in(mapping, "pinned_host")
       if "gen" in modes:  # first: decoding only reads the tables, fused training changes them
-        rec["host_tok_s"], gen_host = bench_gen(args, init_params(args), tables, mapping)
-        rec["host_sep_tok_s"], gen_sep = bench_gen(args, init_params(args), tables, mapping,
-                                                   fetch="program")
-        rec["host_thr_tok_s"], gen_thr = bench_gen(args, init_params(args), tables, mapping,
-                                                   fetch="threads")
-        rec["gen_overhead_pct"] = 100 * (rec["hbm_tok_s"] / rec["host_tok_s"] - 1)
-        rec["gen_thr_overhead_pct"] = 100 * (rec["hbm_tok_s"] / rec["host_thr_tok_s"] - 1)
-        rec["same_tokens"] = bool(np.array_equal(gen_hbm, gen_host)
-                                  and np.array_equal(gen_hbm, gen_sep)
-                                  and np.array_equal(gen_hbm, gen_thr))
+        keys = {"direct": "host_dir", "step": "host", "program": "host_sep", "threads": "host_thr"}
+        pct = {"direct": "gen_dir", "step": "gen", "threads": "gen_thr"}
+        same = True
+        for fetch in args.gen_fetch.split(","):
+          if fetch not in keys:
+            raise SystemExit(f"--gen_fetch: a comma list of {tuple(keys)}, got {fetch!r}")
+          tok_s, tokens = bench_gen(args, init_params(args), tables, mapping, fetch=fetch)
+          rec[f"{keys[fetch]}_tok_s"] = tok_s
+          if fetch in pct:
+            rec[f"{pct[fetch]}_overhead_pct"] = 100 * (rec["hbm_tok_s"] / tok_s - 1)
+          same = same and bool(np.array_equal(gen_hbm, tokens))
+        rec["same_tokens"] = same
       if "fused" in modes:
         one_program_mode("fused", tables)
       del tables
@@ -668,7 +676,8 @@ def main():
     with open(os.path.join(args.out, "bench_offload.json"), "w") as f:
       json.dump(rows_out, f, indent=1)
   print(f"\n{'table GB':>9} {'HBM ms':>8} {'sep. ms':>8} {'ovh %':>6} {'fused ms':>8} "
-        f"{'ovh %':>6} {'thr. ms':>8} {'ovh %':>6} | {'HBM tok/s':>9} {'host tok/s':>10} {'ovh %':>6} {'sep. tok/s':>10} {'thr. tok/s':>10} {'ovh %':>6} | "
+        f"{'ovh %':>6} {'thr. ms':>8} {'ovh %':>6} | {'HBM tok/s':>9} {'dir. tok/s':>10} {'ovh %':>6} "
+        f"{'host tok/s':>10} {'ovh %':>6} {'sep. tok/s':>10} {'thr. tok/s':>10} {'ovh %':>6} | "
         f"{'uniq rows':>9} "
         f"{'prefetch':>8} {'apply':>7} | {'loss hbm':>8} {'sep.':>8} {'fused':>8} {'thr.':>8}")
   for r in rows_out:
@@ -676,6 +685,7 @@ def main():
           f"{_fmt(r, 'train_overhead_pct', '6.1f')} {_fmt(r, 'fused_ms', '8.2f')} "
           f"{_fmt(r, 'fused_overhead_pct', '6.1f')} {_fmt(r, 'threads_ms', '8.2f')} "
           f"{_fmt(r, 'threads_overhead_pct', '6.1f')} | {_fmt(r, 'hbm_tok_s', '9.0f')} "
+          f"{_fmt(r, 'host_dir_tok_s', '10.0f')} {_fmt(r, 'gen_dir_overhead_pct', '6.1f')} "
           f"{_fmt(r, 'host_tok_s', '10.0f')} {_fmt(r, 'gen_overhead_pct', '6.1f')} "
           f"{_fmt(r, 'host_sep_tok_s', '10.0f')} {_fmt(r, 'host_thr_tok_s', '10.0f')} "
           f"{_fmt(r, 'gen_thr_overhead_pct', '6.1f')} | "

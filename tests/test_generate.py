@@ -43,9 +43,12 @@ def _setup(placement, layer_ids=ENGRAM.layer_ids):
   return cfg, mapping, tables, variables
 
 
-@pytest.mark.parametrize("fetch_in_step", [True, False])
+INTERPRET = jax.default_backend() == "cpu"   # fetch='direct''s GPU kernel, interpreted on CPU
+
+
+@pytest.mark.parametrize("fetch", ["direct", "step", "program"])
 @pytest.mark.parametrize("placement", ["pinned_host", "device"])
-def test_cached_generation_equals_windowed_generation(placement, fetch_in_step):
+def test_cached_generation_equals_windowed_generation(placement, fetch):
   cfg, mapping, tables, variables = _setup(placement)
   model = EngramLM(cfg)
 
@@ -55,8 +58,9 @@ def test_cached_generation_equals_windowed_generation(placement, fetch_in_step):
   prompt = np.random.default_rng(3).integers(0, V, (B, P)).astype(np.int32)
   windowed = Generator(logits_fn, tables, mapping)(prompt, NEW)
   init_cache, decode_fn = engram_lm_decoder(cfg)
-  gen = CachedGenerator(decode_fn, init_cache, variables, tables, mapping,
-                        fetch_in_step=fetch_in_step)
+  gen = CachedGenerator(decode_fn, init_cache, variables, tables, mapping, fetch=fetch,
+                        interpret=INTERPRET)
+  assert gen.fetch == fetch
   with jax.transfer_guard("disallow"):
     cached = gen(prompt, NEW)
   np.testing.assert_array_equal(cached, windowed)
@@ -79,7 +83,7 @@ def test_in_step_fetch_keeps_host_tables_on_the_host():
   import re
   cfg, mapping, tables, variables = _setup("pinned_host")
   init_cache, decode_fn = engram_lm_decoder(cfg)
-  gen = CachedGenerator(decode_fn, init_cache, variables, tables, mapping)
+  gen = CachedGenerator(decode_fn, init_cache, variables, tables, mapping, fetch="step")
   seen = []
   jitted = gen._decode_fetching
 
@@ -105,6 +109,56 @@ def test_in_step_fetch_keeps_host_tables_on_the_host():
   assert len(found) == len(tables) and all(":S(5)" in f for f in found), (ids, found)
 
 
+def test_direct_fetch_reads_host_tables_in_place_from_device_ids():
+  """fetch='direct': the decode program takes the pinned_host tables as host operands (S(5)),
+  copies no table-sized value, and its row ids are device operands: they never go to the host
+  (the GPU kernel reads the host rows itself)."""
+  import re
+  cfg, mapping, tables, variables = _setup("pinned_host")
+  init_cache, decode_fn = engram_lm_decoder(cfg)
+  gen = CachedGenerator(decode_fn, init_cache, variables, tables, mapping, fetch="direct",
+                        interpret=INTERPRET)
+  seen = []
+  jitted = gen._decode_direct
+
+  def record(*args):
+    seen.append(args)
+    return jitted(*args)
+  gen._decode_direct = record
+  gen(np.zeros((B, P), np.int32), 3)
+  assert seen, "the direct fetch path did not run"
+  text = jitted.lower(*seen[0]).compile().as_text()
+  header = text.splitlines()[0]
+  layout = header[header.index("entry_computation_layout="):]
+  for l, table in tables.items():
+    shape = f"f32[{table.shape[0]},{table.shape[1]}]"
+    found = re.findall(re.escape(shape) + r"\{[^}]*\}", layout)
+    assert found and all(":S(5)" in f for f in found), (shape, found)
+    copies = [line for line in text.splitlines()
+              if re.search(r"= " + re.escape(shape) + r"\{[^}]*\} (copy|copy-start|copy-done)\(",
+                           line)]
+    assert not copies, copies
+  ids = f"s32[{B},1,{mapping.num_heads}]"
+  found = re.findall(re.escape(ids) + r"\{[^}]*\}", layout.split("->")[0])   # arguments
+  assert len(found) == len(tables) and not any(":S(5)" in f for f in found), (ids, found)
+
+
+def test_fetch_auto_and_refusals():
+  cfg, mapping, tables, variables = _setup("pinned_host")
+  init_cache, decode_fn = engram_lm_decoder(cfg)
+  make = lambda t, **kw: CachedGenerator(decode_fn, init_cache, variables, t, mapping, **kw)  # noqa: E731
+  on_gpu = jax.default_backend() == "gpu"
+  assert make(tables).fetch == ("direct" if on_gpu else "step")
+  device_tables = {l: jax.device_put(t, offload.placement_sharding("device"))
+                   for l, t in tables.items()}
+  assert make(device_tables).fetch == "direct"
+  with pytest.raises(ValueError, match="fetch must be"):
+    make(tables, fetch="host")
+  if not on_gpu:
+    with pytest.raises(ValueError, match="GPU kernel"):
+      make(tables, fetch="direct")
+
+
 def _device_array_constants(obj, names, run):
   """Runs `run()` with `obj`'s jitted methods `names` traced at their first call; returns
   {name: number of jax.Array constants its program closes over}. A closed-over device array
@@ -125,8 +179,8 @@ def _device_array_constants(obj, names, run):
   return found
 
 
-@pytest.mark.parametrize("fetch_in_step", [True, False])
-def test_generator_programs_close_over_no_device_arrays(fetch_in_step):
+@pytest.mark.parametrize("fetch", ["direct", "step", "program"])
+def test_generator_programs_close_over_no_device_arrays(fetch):
   """Found on the H200: the generators' offsets and compression table were device arrays that
   their jitted steps closed over, and generation under transfer_guard("disallow") failed."""
   cfg, mapping, tables, variables = _setup("pinned_host")
@@ -142,8 +196,8 @@ def test_generator_programs_close_over_no_device_arrays(fetch_in_step):
   assert found == {"_step": 0, "_write": 0}
   init_cache, decode_fn = engram_lm_decoder(cfg)
   cached = CachedGenerator(decode_fn, init_cache, variables, tables, mapping, compression,
-                           fetch_in_step=fetch_in_step)
-  decode = "_decode_fetching" if fetch_in_step else "_decode"
+                           fetch=fetch, interpret=INTERPRET)
+  decode = {"direct": "_decode_direct", "step": "_decode_fetching", "program": "_decode"}[fetch]
   found = _device_array_constants(cached, ["_prefill", decode], lambda: cached(prompt, 3))
   assert found == {"_prefill": 0, decode: 0}
 

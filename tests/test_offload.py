@@ -699,3 +699,43 @@ def test_threaded_step_with_other_threads_replaces_the_worker():
   assert trainer._worker.threads == 3 and trainer._worker is not first
   with pytest.raises(RuntimeError):             # the old worker's threads were stopped
     first.submit(lambda: None)
+
+
+# ---- direct reads of pinned_host tables by the GPU ---------------------------------------------
+
+def _direct_case(rows, width, dtype, n):
+  table = offload.create_table(rows, width, dtype, "pinned_host", seed=3)
+  ids = jax.random.randint(jax.random.key(n), (n,), -5, rows + 5, dtype=jnp.int32)
+  want = np.asarray(jax.device_put(table, offload.placement_sharding("device")))[
+      np.clip(np.asarray(ids), 0, rows - 1)]
+  return table, ids, want
+
+
+@pytest.mark.parametrize("width,dtype", [(64, jnp.float32), (80, jnp.bfloat16)])
+def test_direct_rows_interpreted_equal_numpy_and_clamp(width, dtype):
+  table, ids, want = _direct_case(300, width, dtype, 37)   # 37: not a multiple of a block
+  got = jax.jit(lambda t, i: offload.direct_rows(t, i, interpret=True))(table, ids)
+  assert offload.placement_of(got) == "device"
+  np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_direct_rows_refuses_device_tables_and_non_gpu_platforms():
+  table = offload.create_table(16, 8, jnp.float32, "device")
+  with pytest.raises(ValueError, match="pinned_host"):
+    offload.direct_rows(table, jnp.zeros((4,), jnp.int32), interpret=True)
+  if jax.default_backend() != "gpu":
+    host = offload.create_table(16, 8, jnp.float32, "pinned_host")
+    with pytest.raises(ValueError, match="interpret=True"):
+      offload.direct_rows(host, jnp.zeros((4,), jnp.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("width,dtype", [(64, jnp.float32), (64, jnp.bfloat16),
+                                         (80, jnp.bfloat16)])
+def test_direct_rows_on_gpu_read_the_host_table(width, dtype):
+  """The GPU kernel reads the pinned_host table in place (UVA): same rows as NumPy."""
+  table, ids, want = _direct_case(1 << 20, width, dtype, 5000)
+  got = jax.jit(offload.direct_rows)(table, ids)
+  np.testing.assert_array_equal(np.asarray(got), want)
+  text = jax.jit(offload.direct_rows).lower(table, ids).compile().as_text()
+  assert ":S(5)" in text.splitlines()[0]
