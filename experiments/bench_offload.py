@@ -417,13 +417,12 @@ GEN_FETCH = {"direct": "host, GPU reads the rows", "step": "host, fetch in step"
              "program": "host, separate fetch", "threads": "host, threads"}
 
 
-def bench_gen(args, params, tables, mapping, fetch="direct"):
-  """Decoding tokens/s (median of --gen_reps timed calls after a warm-up call) and the tokens.
-  fetch: 'direct' (CachedGenerator: the GPU reads the token's rows from the host table inside
-  the token's program, `offload.direct_rows`), 'step' (XLA's host gather in the token's
-  program), 'program' (that gather as its own program) or 'threads' (ThreadedGenerator: NumPy
-  threads, overlapping the stages before each Engram layer). HBM tables: 'direct' (jnp.take
-  in the token's program)."""
+def make_generator(args, params, tables, mapping, fetch="direct"):
+  """A decoder of the stand-in model. fetch: 'direct' (CachedGenerator: the GPU reads the
+  token's rows from the host table inside the token's program, `offload.direct_rows`), 'step'
+  (XLA's host gather in the token's program), 'program' (that gather as its own program) or
+  'threads' (ThreadedGenerator: NumPy threads, overlapping the stages before each Engram
+  layer). HBM tables: 'direct' (jnp.take in the token's program)."""
   # The stand-in model is position-wise, so decoding needs no cache: each step is a one-token
   # forward on the rows just fetched for that token (EngramLM's caches: generate.engram_lm_decoder).
   def decode_fn(p, cache, tokens, positions, engram_inputs):
@@ -431,34 +430,42 @@ def bench_gen(args, params, tables, mapping, fetch="direct"):
     return forward(p, tokens, {l: r.rows_UxE for l, r in engram_inputs.items()},
                    {l: r.inverse_BxTxH for l, r in engram_inputs.items()}, args), cache
   if fetch == "threads":
-    gen = ThreadedGenerator(stage_fn(args), lambda p, b, t: {}, params, tables, mapping)
-  else:
-    # On CPU (the test suite's smoke run) 'direct''s GPU kernel runs in the Pallas interpreter.
-    gen = CachedGenerator(decode_fn, lambda p, b, t: {}, params, tables, mapping, fetch=fetch,
-                          interpret=jax.default_backend() == "cpu")
+    return ThreadedGenerator(stage_fn(args), lambda p, b, t: {}, params, tables, mapping)
+  # On CPU (the test suite's smoke run) 'direct''s GPU kernel runs in the Pallas interpreter.
+  return CachedGenerator(decode_fn, lambda p, b, t: {}, params, tables, mapping, fetch=fetch,
+                         interpret=jax.default_backend() == "cpu")
+
+
+def bench_gen(args, gens: dict) -> dict:
+  """Decoding tokens/s of each generator in `gens` ({label: generator}, the first one the
+  HBM baseline) and its tokens: a warm-up call each, then --gen_reps rounds in which every
+  generator decodes the same prompt once, one after the other (interleaved, so a slow spell
+  of the machine hits all of them); tokens/s from the median call."""
   prompt = (np.random.default_rng(1).zipf(1.1, (args.gen_batch, args.gen_prompt)) - 1) % VOCAB
   prompt = prompt.astype(np.int32)
-  out = gen(prompt, args.gen_new)       # warm-up / compile
-  log("generate: compiled + warm-up call")
-  times = []
+  first = {name: gen(prompt, args.gen_new) for name, gen in gens.items()}  # compile / warm up
+  log(f"generate: {len(gens)} decoders compiled + warm-up calls")
+  times = {name: [] for name in gens}
   for _ in range(args.gen_reps):
-    t0 = time.perf_counter()
-    out2 = gen(prompt, args.gen_new)
-    times.append(time.perf_counter() - t0)
-    if not np.array_equal(out2, out):
-      raise AssertionError("decoding the same prompt twice gave different tokens")
-  where = ("HBM" if offload.placement_of(next(iter(tables.values()))) == "device" else
-           GEN_FETCH[fetch])
-  if args.trace_steps:  # one more call under the profiler: where a decode step's time goes
-    _, rows, wall_ms = trace_lines.traced(lambda: gen(prompt, args.gen_new))
-    log(f"generate ({where}): 1 traced call, per new token\n"
-        + trace_lines.format_rows(rows, wall_ms, args.gen_new))
-  if fetch == "threads":
-    log("generate (host, threads): us per token: " + ", ".join(
-        f"{k} {v:.1f}" for k, v in gen.host_us_per_token.items()))
-    gen.close()
-  log(f"generate ({where}): calls {', '.join(f'{t * 1e3:.1f}' for t in times)} ms")
-  return args.gen_batch * args.gen_new / float(np.median(times)), out2
+    for name, gen in gens.items():
+      t0 = time.perf_counter()
+      out = gen(prompt, args.gen_new)
+      times[name].append(time.perf_counter() - t0)
+      if not np.array_equal(out, first[name]):
+        raise AssertionError(f"{name}: decoding the same prompt twice gave different tokens")
+  result = {}
+  for name, gen in gens.items():
+    if args.trace_steps:  # one more call under the profiler: where a decode step's time goes
+      _, rows, wall_ms = trace_lines.traced(lambda gen=gen: gen(prompt, args.gen_new))
+      log(f"generate ({name}): 1 traced call, per new token\n"
+          + trace_lines.format_rows(rows, wall_ms, args.gen_new))
+    if isinstance(gen, ThreadedGenerator):
+      log(f"generate ({name}): us per token: " + ", ".join(
+          f"{k} {v:.1f}" for k, v in gen.host_us_per_token.items()))
+      gen.close()
+    log(f"generate ({name}): calls {', '.join(f'{t * 1e3:.1f}' for t in times[name])} ms")
+    result[name] = (args.gen_batch * args.gen_new / float(np.median(times[name])), first[name])
+  return result
 
 
 def probe(rows=16 * 2**20, slots=262144, mm_n=8192):
@@ -583,6 +590,34 @@ def _fmt(rec, key, spec):
   return format(rec[key], spec) if key in rec else format("-", ">" + spec.split(".")[0])
 
 
+GEN_KEYS = {"direct": "host_dir", "step": "host", "program": "host_sep", "threads": "host_thr"}
+GEN_PCT = {"direct": "gen_dir", "step": "gen", "threads": "gen_thr"}
+
+
+def decode_gen(args, rec, hbm_tables, host_tables, mapping):
+  """Decoding from the HBM tables and, interleaved with it, from the pinned_host tables with
+  each of --gen_fetch; tokens/s and overheads into `rec`; every decoder must sample the HBM
+  decoder's tokens (`same_tokens`)."""
+  fetches = args.gen_fetch.split(",")
+  for fetch in fetches:
+    if fetch not in GEN_KEYS:
+      raise SystemExit(f"--gen_fetch: a comma list of {tuple(GEN_KEYS)}, got {fetch!r}")
+  params = init_params(args)
+  gens = {"HBM": make_generator(args, params, hbm_tables, mapping)}
+  for fetch in fetches:
+    gens[GEN_FETCH[fetch]] = make_generator(args, params, host_tables, mapping, fetch)
+  result = bench_gen(args, gens)
+  rec["hbm_tok_s"], hbm_tokens = result["HBM"]
+  same = True
+  for fetch in fetches:
+    tok_s, tokens = result[GEN_FETCH[fetch]]
+    rec[f"{GEN_KEYS[fetch]}_tok_s"] = tok_s
+    if fetch in GEN_PCT:
+      rec[f"{GEN_PCT[fetch]}_overhead_pct"] = 100 * (rec["hbm_tok_s"] / tok_s - 1)
+    same = same and bool(np.array_equal(hbm_tokens, tokens))
+  rec["same_tokens"] = same
+
+
 def main():
   global CFG
   args = parse()
@@ -617,8 +652,9 @@ def main():
     t0 = time.perf_counter()
     tables = tables_in(mapping, "device")
     log(f"{table_gb:.2f} GB: HBM tables created")
-    if "gen" in modes:  # before training, so both placements decode from the initial tables
-      rec["hbm_tok_s"], gen_hbm = bench_gen(args, init_params(args), tables, mapping)
+    if "gen" in modes:  # before training, so every placement decodes from the initial tables
+      decode_gen(args, rec, tables, tables_in(mapping, "pinned_host"), mapping)
+      gc.collect()
     rec["hbm_ms"], hbm_losses, params_h, tables = bench_hbm(
         args, init_params(args), tables, mapping, data, dev)
     check_ids = _check_ids(mapping, data)
@@ -651,23 +687,9 @@ def main():
       one_program_mode("threads", tables)
       del tables
       gc.collect()
-    if "fused" in modes or "gen" in modes:
+    if "fused" in modes:
       tables = tables_in(mapping, "pinned_host")
-      if "gen" in modes:  # first: decoding only reads the tables, fused training changes them
-        keys = {"direct": "host_dir", "step": "host", "program": "host_sep", "threads": "host_thr"}
-        pct = {"direct": "gen_dir", "step": "gen", "threads": "gen_thr"}
-        same = True
-        for fetch in args.gen_fetch.split(","):
-          if fetch not in keys:
-            raise SystemExit(f"--gen_fetch: a comma list of {tuple(keys)}, got {fetch!r}")
-          tok_s, tokens = bench_gen(args, init_params(args), tables, mapping, fetch=fetch)
-          rec[f"{keys[fetch]}_tok_s"] = tok_s
-          if fetch in pct:
-            rec[f"{pct[fetch]}_overhead_pct"] = 100 * (rec["hbm_tok_s"] / tok_s - 1)
-          same = same and bool(np.array_equal(gen_hbm, tokens))
-        rec["same_tokens"] = same
-      if "fused" in modes:
-        one_program_mode("fused", tables)
+      one_program_mode("fused", tables)
       del tables
       gc.collect()
     rec["total_s"] = time.perf_counter() - t0
