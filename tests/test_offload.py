@@ -8,6 +8,7 @@ rows is the row-sparse table gradient, and the lazy-Adam update changes table an
 Dimension legend: B batch, T time, H heads, E row width, R rows, V vocab, U = B*T*H.
 """
 
+import functools
 import re
 
 import jax
@@ -711,10 +712,11 @@ def _direct_case(rows, width, dtype, n):
   return table, ids, want
 
 
+@pytest.mark.parametrize("sort", [False, True])
 @pytest.mark.parametrize("width,dtype", [(64, jnp.float32), (80, jnp.bfloat16)])
-def test_direct_rows_interpreted_equal_numpy_and_clamp(width, dtype):
+def test_direct_rows_interpreted_equal_numpy_and_clamp(width, dtype, sort):
   table, ids, want = _direct_case(300, width, dtype, 37)   # 37: not a multiple of a block
-  got = jax.jit(lambda t, i: offload.direct_rows(t, i, interpret=True))(table, ids)
+  got = jax.jit(lambda t, i: offload.direct_rows(t, i, interpret=True, sort=sort))(table, ids)
   assert offload.placement_of(got) == "device"
   np.testing.assert_array_equal(np.asarray(got), want)
 
@@ -735,7 +737,8 @@ def test_direct_rows_refuses_device_tables_and_non_gpu_platforms():
 def test_direct_rows_on_gpu_read_the_host_table(width, dtype):
   """The GPU kernel reads the pinned_host table in place (UVA): same rows as NumPy."""
   table, ids, want = _direct_case(1 << 20, width, dtype, 5000)
-  got = jax.jit(offload.direct_rows)(table, ids)
-  np.testing.assert_array_equal(np.asarray(got), want)
+  for sort in (False, True):
+    got = jax.jit(functools.partial(offload.direct_rows, sort=sort))(table, ids)
+    np.testing.assert_array_equal(np.asarray(got), want)
   text = jax.jit(offload.direct_rows).lower(table, ids).compile().as_text()
   assert ":S(5)" in text.splitlines()[0]
