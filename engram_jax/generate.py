@@ -4,10 +4,8 @@ The n-gram ids of position t+1 depend only on the compressed tokens t+2-N .. t+1
 position t+1 reads are known the moment its token is sampled. `generate` keeps, per sequence, a
 rolling history of the last N compressed tokens on the device; after sampling token t+1 it
 hashes the history (`NgramHashMapping.hash` on an [B, N] window, last position), turns the H
-per-head ids into global rows and fetches exactly those B*H rows per layer: for a pinned_host
-table the ids are copied to the host (an explicit async device_put of B*H int32) and gathered
-there by the host offloader into a device array. Every step is asynchronous dispatch; nothing
-waits for the host until the tokens are read at the end.
+per-head ids into global rows and fetches exactly those B*H rows per layer. Every step is
+asynchronous dispatch; nothing waits for the host until the tokens are read at the end.
 
 Rows already fetched are kept on the device in a per-layer buffer rows_BxTmaxxHxE, and the model
 sees them as `PrefetchedRows(rows = buffer, inverse = identity)`: the prefix is never fetched
@@ -19,24 +17,27 @@ causal. That is O(T_max) work per token: simple, for any model, not fast. `Cache
 calls a `decode_fn(variables, cache, tokens, positions, rows) -> (logits, cache)` on the prompt
 once and then on one token per step (`EngramLM(decode=True)` keeps attention KV caches and ShortConv
 histories; `engram_lm_decoder` wraps it), so each step fetches and reads only the new position's
-B*H rows per layer. In both, the fetch of position t+1 is dispatched as soon as its token is
-sampled. `CachedGenerator(fetch_in_step=True)` puts it inside the program of position t+1's
-forward, where XLA could overlap it with the blocks before the first Engram layer (programs run
-one after another on a GPU stream, so a separate fetch program cannot overlap anything; but on
-a GPU the in-program gather does not overlap either, see below).
-Either way the ids reach the table's memory by a transfer of their own before the program that
-gathers: a host gather reading ids copied to the host inside its own program decoded different
-tokens from call to call on the H200. `ThreadedGenerator` (pinned_host tables) gathers each
-token's rows with NumPy on a worker thread, started by a host callback as soon as the token is
-sampled, while the device runs the blocks before the first Engram layer; a second callback hands
-the rows to the program. It is correct but slower than CachedGenerator on the H200 (its class
-docstring): prefer CachedGenerator.
+B*H rows per layer.
+
+How the rows of a pinned_host table reach the forward (`CachedGenerator(fetch=...)`):
+- 'direct' (default on GPUs): inside the token's program, from row ids that never leave the
+  device: `offload.direct_rows`, a Pallas-Triton gather that the GPU runs on the host table
+  in place (pinned host memory is mapped into the GPU's address space; rows cross PCIe one
+  request each). No host computation, no device-to-host transfer.
+- 'step' (default on CPU and TPU): the ids go to the host by a transfer of their own before the
+  token's program, and inside it XLA's host offloader gathers there, then copies the rows in.
+  The transfer comes first because a host gather reading ids copied to the host inside its own
+  program decoded different tokens from call to call on the H200.
+- 'program': the 'step' gather as a program of its own.
+`ThreadedGenerator` gathers each token's rows with NumPy on a worker thread, started by a host
+callback as soon as the token is sampled, and a second callback hands them to the program: correct
+but slower than the others on the H200 (its class docstring).
 
 Measured on the H200 (experiments/bench_offload.py, 32 GB of pinned_host tables, d=4096, 24
-blocks; README), overhead over HBM tables (HBM tok/s / host tok/s - 1): CachedGenerator +12.1%
-(in-step fetch) / +10.8% (separate) with 64 sequences, +6.3% / +6.4% with 512;
-ThreadedGenerator +100% / +21%. XLA runs a host gather as a host function on the GPU stream,
-so it cannot overlap the device's work.
+blocks; README), overhead over HBM tables (HBM tok/s / host tok/s - 1), decoders timed in turns:
+'direct' +1.7% with 512 sequences and +3.0-3.4% with 64; 'step' +5.8% / +11.4-11.8%
+(XLA runs the host gather as a host function on the GPU stream, so it cannot overlap the
+device's work); ThreadedGenerator +21% / +100% (earlier runs).
 
 Sampling: temperature 0 is greedy (argmax); otherwise `categorical(logits / temperature)` with
 a key folded per position.

@@ -47,6 +47,13 @@ device computes. On the H200 it is the fastest host pipeline and the only one wh
 with the HBM placement's at the end of bench_offload's runs (~3.5B stand-in, 32 GB of tables:
 +0.6% per step over HBM, fused +4.6-4.8%; 0.5B stand-in, 1 GB: +7.8%, fused +25.1%).
 
+Direct reads (`direct_rows`): on a GPU, a Pallas-Triton gather takes a pinned_host table as an
+operand and reads its rows in place over PCIe (the buffer is mapped into the GPU's address
+space); the ids stay on the device and the CPU does nothing. Decoding uses it for each token's
+few thousand rows (engram_jax/generate.py). Training does not: random host rows cost per row
+(~30-40M rows/s on the H200), so a step's 262,144 rows would take ~7 ms on the GPU stream,
+while the threaded step gathers them off the stream.
+
 Coherence: `prefetch(s+1)` is dispatched before `apply_grad(s)`, so its rows may predate step s's
 update. `apply_grad` patches every outstanding handle with the rows it just updated (sorted-id
 `searchsorted` on the device), so the rows step s+1 reads equal the table after step s exactly,

@@ -26,18 +26,20 @@ The model is our own stand-in (no grain / ml_collections / EngramLM needed): tok
 and projected into the residual stream before blocks 1 and `blocks//2`, a vocabulary head and
 cross-entropy. Tokens are Zipf(1.1)-distributed over a 32k vocabulary and hashed with the real
 `NgramHashMapping` (N=3, K=8: H=16 heads, E=64) sized so the two tables hold the requested
-bytes. Decoding: `engram_jax.generate.CachedGenerator` (the prompt in one forward, then a
-one-token forward per step -- the stand-in model is position-wise, so it needs no cache; each
-new position's B*H rows per layer are fetched as soon as its token is sampled, inside the
-program of that token's forward -- `host tok/s` -- or as a program of its own before it --
-`sep. tok/s`), and `generate.ThreadedGenerator` (`thr. tok/s`: rows gathered by NumPy on a
-worker thread, handed over by host callbacks, beside the blocks before the first Engram layer;
-it logs its gather time and the rows callback's wait per token). Tokens/s count the new
-tokens over the whole call, prompt forward included (median of `--gen_reps` calls).
+bytes. Decoding (`gen`): the HBM tables and, for each of `--gen_fetch`, the pinned_host tables,
+decoded by `engram_jax.generate.CachedGenerator` (the prompt in one forward, then a one-token
+forward per step; the stand-in model is position-wise, so it needs no cache) with the token's
+rows read by the GPU from the host table inside the token's program (`direct`, `dir. tok/s`), by
+XLA's host gather inside it (`step`, `host tok/s`) or in a program of its own (`program`,
+`sep. tok/s`), or by `generate.ThreadedGenerator` (`threads`, `thr. tok/s`: NumPy on a worker
+thread, handed over by host callbacks; it logs its gather time and the rows callback's wait
+per token). Tokens/s count the new tokens over the whole call, prompt forward included; every
+decoder must sample the HBM decoder's tokens (`same_tokens`).
 
 Timing: after WARMUP = 4 warm-up steps (one pass over the 4 batches, so every shape
 `--row_buckets` can give is compiled), `--steps` steps with one block_until_ready at the end;
-decoding: one warm-up call, then `--gen_reps` timed calls. The last table printed is the
+decoding: one warm-up call per decoder, then `--gen_reps` rounds in which each decoder makes one
+call in turn (median call per decoder). The last table printed is the
 result; it also prints the host-side costs measured alone (prefetch = unique+gather+copy,
 apply = update+scatter).
 
@@ -54,12 +56,11 @@ inputs, so any difference is a bug), the largest per-step |loss difference| and 
 |difference| of 4096 updated rows per table after the run.
 
 Status (H200, jax 0.11.2; numbers in the README): 32 GB with d=4096, 24 blocks, --remat, Zipf
-tokens: threads +0.6-0.7% per step over HBM, fused +4.6-4.8%; d=2048, 8 blocks, 1 GB: threads
-+7.8%, separate +20.5%, fused +25.1%. Decoding at 32 GB (d5307ae): in-step fetch +12.1% with
-64 sequences, +6.3% with 512 (`--gen_batch 512`, the paper's batch; +5.9% with bf16 tables),
-separate fetch +10.8% / +6.4%, the threaded decoder (`thr. tok/s`) +100% / +21%. Before
-d5307ae the in-step fetch copied the ids to the host inside its program and, at 32 GB, two
-calls decoded different tokens (this script's check stopped the run).
+tokens: threads +0.4-0.7% per step over HBM, fused +4.6-4.8%; d=2048, 8 blocks, 1 GB: threads
++7.8%, separate +20.5%, fused +25.1%. Decoding at 32 GB (f1dc38b, decoders in turns): direct
++1.7% with 512 sequences (`--gen_batch 512`, the paper's batch) and +3.0-3.4% with 64; step
++5.8% / +11.4-11.8%; earlier runs: separate fetch +10.8% / +6.4% (64 / 512), the threaded
+decoder +100% / +21%.
 Only the threads mode ends with rows equal to the HBM run's (max |row diff| 5e-4 to 1.3e-2);
 separate and fused end 6.7-7.5 away, which check_host_rows' 8-step chains reproduce (up to
 1.7e7), so the library refuses them on a GPU (this script opts in with
