@@ -73,73 +73,58 @@ def test_decoder_refuses_tables_inside_the_params():
     engram_lm_decoder(tiny_cfg())
 
 
-def test_in_step_fetch_keeps_host_tables_on_the_host():
-  """The decode program that gathers a token's rows takes the pinned_host tables as operands in
-  host memory (S(5)) and no instruction copies a table-sized value (the CPU backend may elide a
-  memory-space move inside a program, so that second check bites on a GPU). Its row ids arrive
-  in host memory too, moved by a transfer before the program: on the H200, a host gather that
-  read ids copied to the host inside the same program decoded different tokens from one call
-  to the next (bench_offload, 32 GB tables)."""
+def _decode_program_arguments(fetch, program):
+  """(compiled text of the generator's per-token program `program`, the layouts of its
+  arguments, tables, mapping) after a short decode with `fetch`; asserts the pinned_host tables
+  are operands in host memory (S(5)) and that no instruction copies a table-sized value (the CPU
+  backend may elide a memory-space move inside a program, so that second check bites on a GPU)."""
   import re
   cfg, mapping, tables, variables = _setup("pinned_host")
   init_cache, decode_fn = engram_lm_decoder(cfg)
-  gen = CachedGenerator(decode_fn, init_cache, variables, tables, mapping, fetch="step")
+  gen = CachedGenerator(decode_fn, init_cache, variables, tables, mapping, fetch=fetch,
+                        interpret=INTERPRET)
   seen = []
-  jitted = gen._decode_fetching
+  jitted = getattr(gen, program)
 
   def record(*args):
     seen.append(args)
     return jitted(*args)
-  gen._decode_fetching = record
+  setattr(gen, program, record)
   gen(np.zeros((B, P), np.int32), 3)
-  assert seen, "the in-step fetch path did not run"
+  assert seen, f"{program} did not run"
   text = jitted.lower(*seen[0]).compile().as_text()
   header = text.splitlines()[0]
-  layout = header[header.index("entry_computation_layout="):]
-  for l, table in tables.items():
+  arguments = header[header.index("entry_computation_layout="):].split("->")[0]
+  for table in tables.values():
     shape = f"f32[{table.shape[0]},{table.shape[1]}]"
-    found = re.findall(re.escape(shape) + r"\{[^}]*\}", layout)
+    found = re.findall(re.escape(shape) + r"\{[^}]*\}", arguments)
     assert found and all(":S(5)" in f for f in found), (shape, found)
     copies = [line for line in text.splitlines()
               if re.search(r"= " + re.escape(shape) + r"\{[^}]*\} (copy|copy-start|copy-done)\(",
                            line)]
     assert not copies, copies
+  return arguments, tables, mapping
+
+
+def test_in_step_fetch_keeps_host_tables_on_the_host():
+  """fetch='step': the tables stay host operands, and the row ids arrive in host memory too,
+  moved by a transfer before the program: on the H200, a host gather that read ids copied to
+  the host inside the same program decoded different tokens from one call to the next
+  (bench_offload, 32 GB tables)."""
+  import re
+  arguments, tables, mapping = _decode_program_arguments("step", "_decode_fetching")
   ids = f"s32[{B * mapping.num_heads}]"
-  found = re.findall(re.escape(ids) + r"\{[^}]*\}", layout)
+  found = re.findall(re.escape(ids) + r"\{[^}]*\}", arguments)
   assert len(found) == len(tables) and all(":S(5)" in f for f in found), (ids, found)
 
 
 def test_direct_fetch_reads_host_tables_in_place_from_device_ids():
-  """fetch='direct': the decode program takes the pinned_host tables as host operands (S(5)),
-  copies no table-sized value, and its row ids are device operands: they never go to the host
-  (the GPU kernel reads the host rows itself)."""
+  """fetch='direct': the tables stay host operands and the row ids are device operands: they
+  never go to the host (the GPU kernel reads the host rows itself)."""
   import re
-  cfg, mapping, tables, variables = _setup("pinned_host")
-  init_cache, decode_fn = engram_lm_decoder(cfg)
-  gen = CachedGenerator(decode_fn, init_cache, variables, tables, mapping, fetch="direct",
-                        interpret=INTERPRET)
-  seen = []
-  jitted = gen._decode_direct
-
-  def record(*args):
-    seen.append(args)
-    return jitted(*args)
-  gen._decode_direct = record
-  gen(np.zeros((B, P), np.int32), 3)
-  assert seen, "the direct fetch path did not run"
-  text = jitted.lower(*seen[0]).compile().as_text()
-  header = text.splitlines()[0]
-  layout = header[header.index("entry_computation_layout="):]
-  for l, table in tables.items():
-    shape = f"f32[{table.shape[0]},{table.shape[1]}]"
-    found = re.findall(re.escape(shape) + r"\{[^}]*\}", layout)
-    assert found and all(":S(5)" in f for f in found), (shape, found)
-    copies = [line for line in text.splitlines()
-              if re.search(r"= " + re.escape(shape) + r"\{[^}]*\} (copy|copy-start|copy-done)\(",
-                           line)]
-    assert not copies, copies
+  arguments, tables, mapping = _decode_program_arguments("direct", "_decode_direct")
   ids = f"s32[{B},1,{mapping.num_heads}]"
-  found = re.findall(re.escape(ids) + r"\{[^}]*\}", layout.split("->")[0])   # arguments
+  found = re.findall(re.escape(ids) + r"\{[^}]*\}", arguments)
   assert len(found) == len(tables) and not any(":S(5)" in f for f in found), (ids, found)
 
 
