@@ -46,8 +46,9 @@ def _setup(placement, layer_ids=ENGRAM.layer_ids):
 INTERPRET = jax.default_backend() == "cpu"   # fetch='direct''s GPU kernel, interpreted on CPU
 
 
-@pytest.mark.parametrize("fetch", ["direct", "step", "program"])
-@pytest.mark.parametrize("placement", ["pinned_host", "device"])
+@pytest.mark.parametrize("placement,fetch", [  # 'program' differs from 'step' only on the host
+    ("pinned_host", "direct"), ("pinned_host", "step"), ("pinned_host", "program"),
+    ("device", "direct"), ("device", "step")])
 def test_cached_generation_equals_windowed_generation(placement, fetch):
   cfg, mapping, tables, variables = _setup(placement)
   model = EngramLM(cfg)
@@ -129,9 +130,11 @@ def test_direct_fetch_reads_host_tables_in_place_from_device_ids():
 
 
 def test_fetch_auto_and_refusals():
-  cfg, mapping, tables, variables = _setup("pinned_host")
-  init_cache, decode_fn = engram_lm_decoder(cfg)
-  make = lambda t, **kw: CachedGenerator(decode_fn, init_cache, variables, t, mapping, **kw)  # noqa: E731
+  cfg = tiny_cfg(engram_table_placement="external")
+  mapping = NgramHashMapping.from_config(cfg.engram, V, 0)
+  tables = {l: offload.create_table(mapping.num_rows(l), cfg.engram.head_dim, jnp.float32,
+                                    "pinned_host", seed=l) for l in cfg.engram.layer_ids}
+  make = lambda t, **kw: CachedGenerator(None, None, None, t, mapping, **kw)  # noqa: E731
   on_gpu = jax.default_backend() == "gpu"
   assert make(tables).fetch == ("direct" if on_gpu else "step")
   device_tables = {l: jax.device_put(t, offload.placement_sharding("device"))
@@ -164,8 +167,7 @@ def _device_array_constants(obj, names, run):
   return found
 
 
-@pytest.mark.parametrize("fetch", ["direct", "step", "program"])
-def test_generator_programs_close_over_no_device_arrays(fetch):
+def test_generator_programs_close_over_no_device_arrays():
   """Found on the H200: the generators' offsets and compression table were device arrays that
   their jitted steps closed over, and generation under transfer_guard("disallow") failed."""
   cfg, mapping, tables, variables = _setup("pinned_host")
@@ -180,11 +182,12 @@ def test_generator_programs_close_over_no_device_arrays(fetch):
   found = _device_array_constants(windowed, ["_step", "_write"], lambda: windowed(prompt, 3))
   assert found == {"_step": 0, "_write": 0}
   init_cache, decode_fn = engram_lm_decoder(cfg)
-  cached = CachedGenerator(decode_fn, init_cache, variables, tables, mapping, compression,
-                           fetch=fetch, interpret=INTERPRET)
-  decode = {"direct": "_decode_direct", "step": "_decode_fetching", "program": "_decode"}[fetch]
-  found = _device_array_constants(cached, ["_prefill", decode], lambda: cached(prompt, 3))
-  assert found == {"_prefill": 0, decode: 0}
+  for fetch, decode in [("direct", "_decode_direct"), ("step", "_decode_fetching"),
+                        ("program", "_decode")]:
+    cached = CachedGenerator(decode_fn, init_cache, variables, tables, mapping, compression,
+                             fetch=fetch, interpret=INTERPRET)
+    found = _device_array_constants(cached, ["_prefill", decode], lambda: cached(prompt, 3))
+    assert found == {"_prefill": 0, decode: 0}, fetch
 
 
 @pytest.mark.parametrize("layer_ids", [(1,), (1, 2, 3)])
