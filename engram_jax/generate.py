@@ -237,7 +237,7 @@ class CachedGenerator(Generator):
     fetch: how token t's rows reach its forward.
       'direct': read inside the program of token t's forward from row ids that never leave
         the device; a pinned_host table is read by the GPU itself over PCIe
-        (`offload.direct_rows`), an HBM table by `jnp.take`. The prompt's rows too.
+        (`offload.direct_rows`), an HBM table by `offload.fetch_rows`. The prompt's rows too.
       'step': also inside that program, but the row ids are first moved to the table's memory
         by a transfer of their own and XLA's host offloader gathers there (a host function on
         the GPU stream), then copies the rows to the device.
@@ -274,7 +274,7 @@ class CachedGenerator(Generator):
 
   def _read_direct_fn(self, rows_BxTxH: dict, tables: Mapping) -> dict:
     """Each layer's rows `[B, T, H, E]` for global row ids on the device: pinned_host tables
-    read by the GPU over PCIe, HBM tables by jnp.take; nothing touches the host."""
+    read by the GPU over PCIe, HBM tables by `offload.fetch_rows`; nothing touches the host."""
     out = {}
     for l in self.layers:
       b, t, h = rows_BxTxH[l].shape
@@ -282,7 +282,7 @@ class CachedGenerator(Generator):
       if self.placements[l] == "pinned_host":
         rows = offload.direct_rows(tables[l], ids_N, interpret=self.interpret)
       else:
-        rows = jnp.take(tables[l], ids_N, axis=0)
+        rows = offload.fetch_rows(tables[l], ids_N)
       out[l] = rows.reshape(b, t, h, rows.shape[-1])
     return out
 

@@ -91,6 +91,7 @@ from jax.sharding import SingleDeviceSharding
 
 from engram_jax import table_optim
 from pallas_kernels.engram_lookup import gpu as lookup_gpu
+from pallas_kernels.engram_lookup.api import current_platform
 from pallas_kernels.engram_lookup.configs import GpuLookupConfig
 from pallas_kernels.engram_lookup.row_sparse import PrefetchedRows, RowSparse
 
@@ -298,10 +299,10 @@ def direct_rows(table_RxE: jax.Array, rows_N: jax.Array, *, interpret: bool = Fa
     raise ValueError(f"direct_rows reads pinned_host tables; this one is in {space} memory "
                      "(gather it with jnp.take)")
   if isinstance(table_RxE, jax.core.Tracer):
-    platform = jax.default_backend()
+    platform = current_platform()
   else:
     platform = next(iter(table_RxE.sharding.device_set)).platform
-  if platform not in ("gpu", "cuda", "rocm") and not interpret:
+  if platform != "gpu" and not interpret:
     raise ValueError(f"direct_rows: the GPU reads host memory directly; on {platform} pass "
                      "interpret=True (tests) or gather with fetch_rows")
   rows_N = rows_N.astype(jnp.int32)

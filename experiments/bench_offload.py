@@ -113,7 +113,7 @@ def parse():
   p.add_argument("--gen_reps", type=int, default=3, help="timed decoding calls (median)")
   p.add_argument("--gen_fetch", default="direct,step,program,threads",
                  help="gen: which host-table decoders run (comma list of direct, step, program, "
-                      "threads; see bench_gen)")
+                      "threads; see make_generator)")
   p.add_argument("--probe", action="store_true", help="time the host gather/scatter first")
   p.add_argument("--modes", default="hbm,separate,fused,gen",
                  help="what to run per size: hbm (baseline, always), separate, fused, gen")
@@ -414,8 +414,11 @@ def bench_host_fused(args, params, tables, mapping, data, dev, threaded=False):
   return ms, [float(x) for x in losses], trainer
 
 
-GEN_FETCH = {"direct": "host, GPU reads the rows", "step": "host, fetch in step",
-             "program": "host, separate fetch", "threads": "host, threads"}
+# --gen_fetch choice -> (log label, record key prefix, overhead key prefix or None)
+GEN_FETCH = {"direct": ("host, GPU reads the rows", "host_dir", "gen_dir"),
+             "step": ("host, fetch in step", "host", "gen"),
+             "program": ("host, separate fetch", "host_sep", None),
+             "threads": ("host, threads", "host_thr", "gen_thr")}
 
 
 def make_generator(args, params, tables, mapping, fetch="direct"):
@@ -423,7 +426,7 @@ def make_generator(args, params, tables, mapping, fetch="direct"):
   token's rows from the host table inside the token's program, `offload.direct_rows`), 'step'
   (XLA's host gather in the token's program), 'program' (that gather as its own program) or
   'threads' (ThreadedGenerator: NumPy threads, overlapping the stages before each Engram
-  layer). HBM tables: 'direct' (jnp.take in the token's program)."""
+  layer). HBM tables: 'direct' (`offload.fetch_rows` in the token's program)."""
   # The stand-in model is position-wise, so decoding needs no cache: each step is a one-token
   # forward on the rows just fetched for that token (EngramLM's caches: generate.engram_lm_decoder).
   def decode_fn(p, cache, tokens, positions, engram_inputs):
@@ -591,30 +594,24 @@ def _fmt(rec, key, spec):
   return format(rec[key], spec) if key in rec else format("-", ">" + spec.split(".")[0])
 
 
-GEN_KEYS = {"direct": "host_dir", "step": "host", "program": "host_sep", "threads": "host_thr"}
-GEN_PCT = {"direct": "gen_dir", "step": "gen", "threads": "gen_thr"}
-
-
 def decode_gen(args, rec, hbm_tables, host_tables, mapping):
   """Decoding from the HBM tables and, interleaved with it, from the pinned_host tables with
   each of --gen_fetch; tokens/s and overheads into `rec`; every decoder must sample the HBM
   decoder's tokens (`same_tokens`)."""
-  fetches = args.gen_fetch.split(",")
-  for fetch in fetches:
-    if fetch not in GEN_KEYS:
-      raise SystemExit(f"--gen_fetch: a comma list of {tuple(GEN_KEYS)}, got {fetch!r}")
+  fetches = args.gen_fetch.split(",")   # checked by main
   params = init_params(args)
   gens = {"HBM": make_generator(args, params, hbm_tables, mapping)}
   for fetch in fetches:
-    gens[GEN_FETCH[fetch]] = make_generator(args, params, host_tables, mapping, fetch)
+    gens[GEN_FETCH[fetch][0]] = make_generator(args, params, host_tables, mapping, fetch)
   result = bench_gen(args, gens)
   rec["hbm_tok_s"], hbm_tokens = result["HBM"]
   same = True
   for fetch in fetches:
-    tok_s, tokens = result[GEN_FETCH[fetch]]
-    rec[f"{GEN_KEYS[fetch]}_tok_s"] = tok_s
-    if fetch in GEN_PCT:
-      rec[f"{GEN_PCT[fetch]}_overhead_pct"] = 100 * (rec["hbm_tok_s"] / tok_s - 1)
+    label, key, pct = GEN_FETCH[fetch]
+    tok_s, tokens = result[label]
+    rec[f"{key}_tok_s"] = tok_s
+    if pct:
+      rec[f"{pct}_overhead_pct"] = 100 * (rec["hbm_tok_s"] / tok_s - 1)
     same = same and bool(np.array_equal(hbm_tokens, tokens))
   rec["same_tokens"] = same
 
@@ -629,6 +626,8 @@ def main():
   modes = args.modes.split(",")
   if not set(modes) <= set(MODES) or "hbm" not in modes:
     raise SystemExit(f"--modes: a comma list of {MODES} that includes hbm (the baseline)")
+  if not set(args.gen_fetch.split(",")) <= set(GEN_FETCH):
+    raise SystemExit(f"--gen_fetch: a comma list of {tuple(GEN_FETCH)}, got {args.gen_fetch!r}")
   CFG = table_optim.TableOptimizerConfig(
       kind=args.optimizer, **({"moment_dtype": "bfloat16"} if args.optimizer == "lazy_adam"
                               else {}))

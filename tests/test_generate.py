@@ -75,8 +75,8 @@ def test_decoder_refuses_tables_inside_the_params():
 
 
 def _decode_program_arguments(fetch, program):
-  """(compiled text of the generator's per-token program `program`, the layouts of its
-  arguments, tables, mapping) after a short decode with `fetch`; asserts the pinned_host tables
+  """(the argument layouts of the generator's compiled per-token program `program`, tables,
+  mapping) after a short decode with `fetch`; asserts the pinned_host tables
   are operands in host memory (S(5)) and that no instruction copies a table-sized value (the CPU
   backend may elide a memory-space move inside a program, so that second check bites on a GPU)."""
   import re
