@@ -14,6 +14,9 @@ into the neighbouring fusions). The weight-gradient kernel zeroes the rows of x 
 by multiplying them with 0 in the group's first and last row block, so those rows of x must be
 finite (NaN * 0 is NaN); in the MoE dispatch every row belongs to a group.
 
+The kernels are custom calls, which XLA's SPMD partitioner does not split: under a multi-device
+mesh, call `grouped_matmul` inside `shard_map` on per-device rows, or XLA gathers the operands.
+
 Interpret mode (`interpret=True`) runs the kernels under `plgpu.force_gpu_interpret_mode()`
 (CPU simulation of the GPU; slow, for tests on tiny shapes). `transposed_ragged_dot` reads the
 SM count from `jax.devices()[0].core_count`, which CPU devices lack; the interpret test
