@@ -21,12 +21,12 @@ ahead of padding, so each expert's pairs form one contiguous group.
     with `pallas_kernels.grouped_matmul` (one grouped matmul per projection: JAX's Mosaic GPU
     kernels on Hopper GPUs, `jax.lax.ragged_dot` elsewhere; `MoEConfig.matmul_implementation`
     forces one). Dropless; nothing of size [experts, capacity] is built.
-  'capacity' (explicit option only): expert e takes the first C pairs of its group (C = `expert_capacity`, static)
-    into slots [E, C]; empty slots read a zero row, which the bias-free SwiGLU maps to zero.
-    The experts run as batched einsums over E, so the FLOPs are E*C rows whatever the XLA
-    lowering of a grouped matmul does. Pairs past slot C are dropped: they add zero (the shared
-    experts still apply) and `dropped_fraction` reports their share. Padding sorts last, so
-    it only fills slots that real tokens left empty.
+  'capacity' (explicit option only): expert e takes the first C pairs of its group
+    (C = `expert_capacity`, static) into slots [E, C]; empty slots read a zero row, which the
+    bias-free SwiGLU maps to zero. The experts run as batched einsums over E: E*C rows of
+    dense FLOPs. Pairs past slot C are dropped: they add zero (the shared experts still apply)
+    and `dropped_fraction` reports their share (the train log always shows it). Padding sorts
+    last, so it only fills slots that real tokens left empty.
 In both modes the expert outputs go back to pair order and are summed with the routing weights.
 Both modes use the same parameters ('experts/gate|up|down'), so checkpoints are interchangeable.
 Neither is written for an 'expert' mesh axis > 1 (see sharding.py).
