@@ -185,13 +185,17 @@ class MoEConfig:
       V3 uses a tiny sequence-level one next to the bias).
     bias_update_rate: gamma of the aux-free bias update.
     routed_scaling_factor: multiplies the normalised routing weights (V3 uses 2.5 at scale).
-    dispatch: how routed (token, expert) pairs reach the experts (see Capacity).
+    dispatch: how routed (token, expert) pairs reach the experts (see Capacity); 'ragged'
+      (dropless) by default, 'capacity' only when asked for.
+    matmul_implementation: 'ragged' dispatch only: the grouped matmul of
+      `pallas_kernels.grouped_matmul` (None: automatic, the Mosaic GPU kernels on Hopper GPUs
+      for bf16/f16 and `jax.lax.ragged_dot` elsewhere; 'xla' or 'mosaic_gpu' to force one).
     capacity_factor: 'capacity' dispatch only: slots per expert are
       `C = ceil(capacity_factor * S * top_k / num_experts)` rounded up to a multiple of 8 and
       capped at S (S tokens in the batch); must be > 0.
-    Capacity: 'ragged' is dropless: the pairs are sorted by expert and fed to
-      `jax.lax.ragged_dot`, so no pair is dropped and no [experts, capacity] tensor exists; the
-      cost is a data-dependent load per expert. 'capacity' gives every expert C slots, filled
+    Capacity: 'ragged' is dropless: the pairs are sorted by expert and fed to one grouped
+      matmul per projection, so no pair is dropped and no [experts, capacity] tensor exists;
+      the cost is a data-dependent load per expert. 'capacity' gives every expert C slots, filled
       in token order (padding last), and runs dense batched einsums on [E, C, D]; pairs beyond
       an expert's C slots are dropped (they add zero; the shared experts still apply) and
       their share is reported as `dropped_fraction`. Both modes use the same parameters, so
@@ -210,6 +214,7 @@ class MoEConfig:
   routed_scaling_factor: float = 1.0
   dispatch: Literal["ragged", "capacity"] = "ragged"
   capacity_factor: float = 1.25
+  matmul_implementation: Optional[Literal["xla", "mosaic_gpu"]] = None
 
   def __post_init__(self):
     e = lambda f, m: _model_err("MoEConfig", f, m)  # noqa: E731
@@ -235,6 +240,9 @@ class MoEConfig:
       raise e("dispatch", f"must be 'ragged' or 'capacity', got {self.dispatch!r}")
     if not self.capacity_factor > 0:  # `not >` also rejects NaN
       raise e("capacity_factor", f"must be > 0, got {self.capacity_factor}")
+    if self.matmul_implementation not in (None, "xla", "mosaic_gpu"):
+      raise e("matmul_implementation",
+              f"must be None, 'xla' or 'mosaic_gpu', got {self.matmul_implementation!r}")
 
   def replace(self, **changes) -> "MoEConfig":
     return dataclasses.replace(self, **changes)

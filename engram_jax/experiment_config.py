@@ -113,7 +113,8 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int,
                     score_func=m.moe.score_func, routing=m.moe.routing,
                     aux_loss_coef=m.moe.aux_loss_coef, bias_update_rate=m.moe.bias_update_rate,
                     routed_scaling_factor=m.moe.routed_scaling_factor,
-                    dispatch=m.moe.dispatch, capacity_factor=m.moe.capacity_factor)
+                    dispatch=m.moe.dispatch, capacity_factor=m.moe.capacity_factor,
+                    matmul_implementation=_none_if_empty(m.moe.matmul_implementation))
   return ModelConfig(
       vocab_size=m.vocab_size or vocab_size, num_layers=m.num_layers, hidden_size=m.hidden_size,
       num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,

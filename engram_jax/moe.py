@@ -17,15 +17,16 @@ and loss count every routed pair, dropped or not.
 
 Dispatch: the P (token, expert) pairs are stably sorted by expert, real tokens in token order
 ahead of padding, so each expert's pairs form one contiguous group.
-  'ragged' (`MoEConfig.dispatch`): rows are gathered in that order and multiplied with
-    `jax.lax.ragged_dot` (one grouped matmul per projection). Dropless; nothing of size
-    [experts, capacity] is built.
-  'capacity': expert e takes the first C pairs of its group (C = `expert_capacity`, static)
-    into slots [E, C]; empty slots read a zero row, which the bias-free SwiGLU maps to zero.
-    The experts run as batched einsums over E, so the FLOPs are E*C rows whatever the XLA
-    lowering of ragged_dot does. Pairs past slot C are dropped: they add zero (the shared
-    experts still apply) and `dropped_fraction` reports their share. Padding sorts last, so
-    it only fills slots that real tokens left empty.
+  'ragged' (`MoEConfig.dispatch`, the default): rows are gathered in that order and multiplied
+    with `pallas_kernels.grouped_matmul` (one grouped matmul per projection: JAX's Mosaic GPU
+    kernels on Hopper GPUs, `jax.lax.ragged_dot` elsewhere; `MoEConfig.matmul_implementation`
+    forces one). Dropless; nothing of size [experts, capacity] is built.
+  'capacity' (explicit option only): expert e takes the first C pairs of its group
+    (C = `expert_capacity`, static) into slots [E, C]; empty slots read a zero row, which the
+    bias-free SwiGLU maps to zero. The experts run as batched einsums over E: E*C rows of
+    dense FLOPs. Pairs past slot C are dropped: they add zero (the shared experts still apply)
+    and `dropped_fraction` reports their share (the train log always shows it). Padding sorts
+    last, so it only fills slots that real tokens left empty.
 In both modes the expert outputs go back to pair order and are summed with the routing weights.
 Both modes use the same parameters ('experts/gate|up|down'), so checkpoints are interchangeable.
 Neither is written for an 'expert' mesh axis > 1 (see sharding.py).
@@ -45,6 +46,7 @@ import jax.numpy as jnp
 
 from engram_jax.config import MoEConfig
 from engram_jax.layers import SwiGLU
+from pallas_kernels.grouped_matmul import grouped_matmul
 
 Dtype = Any
 
@@ -81,7 +83,8 @@ class RoutedExperts(nn.Module):
   """E SwiGLU experts; one parameter set, applied in the layout of `dispatch`.
 
   'ragged': `x` is [P, D], rows sorted by expert, `group_sizes_E` their counts; each projection
-  is one `jax.lax.ragged_dot`. 'capacity': `x` is [E, C, D] (expert e's slots in row e,
+  is one `grouped_matmul` (`matmul_implementation`: None automatic, 'xla', 'mosaic_gpu').
+  'capacity': `x` is [E, C, D] (expert e's slots in row e,
   `group_sizes_E` unused); each projection is one batched einsum over E. Returns the same
   layout with D columns, in float32.
   """
@@ -91,6 +94,7 @@ class RoutedExperts(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dispatch: str = "ragged"
+  matmul_implementation: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, group_sizes_E: Optional[jax.Array] = None) -> jax.Array:
@@ -104,8 +108,8 @@ class RoutedExperts(nn.Module):
     wu_ExDxF = p("up", (e, d, f), ("experts", "embed", "mlp"))
     wd_ExFxD = p("down", (e, f, d), ("experts", "mlp", "embed"))
     if self.dispatch == "ragged":
-      mm = lambda a, w: jax.lax.ragged_dot(  # noqa: E731
-          a, w, group_sizes_E, preferred_element_type=jnp.float32)
+      mm = lambda a, w: grouped_matmul(  # noqa: E731
+          a, w, group_sizes_E, implementation=self.matmul_implementation).astype(jnp.float32)
     else:
       mm = lambda a, w: jnp.einsum(  # noqa: E731
           "ecd,edf->ecf", a, w, preferred_element_type=jnp.float32)
@@ -153,12 +157,13 @@ class MoE(nn.Module):
     mask_P = jnp.repeat(mask_S, k)
     n_valid = jnp.maximum(jnp.sum(mask_S), 1.0)
     # Stable sort by (expert, padding last): each expert's pairs stay one contiguous group
-    # (what ragged_dot needs) and, within it, real tokens keep token order ahead of padding,
+    # (what the grouped matmul needs) and, within it, real tokens keep token order ahead of padding,
     # so under 'capacity' padding can only take slots that real tokens left empty.
     order_P = jnp.argsort(2 * experts_P + (mask_P == 0), stable=True)
     group_sizes_E = jnp.bincount(experts_P, length=e).astype(jnp.int32)
     routed = RoutedExperts(e, cfg.expert_hidden_size, self.dtype, self.param_dtype,
-                           dispatch=cfg.dispatch, name="experts")
+                           dispatch=cfg.dispatch,
+                           matmul_implementation=cfg.matmul_implementation, name="experts")
     if cfg.dispatch == "ragged":
       y_sorted_PxD = routed(x_SxD[order_P // k], group_sizes_E)
       y_pairs_PxD = jnp.zeros_like(y_sorted_PxD).at[order_P].set(y_sorted_PxD,

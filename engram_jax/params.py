@@ -13,9 +13,18 @@ Definitions (per token, all counts in parameters):
              paper's Dense-4B (4.1B total, 3.8B active) follows the same convention.
   rho        routed-expert params / sparse params (the paper's allocation ratio; 1.0 without
              Engram, None without any sparse params).
-`flops_per_token(cfg, T)` = 6 * (activated - rows read) + 12 * L * num_heads * head_dim * T:
-the PaLM convention (matmul params x 6 for forward + backward, attention scores and values
-counted as non-causal), the usual denominator of MFU.
+
+Training FLOPs per token, `flops_per_token(cfg, T)` (the numerator of the trainer's MFU):
+  6 x the weights of every matmul one token goes through (2 FLOPs per weight forward, 4
+  backward): attention projections (q, k, v, o), dense FFNs, shared experts and the top_k
+  routed experts, the router, the Engram value and key projections, the mHC coefficient
+  projections, and the LM head (the embedding matrix when tied);
+  + attention scores and values, 12 * L * T * num_heads * head_dim * 1/2: q.k and p.v are
+  2 * T * num_heads * head_dim FLOPs each forward per token, x3 for forward + backward, halved
+  because a causal mask needs only the lower triangle (PaLM's count keeps the full square).
+Not counted: table and embedding lookups (copies, no arithmetic), norms, activations, the
+Engram gate and depthwise conv, the mHC stream mixing and Sinkhorn iterations (elementwise or
+per-token work of width M or D, no weight matrices), and recomputation under remat.
 
 Engram table sizes come from `cfg.engram_head_sizes` when filled; otherwise they are
 approximated by K * sum(engram_vocab_size) rows per layer (each prime lies just above its
@@ -110,12 +119,34 @@ def count_params(cfg: ModelConfig) -> dict:
   }
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  """Training FLOPs per token (forward + backward), PaLM convention; see module docstring."""
-  c = count_params(cfg)
-  matmul_params = c["activated"] - c["rows_read_per_token"]
-  attn = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
-  return 6.0 * matmul_params + attn
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict:
+  """Training FLOPs per token by part, and their `total` (see the module docstring)."""
+  d, n_layers = cfg.hidden_size, cfg.num_layers
+  heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  n_moe = len(cfg.moe_layer_ids)
+  weights = {
+      "attention_projections": n_layers * (2 * d * heads * head_dim
+                                           + 2 * d * kv_heads * head_dim),
+      "dense_ffn": (n_layers - n_moe) * 3 * d * cfg.ffn_hidden_size,
+      "routed_experts": 0, "shared_experts": 0, "router": 0, "engram_projections": 0,
+      # Two hyper-connected sub-layers per block, one [M*D, 2M + M^2] projection each.
+      "hyper_connections": (n_layers * 2 * cfg.hc_mult * d * (2 * cfg.hc_mult + cfg.hc_mult ** 2)
+                            if cfg.hc_mult > 1 else 0),
+      "lm_head": cfg.vocab_size * d,
+  }
+  if cfg.moe is not None and n_moe:
+    per_expert = 3 * d * cfg.moe.expert_hidden_size
+    weights["routed_experts"] = n_moe * cfg.moe.top_k * per_expert
+    weights["shared_experts"] = n_moe * cfg.moe.num_shared_experts * per_expert
+    weights["router"] = n_moe * d * cfg.moe.num_experts
+  if cfg.engram is not None:
+    f = cfg.engram.memory_dim
+    # One value projection [F, D] and M key projections [F, D] per Engram layer.
+    weights["engram_projections"] = len(cfg.engram.layer_ids) * (1 + cfg.hc_mult) * f * d
+  flops = {name: 6 * w for name, w in weights.items()}
+  flops["attention_scores"] = 12 * n_layers * seq_len * heads * head_dim // 2
+  flops["total"] = sum(flops.values())
+  return flops
 
 
 def _per_expert_budget(cfg: ModelConfig) -> int:

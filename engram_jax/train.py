@@ -5,8 +5,10 @@ engram_jax/train_step.py. This loop reads step t-1's metrics after dispatching s
 sync per step), stops on a non-finite loss or gradient norm (the last checkpoint, written only
 after its own metrics were checked finite, stays the latest), logs every `log_every` steps
 (stdout + workdir/metrics.jsonl: loss, tokens/s, MFU, learning rate, gradient norm, Engram
-gate mean/std, router max/mean load), evaluates every `eval_every` steps and at the end, and
-checkpoints every `checkpoint_every` steps, resuming automatically from `workdir`.
+gate mean/std, router max/mean load, and under 'capacity' MoE dispatch the share of dropped
+pairs), evaluates every `eval_every` steps and at the end, and checkpoints every
+`checkpoint_every` steps, resuming automatically from `workdir`. MFU = tokens/s x
+`engram_jax.params.flops_per_token(...)['total']` / (peak FLOP/s x devices).
 
 With `engram.placement='pinned_host'` (`HostTablesTrainer`) the tables stay in host memory and
 a step is driven by `_HostTableSteps`. `engram.host_step='threads'` (default): one device
@@ -123,7 +125,7 @@ def model_summary(exp: experiment_config.Experiment, seq_len: int) -> dict:
   counts = params_lib.count_params(exp.model)
   out = {k: v for k, v in dict(counts).items()
          if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
-  out["flops_per_token"] = float(params_lib.flops_per_token(exp.model, seq_len))
+  out["flops_per_token"] = float(params_lib.flops_per_token(exp.model, seq_len)["total"])
   return out
 
 
@@ -171,7 +173,7 @@ class _MetricsLog:
     if "router/max_over_mean_load" in rec:
       parts.append(f"load max/mean {rec['router/max_over_mean_load']:.2f} "
                    f"(worst {rec['router/max_over_mean_load_worst']:.2f})")
-    if rec.get("router/dropped_fraction", 0.0) > 0:  # capacity dispatch dropped pairs
+    if "router/dropped_fraction" in rec:  # capacity dispatch: always shown, 0 included
       parts.append(f"dropped {100 * rec['router/dropped_fraction']:.2f}%")
     log(" | ".join(parts))
     self.last = rec

@@ -216,7 +216,8 @@ class Trainer:
       load = aux["moe"]["max_over_mean_load"]
       stats["router/max_over_mean_load"] = jnp.mean(load)
       stats["router/max_over_mean_load_worst"] = jnp.max(load)
-      stats["router/dropped_fraction"] = jnp.mean(aux["moe"]["dropped_fraction"])
+      if self.exp.model.moe.dispatch == "capacity":  # the dropless dispatch drops nothing
+        stats["router/dropped_fraction"] = jnp.mean(aux["moe"]["dropped_fraction"])
       stats["moe_aux_loss"] = aux["moe_aux_loss"]
     new_model_state = {k: mutated[k] for k in mutated if k != "intermediates"}
     return loss + aux["moe_aux_loss"], stats, new_model_state

@@ -1,14 +1,20 @@
-"""Shared base for kernel tests: one body of checks, run by reference / interpret / GPU classes.
+"""Shared base for kernel tests: one body of checks per op, run by reference / interpret / GPU
+classes.
 
-A subclass sets `lookup_kwargs` (how `engram_lookup` is called) and the shapes it can afford:
-interpret-mode grids are slow on CPU, so they use tiny tables and few lookups.
+A subclass sets how the op is called (`lookup_kwargs`, `gmm_kwargs`) and the shapes it can
+afford: interpret-mode grids are slow on CPU, so they use tiny tables, few lookups and few rows.
 
 Tolerances are keyed by dtype and never loosened to make a test pass. Forward gathers are exact
-copies (tolerance 0); gradients sum f32 values in a different order from the reference, and bf16
-gradients are rounded once from f32 sums where the reference rounds after every addition.
+copies (tolerance 0); lookup gradients sum f32 values in a different order from the reference,
+and bf16 gradients are rounded once from f32 sums where the reference rounds after every
+addition. Grouped matmuls accumulate in f32 and round once to the operand dtype; they are
+compared with a float64 NumPy oracle relative to the largest expected magnitude.
 
-Dimension legend: B batch, T time, H heads, E row width, R table rows.
+Dimension legend: B batch, T time, H heads, E row width, R table rows; M rows, K contraction
+width, N output width, G groups.
 """
+
+import functools
 
 import numpy as np
 import jax
@@ -97,3 +103,78 @@ class LookupTestBase:
     cot = jax.random.normal(jax.random.key(4), (*ids.shape[:2], ids.shape[2] * 64))
     grad_fn = jax.jit(jax.grad(lambda t: jnp.vdot(self.lookup(t, ids, offsets), cot)))
     np.testing.assert_array_equal(np.asarray(grad_fn(table)), np.asarray(grad_fn(table)))
+
+
+MATMUL_TOLERANCE = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 2e-2,
+                    jnp.dtype(jnp.float16): 2e-3}
+# Rows past the last group hold this: finite, large enough that any leak breaks a tolerance.
+PAST_GROUPS_VALUE = 1e3
+
+
+def grouped_case(seed: int, m: int, k: int, n: int, group_sizes, dtype):
+  """x [M, K], w [G, K, N], a cotangent dy [M, N] and int32 group sizes; the rows past the
+  last group of x and dy hold PAST_GROUPS_VALUE. NumPy draws: no per-shape compiles."""
+  rng = np.random.default_rng(seed)
+  past_M = np.arange(m) >= min(int(np.maximum(np.asarray(group_sizes), 0).sum()), m)
+  x_MxK, dy_MxN = rng.standard_normal((m, k)), rng.standard_normal((m, n))
+  x_MxK[past_M] = dy_MxN[past_M] = PAST_GROUPS_VALUE
+  w_GxKxN = rng.standard_normal((len(group_sizes), k, n))
+  return (jnp.asarray(x_MxK, dtype), jnp.asarray(w_GxKxN, dtype),
+          jnp.asarray(group_sizes, jnp.int32), jnp.asarray(dy_MxN, dtype))
+
+
+def _f32(a) -> np.ndarray:
+  return np.asarray(a).astype(np.float32)
+
+
+def grouped_matmul_oracle(x_MxK, w_GxKxN, group_sizes_G, dy_MxN):
+  """NumPy float64 (y, dx, dw) of reference.py's specification, one group at a time."""
+  x, w, dy = (_f32(a).astype(np.float64) for a in (x_MxK, w_GxKxN, dy_MxN))
+  ends = np.minimum(np.cumsum(np.maximum(np.asarray(group_sizes_G), 0)), x.shape[0])
+  y, dx, dw = np.zeros(dy.shape), np.zeros(x.shape), np.zeros(w.shape)
+  for g, (start, end) in enumerate(zip(np.concatenate([[0], ends[:-1]]), ends)):
+    y[start:end] = x[start:end] @ w[g]
+    dx[start:end] = dy[start:end] @ w[g].T
+    dw[g] = x[start:end].T @ dy[start:end]
+  return y, dx, dw
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_and_vjp(gmm, x_MxK, w_GxKxN, sizes_G, dy_MxN):
+  y_MxN, vjp = jax.vjp(lambda x, w: gmm(x, w, sizes_G), x_MxK, w_GxKxN)
+  return (y_MxN, *vjp(dy_MxN))
+
+
+class GroupedMatmulTestBase:
+  """Forward, both gradients, rows past the last group and empty groups of `grouped_matmul`."""
+
+  gmm_kwargs: dict = {}
+  dtypes = (jnp.float32, jnp.bfloat16)
+  # (M, K, N, group sizes): uneven groups, empty ones (first, middle, last), rows past the last
+  # group, and sizes summing past M (the last groups end at row M).
+  cases = ((24, 16, 8, (5, 0, 9, 3)), (16, 8, 12, (0, 7, 0)), (16, 8, 4, (6, 20, 3)))
+
+  def gmm(self, x_MxK, w_GxKxN, group_sizes_G):
+    from pallas_kernels.grouped_matmul import grouped_matmul
+    return grouped_matmul(x_MxK, w_GxKxN, group_sizes_G, **self.gmm_kwargs)
+
+  def test_forward_and_gradients_match_oracle(self):
+    for i, (m, k, n, sizes) in enumerate(self.cases):
+      for dtype in self.dtypes:
+        x, w, sizes_G, dy = grouped_case(i, m, k, n, sizes, dtype)
+        y, dx, dw = _forward_and_vjp(self.gmm, x, w, sizes_G, dy)
+        assert (y.shape, y.dtype, dx.dtype, dw.dtype) == ((m, n), x.dtype, x.dtype, w.dtype)
+        tol = MATMUL_TOLERANCE[jnp.dtype(dtype)]
+        for name, got, want in zip(("y", "dx", "dw"), (y, dx, dw),
+                                   grouped_matmul_oracle(x, w, sizes_G, dy)):
+          np.testing.assert_allclose(_f32(got), want, rtol=tol,
+                                     atol=tol * np.abs(want).max(),
+                                     err_msg=f"{name} case {i} {jnp.dtype(dtype).name}")
+        # Exactly zero: outputs and input gradients of rows past the last group, and the
+        # weight gradients of empty groups.
+        owned = min(int(np.maximum(np.asarray(sizes), 0).sum()), m)
+        assert not _f32(y)[owned:].any()
+        assert not _f32(dx)[owned:].any()
+        ends = np.minimum(np.cumsum(np.maximum(sizes, 0)), m)
+        empty = np.diff(np.concatenate([[0], ends])) == 0
+        assert not _f32(dw)[empty].any()

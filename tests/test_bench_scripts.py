@@ -147,3 +147,19 @@ def test_hot_rows_bounds_what_a_cache_could_serve():
   # Slots repeat hot rows, so a cache serves a larger share of slots than of unique rows.
   assert hits[2][1] >= hits[2][0]
   assert 0 < r["unique_per_step"] <= r["slots_per_step"] == 2 * 64 * 16
+
+
+def test_bench_moe_times_every_dispatch_in_one_run(monkeypatch, capsys):
+  import sys
+  from experiments import bench_moe
+  monkeypatch.setattr(sys, "argv", ["bench_moe", "--tokens=64", "--d=64", "--experts=4",
+                                    "--expert_width=64", "--reps=1", "--sweep"])
+  bench_moe.main()
+  table = capsys.readouterr().out.split("variant")[-1]
+  assert "dropless, Mosaic GPU kernels        not run" in table  # CPU: no Hopper kernels
+  for name in ("dropless, XLA ragged_dot", "capacity cf=1.25", "capacity cf=2.0",
+               "dense SwiGLU width 192 (floor)"):
+    (line,) = [l for l in table.splitlines() if l.startswith(name)]
+    ms, _, dropped = map(float, line[len(name):].split())
+    assert ms > 0 and 0.0 <= dropped < 1.0, line
+  assert "--sweep: not run" in table

@@ -66,6 +66,13 @@ def test_config_loads_locked_documented_and_builds(path):
   assert n == expected
 
 
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_shipped_configs_drop_no_token(path):
+  # Capacity dispatch (which drops pairs over capacity) is an explicit option, never shipped.
+  moe = experiment_config.model_config(_load(path), 1000).moe
+  assert moe is None or moe.dispatch == "ragged"
+
+
 def test_moe_baselines_match_total_params():
   for engram_name, moe_name in (("quickstart", "quickstart_moe"), ("small_gpu", "small_gpu_moe")):
     a = experiment_config.resolve(_load(os.path.join(REPO, f"experiments/configs/{engram_name}.py")))

@@ -1,5 +1,6 @@
 """MoE: top-k routing, dropless grouped dispatch == dense reference, capacity dispatch == ragged
-when nothing drops and drops exactly the overflow in token order, aux-free balancing."""
+when nothing drops and drops exactly the overflow in token order, aux-free balancing, the
+grouped-matmul choice reaching pallas_kernels.grouped_matmul."""
 
 import functools
 
@@ -211,3 +212,18 @@ def test_capacity_config_validation_and_plumbing():
   c.model.moe.dispatch, c.model.moe.capacity_factor = "capacity", 2.0
   moe = experiment_config.model_config(c, 1000).moe
   assert (moe.dispatch, moe.capacity_factor) == ("capacity", 2.0)
+
+
+def test_grouped_matmul_implementation_plumbing():
+  with pytest.raises(ValueError, match="matmul_implementation"):
+    MoEConfig(matmul_implementation="triton")
+  c = base.get_config()
+  assert experiment_config.model_config(c, 1000).moe.matmul_implementation is None
+  c.model.moe.matmul_implementation = "mosaic_gpu"
+  cfg = experiment_config.model_config(c, 1000).moe
+  assert cfg.matmul_implementation == "mosaic_gpu"
+  # The choice reaches the kernel API: on CPU the Hopper kernels refuse with a clear error.
+  x = jnp.zeros((1, 64, D), jnp.bfloat16)
+  moe = MoE(cfg.replace(num_experts=E, top_k=K, expert_hidden_size=64), dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match="needs a Hopper GPU"):
+    jax.eval_shape(moe.init, jax.random.key(0), x)

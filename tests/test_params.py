@@ -1,4 +1,5 @@
-"""Parameter counter vs the real param tree (jax.eval_shape), FLOPs, iso-parameter variants."""
+"""Parameter counter vs the real param tree (jax.eval_shape), FLOPs per token by hand,
+iso-parameter variants."""
 
 import jax
 import jax.numpy as jnp
@@ -57,10 +58,26 @@ def test_activated_and_sparse_definitions():
   assert c["rho"] == pytest.approx(c["routed_experts"] / c["sparse"])
 
 
-def test_flops_per_token():
-  cfg = cfg_of(engram=None, moe=None, hc_mult=1)
-  c = count_params(cfg)
-  assert flops_per_token(cfg, 128) == 6 * (c["activated"] - 32) + 12 * 5 * 4 * 8 * 128
+def test_flops_per_token_by_hand():
+  # cfg_of(): V=64, L=5, D=32, 4 heads / 2 KV heads of 8, FFN 48 in block 0, blocks 1-4 MoE
+  # (8 experts of width 16, top-2, 1 shared), M=2 streams, Engram at blocks 1 and 3 with
+  # d_mem = 2 orders x 16 = 32; T = 128.
+  f = flops_per_token(cfg_of(), 128)
+  assert f["attention_projections"] == 6 * 5 * (32 * 32 + 32 * 16 + 32 * 16 + 32 * 32)
+  assert f["dense_ffn"] == 6 * 1 * 3 * 32 * 48
+  assert f["routed_experts"] == 6 * 4 * 2 * 3 * 32 * 16
+  assert f["shared_experts"] == 6 * 4 * 1 * 3 * 32 * 16
+  assert f["router"] == 6 * 4 * 32 * 8
+  assert f["engram_projections"] == 6 * 2 * (32 * 32 + 2 * 32 * 32)   # value + 2 keys
+  assert f["hyper_connections"] == 6 * 5 * 2 * (2 * 32) * (2 * 2 + 2 * 2)
+  assert f["lm_head"] == 6 * 64 * 32
+  assert f["attention_scores"] == 12 * 5 * 128 * 4 * 8 // 2             # causal half
+  parts = {k: v for k, v in f.items() if k != "total"}
+  assert f["total"] == sum(parts.values()) == 316_416 + 122_880
+  # Dense, tied, single stream: attention + FFN + LM head (= the embedding) + scores only.
+  g = flops_per_token(cfg_of(engram=None, moe=None, hc_mult=1, tie_embeddings=True), 64)
+  assert g["total"] == 6 * (5 * 3072 + 5 * 3 * 32 * 48 + 64 * 32) + 6 * 5 * 64 * 4 * 8
+  assert g["router"] == g["engram_projections"] == g["hyper_connections"] == 0
 
 
 def test_moe_baseline_is_iso_total():

@@ -67,8 +67,9 @@ def get_config(arg=None):
   c.model.moe.aux_loss_coef = 0.0
   c.model.moe.bias_update_rate = 1e-3
   c.model.moe.routed_scaling_factor = 1.0
-  c.model.moe.dispatch = "ragged"        # 'ragged' (dropless ragged_dot) or 'capacity'
+  c.model.moe.dispatch = "ragged"        # 'ragged' (dropless grouped matmul) or 'capacity'
   c.model.moe.capacity_factor = 1.25     # slots per expert in 'capacity' dispatch, see MoEConfig
+  c.model.moe.matmul_implementation = ""  # '' -> automatic; 'xla' or 'mosaic_gpu' (MoEConfig)
 
   c.engram = ml_collections.ConfigDict()
   c.engram.enabled = True

@@ -9,13 +9,13 @@ with `python -m experiments.build_corpus`.)
 Baseline with the same total parameters: experiments/configs/small_gpu_moe.py.
 
 Hardware: one NVIDIA H200 (bf16 compute, f32 master weights), B=32 x T=1024 tokens per step.
-Measured: 213-234 ms per step on an H200 (cuDNN attention, capacity MoE dispatch, elementwise
-mHC mixing; experiments/bench_train_step.py, experiments/profile_step.py, README). No full
-training run has been made yet, so the comparison with the MoE baseline (expected: a higher
-validation loss at equal steps) is not measured.
+Expected: a lower validation loss than small_gpu_moe at equal steps (no full run measured yet);
+the trainer logs tokens/s and MFU (FLOPs per token: engram_jax.params.flops_per_token), and
+step times of this config are in benchmarks/README.md (experiments/bench_train_step.py).
 
 Model: D=768, 12 blocks (block 0 dense, 11 MoE blocks with 16 routed experts top-2 + 1 shared,
-expert width 384, capacity dispatch with factor 1.25), 4 mHC streams, Engram at blocks 1 and 6 (2/3-grams, 8 heads per order,
+expert width 384, dropless dispatch: pairs sorted by expert through grouped matmuls, the Mosaic
+GPU kernels on Hopper), 4 mHC streams, Engram at blocks 1 and 6 (2/3-grams, 8 heads per order,
 d_mem 512) with ~22% of the sparse parameters in the tables (rho ~ 0.78), lazy Adam tables.
 """
 
@@ -43,13 +43,6 @@ def get_config(arg=None):
   c.model.moe.num_experts = 16
   c.model.moe.top_k = 2
   c.model.moe.expert_hidden_size = 384
-  # ragged_dot costs 30.0 ms per MoE layer fwd+bwd here vs 5.4 ms for capacity dispatch on the
-  # H200 (experiments/bench_moe.py); the train step: 648 ms (ragged) vs 360 ms (capacity, bench_
-  # train_step at 1M rows; lazy Adam vs adagrad tables, < 1 ms apart; 258-265 ms once attention
-  # became cuDNN flash attention, 213-234 ms with elementwise mHC mixing). At 1.25 no pair
-  # was dropped on bench_moe's inputs; the run log reports router/dropped_fraction.
-  c.model.moe.dispatch = "capacity"
-  c.model.moe.capacity_factor = 1.25
 
   c.engram.engram_vocab_size = (43_000, 43_000)
   c.engram.n_embed_per_ngram = 256
