@@ -16,6 +16,10 @@ The demo sizes the table with `len(tokenizer)` of a `transformers` tokenizer, wh
 tokens; here that is `get_vocab_size(with_added_tokens=True)`. `transformers`' optional
 `clean_up_tokenization_spaces` post-processing is not applied (DeepSeek-V3 disables it).
 
+`CompressedTokenizer(tokenizer, compress=False)` is the identity mapping (compressed id = raw id,
+V' = V, keys = the raw token strings): the "without tokenizer compression" ablation. Its
+fingerprint differs from the compressed table's, so checkpoints of the two never mix.
+
 Dimension legend:
   V  raw tokenizer vocabulary size (added tokens included),
   V' compressed vocabulary size (number of distinct keys), V' <= V.
@@ -71,30 +75,42 @@ def _build_lookup_table(tokenizer: tokenizers.Tokenizer) -> tuple[np.ndarray, tu
   return lookup_V, tuple(key_to_new)
 
 
+def _identity_lookup_table(tokenizer: tokenizers.Tokenizer) -> tuple[np.ndarray, tuple[str, ...]]:
+  """Returns (arange(V) int64, the V raw token strings): every id is its own key."""
+  vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+  keys = tuple(tokenizer.id_to_token(tid) for tid in range(vocab_size))
+  missing = [tid for tid, key in enumerate(keys) if key is None]
+  if missing:
+    raise ValueError(f"tokenizer: ids {missing[:5]} have no token string")
+  return np.arange(vocab_size, dtype=np.int64), keys
+
+
 class CompressedTokenizer:
   """Maps raw token ids to compressed ids (numpy in, numpy out).
 
   Build with `CompressedTokenizer(tokenizers.Tokenizer)` or `CompressedTokenizer.from_file(path)`
-  for a Hugging Face `tokenizer.json`.
+  for a Hugging Face `tokenizer.json`; `compress=False` gives the identity mapping.
   """
 
-  def __init__(self, tokenizer: tokenizers.Tokenizer):
+  def __init__(self, tokenizer: tokenizers.Tokenizer, compress: bool = True):
     if not isinstance(tokenizer, tokenizers.Tokenizer):
       raise TypeError(
           f"tokenizer: expected a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
     if tokenizer.get_vocab_size(with_added_tokens=True) < 1:
       raise ValueError("tokenizer: vocabulary is empty")
-    lookup_V, keys = _build_lookup_table(tokenizer)
+    lookup_V, keys = (_build_lookup_table(tokenizer) if compress
+                      else _identity_lookup_table(tokenizer))
     lookup_V.setflags(write=False)
     self._lookup_V = lookup_V
     self._keys = keys
 
   @classmethod
-  def from_file(cls, path: Union[str, os.PathLike]) -> "CompressedTokenizer":
+  def from_file(cls, path: Union[str, os.PathLike],
+                compress: bool = True) -> "CompressedTokenizer":
     """Builds the table from a local Hugging Face `tokenizers` JSON file."""
     if not os.path.isfile(path):
       raise ValueError(f"path: no tokenizer file at {os.fspath(path)!r}")
-    return cls(tokenizers.Tokenizer.from_file(os.fspath(path)))
+    return cls(tokenizers.Tokenizer.from_file(os.fspath(path)), compress)
 
   @property
   def lookup_table(self) -> np.ndarray:

@@ -23,6 +23,8 @@ from typing import Literal, Optional
 TORCH_F32_EPS = 1.1920928955078125e-07
 
 LookupImpl = Optional[Literal["xla", "pallas"]]
+GateKind = Literal["multi", "shared", "none"]
+GATE_KINDS = ("multi", "shared", "none")
 
 
 def _err(field: str, msg: str) -> ValueError:
@@ -46,6 +48,15 @@ class EngramConfig:
     hidden_size: D, the backbone width.
     hc_mult: M, the number of residual streams (1 = plain residual).
     signed_sqrt_gate: apply the demo's `sign(s)*sqrt(|s|)` before the sigmoid (the paper omits it).
+    gate: 'multi' (demo and paper): one key projection and one gate per residual stream;
+      'shared': one key projection, and one gate computed from the mean of the streams and
+      applied to all of them (the paper's "without multi-branch" ablation); 'none': no key
+      projection, alpha = 1 (the value enters ungated).
+    use_short_conv: add `SiLU(conv(RMSNorm(v)))` to the gated value (demo, paper); False leaves
+      `y = v` and creates no conv parameters.
+    compress_tokenizer: hash n-grams of compressed ids (demo, paper); False hashes the raw
+      tokenizer ids (identity mapping, V' = V). The compression table's fingerprint goes into
+      every checkpoint, so the two never mix.
     zero_init_conv: zero-initialise the ShortConv kernel (paper) instead of the default init (demo).
     conv_dilation: ShortConv dilation; None means `max_ngram_size`, as in the demo.
     norm_eps: epsilon of the key/query RMSNorms; the demo inherits torch's float32 epsilon.
@@ -68,6 +79,9 @@ class EngramConfig:
   hidden_size: int = 1024
   hc_mult: int = 4
   signed_sqrt_gate: bool = True
+  gate: GateKind = "multi"
+  use_short_conv: bool = True
+  compress_tokenizer: bool = True
   zero_init_conv: bool = True
   conv_dilation: Optional[int] = None
   norm_eps: float = TORCH_F32_EPS
@@ -113,6 +127,11 @@ class EngramConfig:
       raise _err("hidden_size", f"must be >= 1, got {self.hidden_size}")
     if self.hc_mult < 1:
       raise _err("hc_mult", f"must be >= 1, got {self.hc_mult}")
+    if self.gate not in GATE_KINDS:
+      raise _err("gate", f"must be one of {GATE_KINDS}, got {self.gate!r}")
+    for name in ("signed_sqrt_gate", "use_short_conv", "compress_tokenizer"):
+      if not isinstance(getattr(self, name), bool):
+        raise _err(name, f"must be a bool, got {getattr(self, name)!r}")
     if self.conv_dilation is not None and self.conv_dilation < 1:
       raise _err("conv_dilation", f"must be >= 1 or None, got {self.conv_dilation}")
     if self.norm_eps <= 0 or self.conv_norm_eps <= 0:
@@ -142,6 +161,11 @@ class EngramConfig:
   def memory_dim(self) -> int:
     """d_mem = (N-1) * n_embed_per_ngram: width of the flattened looked-up embedding."""
     return self.num_orders * self.n_embed_per_ngram
+
+  @property
+  def gate_streams(self) -> int:
+    """Key projections (and distinct gates) per layer: M ('multi'), 1 ('shared'), 0 ('none')."""
+    return {"multi": self.hc_mult, "shared": 1, "none": 0}[self.gate]
 
   @property
   def dilation(self) -> int:

@@ -34,7 +34,16 @@ from engram_jax.memory import head_offsets, validate_head_sizes
 _OFFSETS_KEY = "multi_head_embedding.offsets"
 
 
+def _check_demo_layout(config: EngramConfig) -> None:
+  """The demo's state dict has M key projections and a ShortConv: other variants do not map."""
+  if config.gate != "multi" or not config.use_short_conv:
+    raise ValueError(f"config: the demo's state dict needs gate='multi' and "
+                     f"use_short_conv=True, got gate={config.gate!r}, "
+                     f"use_short_conv={config.use_short_conv}")
+
+
 def _expected_shapes(config: EngramConfig, num_rows: int) -> dict[str, tuple[int, ...]]:
+  _check_demo_layout(config)
   m, d, f, k = config.hc_mult, config.hidden_size, config.memory_dim, config.kernel_size
   shapes = {
       "multi_head_embedding.embedding.weight": (num_rows, config.head_dim),
@@ -126,6 +135,7 @@ def to_torch_state_dict(params: Mapping[str, Any], config: EngramConfig, *,
   """
   if "params" in params and len(params) == 1:
     raise ValueError("params: pass the 'params' collection itself, i.e. variables['params']")
+  _check_demo_layout(config)
   params = nn.unbox(params)
   m, d, f, k = config.hc_mult, config.hidden_size, config.memory_dim, config.kernel_size
 

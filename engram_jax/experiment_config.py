@@ -78,14 +78,16 @@ def _check_files(paths, what: str) -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=8)
-def _compressor(tokenizer_path: str, mtime_ns: int) -> CompressedTokenizer:
+def _compressor(tokenizer_path: str, mtime_ns: int, compress: bool) -> CompressedTokenizer:
   del mtime_ns  # part of the cache key only
-  return CompressedTokenizer.from_file(tokenizer_path)
+  return CompressedTokenizer.from_file(tokenizer_path, compress)
 
 
-def load_compressor(tokenizer_path: str) -> CompressedTokenizer:
-  """The compression table of a tokenizer file (cached: building it decodes every token)."""
-  return _compressor(os.path.abspath(tokenizer_path), os.stat(tokenizer_path).st_mtime_ns)
+def load_compressor(tokenizer_path: str, compress: bool = True) -> CompressedTokenizer:
+  """The compression table of a tokenizer file (cached: building it decodes every token);
+  `compress=False` gives the identity mapping (`EngramConfig.compress_tokenizer`)."""
+  return _compressor(os.path.abspath(tokenizer_path), os.stat(tokenizer_path).st_mtime_ns,
+                     bool(compress))
 
 
 def engram_config(config: ml_collections.ConfigDict) -> Optional[EngramConfig]:
@@ -97,6 +99,9 @@ def engram_config(config: ml_collections.ConfigDict) -> Optional[EngramConfig]:
       n_embed_per_ngram=e.n_embed_per_ngram, n_head_per_ngram=e.n_head_per_ngram,
       layer_ids=tuple(e.layer_ids), pad_id=e.pad_id, seed=e.seed, kernel_size=e.kernel_size,
       hidden_size=m.hidden_size, hc_mult=m.hc_mult, signed_sqrt_gate=e.signed_sqrt_gate,
+      # config.json of a workdir without the ablation switches trained their defaults.
+      gate=e.get("gate", "multi"), use_short_conv=e.get("use_short_conv", True),
+      compress_tokenizer=e.get("compress_tokenizer", True),
       zero_init_conv=e.zero_init_conv, conv_dilation=_none_if_empty(e.conv_dilation),
       table_init_std=e.table_init_std, segment_reset=e.segment_reset,
       lookup_implementation=_none_if_empty(e.lookup_implementation))
@@ -237,7 +242,7 @@ def resolve(config: ml_collections.ConfigDict, *, check_data: bool = True) -> Ex
   model = model_config(config, vocab_size, "external" if sparse else "param")
   hashing = compressor = None
   if model.engram is not None:
-    compressor = load_compressor(tokenizer_path)
+    compressor = load_compressor(tokenizer_path, model.engram.compress_tokenizer)
     hashing = NgramHashMapping.from_config(model.engram, len(compressor),
                                            compressor.compress_pad_id(model.engram.pad_id))
     model = model.replace(engram_head_sizes=tuple(

@@ -10,6 +10,14 @@ Maths (official demo, REFERENCE.md section 1 steps 6-8), for every residual stre
   y      = v + SiLU(conv(RMSNorm_m(v)))              depthwise causal dilated conv over M*D
 The caller adds `y` to the residual streams.
 
+Ablation switches (EngramConfig; defaults are the maths above):
+  gate='shared'          one key projection k and one query q = RMSNorm2(mean_m h_m); the
+                         single alpha multiplies every stream's value
+  gate='none'            no key projection or norms: alpha = 1 exactly
+  use_short_conv=False   y = v (no conv parameters)
+With gate='none' and use_short_conv=False the layer is a plain additive hashed n-gram table:
+y_m = e W_V + b_V for every stream.
+
 Precision: matmuls take compute-dtype inputs, accumulate in float32 and return the compute
 dtype (as a torch Linear under autocast); norms, the gate, the conv's multiply-adds and the SiLU
 run in float32, on the conv's normalised input rounded to the compute dtype (as torch's
@@ -45,6 +53,7 @@ import jax
 import jax.numpy as jnp
 
 from engram_jax.config import EngramConfig
+from engram_jax.hyper_connections import contract_streams
 from engram_jax.memory import EngramInput, MultiHeadMemory
 
 # Floor of |s| in the signed square root, as in the demo (keeps the sqrt's gradient finite).
@@ -157,8 +166,9 @@ class Engram(nn.Module):
 
   `__call__(hidden_BxTxMxD, engram_input, segment_ids_BxT=None)`: `engram_input` is int ids
   `[B, T, H]` ('param') or a `PrefetchedRows` ('external'); `segment_ids_BxT` (packed data)
-  keeps the ShortConv inside each document. Sows `intermediates/gate`, the float32 gate alpha `[B, T, M]`,
-  so the trainer can log its statistics (mask padding with the batch weights).
+  keeps the ShortConv inside each document. Sows `intermediates/gate`, the float32 gate alpha
+  `[B, T, M]` applied to each stream (with gate='shared' the M columns are equal; gate='none'
+  sows nothing), so the trainer can log its statistics (mask padding with the batch weights).
   """
 
   config: EngramConfig
@@ -188,43 +198,55 @@ class Engram(nn.Module):
     value_bias_D = self.param(
         "value_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
         (d,), self.param_dtype)
-    # All M key projections in one einsum over a stacked kernel.
-    key_kernel_MxFxD = self.param(
-        "key_kernel",
-        nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,)),
-            ("streams", "engram_mem", "embed")),
-        (m, f, d), self.param_dtype)
-    key_bias_MxD = self.param(
-        "key_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("streams", "embed")),
-        (m, d), self.param_dtype)
-
     # Projection outputs in the compute dtype (accumulated in f32 inside the matmul, then
     # rounded, as a torch Linear under autocast returns them): their cotangents then reach the
     # backward matmuls in that dtype too, instead of f32 (TF32 matmuls on a GPU).
     value_BxTxD = jnp.einsum("btf,fd->btd", e_BxTxF, value_kernel_FxD.astype(self.dtype),
                              preferred_element_type=self.dtype).astype(jnp.float32)
     value_BxTxD = value_BxTxD + value_bias_D.astype(jnp.float32)
-    key_BxTxMxD = jnp.einsum("btf,mfd->btmd", e_BxTxF, key_kernel_MxFxD.astype(self.dtype),
-                             preferred_element_type=self.dtype).astype(jnp.float32)
-    key_BxTxMxD = key_BxTxMxD + key_bias_MxD.astype(jnp.float32)
+    if cfg.gate == "none":
+      gate_BxTxM = jnp.ones(value_BxTxD.shape[:2] + (m,), jnp.float32)
+    else:
+      gate_BxTxM = self._gate(e_BxTxF, hidden_BxTxMxD)
+      self.sow("intermediates", "gate", gate_BxTxM)
 
-    k_BxTxMxD = StreamRMSNorm(cfg.norm_eps, self.param_dtype, name="key_norm")(key_BxTxMxD)
-    # The query norm sees the compute-dtype hidden states, as torch sees the autocast input.
-    q_BxTxMxD = StreamRMSNorm(cfg.norm_eps, self.param_dtype, name="query_norm")(
-        hidden_BxTxMxD.astype(self.dtype))
-    s_BxTxM = jnp.sum(k_BxTxMxD * q_BxTxMxD, axis=-1) / math.sqrt(d)
-    if cfg.signed_sqrt_gate:
-      s_BxTxM = jnp.sign(s_BxTxM) * jnp.sqrt(jnp.maximum(jnp.abs(s_BxTxM), GATE_ABS_FLOOR))
-    gate_BxTxM = jax.nn.sigmoid(s_BxTxM)
-    self.sow("intermediates", "gate", gate_BxTxM)
-
-    v_BxTxMxD = gate_BxTxM[..., None] * value_BxTxD[:, :, None, :]
-    y_BxTxMxD = v_BxTxMxD + ShortConv(cfg, self.param_dtype, self.decode, self.dtype,
-                                      name="short_conv")(
-        value_BxTxD, gate_BxTxM, segment_ids_BxT)
+    y_BxTxMxD = gate_BxTxM[..., None] * value_BxTxD[:, :, None, :]
+    if cfg.use_short_conv:
+      y_BxTxMxD = y_BxTxMxD + ShortConv(cfg, self.param_dtype, self.decode, self.dtype,
+                                        name="short_conv")(
+          value_BxTxD, gate_BxTxM, segment_ids_BxT)
     y_BxTxMxD = nn.with_logical_constraint(y_BxTxMxD, ("batch", "length", "streams", "embed"))
     return y_BxTxMxD.astype(self.dtype)
+
+  def _gate(self, e_BxTxF: jax.Array, hidden_BxTxMxD: jax.Array) -> jax.Array:
+    """alpha `[B, T, M]` (float32): per stream ('multi') or one broadcast gate ('shared')."""
+    cfg = self.config
+    g, m, d, f = cfg.gate_streams, cfg.hc_mult, cfg.hidden_size, cfg.memory_dim
+    # All G key projections in one einsum over a stacked kernel.
+    key_kernel_GxFxD = self.param(
+        "key_kernel",
+        nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,)),
+            ("streams", "engram_mem", "embed")),
+        (g, f, d), self.param_dtype)
+    key_bias_GxD = self.param(
+        "key_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("streams", "embed")),
+        (g, d), self.param_dtype)
+    key_BxTxGxD = jnp.einsum("btf,gfd->btgd", e_BxTxF, key_kernel_GxFxD.astype(self.dtype),
+                             preferred_element_type=self.dtype).astype(jnp.float32)
+    key_BxTxGxD = key_BxTxGxD + key_bias_GxD.astype(jnp.float32)
+    k_BxTxGxD = StreamRMSNorm(cfg.norm_eps, self.param_dtype, name="key_norm")(key_BxTxGxD)
+    # The query norm sees the compute-dtype hidden states, as torch sees the autocast input;
+    # one shared gate reads the streams' mean (the model's own stream contraction).
+    query_BxTxGxD = hidden_BxTxMxD.astype(self.dtype)
+    if cfg.gate == "shared":
+      query_BxTxGxD = contract_streams(query_BxTxGxD)[:, :, None, :]
+    q_BxTxGxD = StreamRMSNorm(cfg.norm_eps, self.param_dtype, name="query_norm")(query_BxTxGxD)
+    s_BxTxG = jnp.sum(k_BxTxGxD * q_BxTxGxD, axis=-1) / math.sqrt(d)
+    if cfg.signed_sqrt_gate:
+      s_BxTxG = jnp.sign(s_BxTxG) * jnp.sqrt(jnp.maximum(jnp.abs(s_BxTxG), GATE_ABS_FLOOR))
+    alpha_BxTxG = jax.nn.sigmoid(s_BxTxG)
+    return jnp.broadcast_to(alpha_BxTxG, alpha_BxTxG.shape[:2] + (m,))
 
   def _check_hidden(self, hidden) -> None:
     cfg = self.config

@@ -88,8 +88,12 @@ def count_params(cfg: ModelConfig) -> dict:
     rows, rows_exact = _engram_rows_per_layer(cfg)
     engram_tables = sum(rows) * eng.head_dim
     f = eng.memory_dim
-    # value (F*D + D), M keys (M*F*D + M*D), key/query norms (2*M*D), conv kernel + norm.
-    per_layer = f * d + d + m * f * d + m * d + 2 * m * d + eng.kernel_size * m * d + m * d
+    # value (F*D + D), G keys (G*F*D + G*D) and key/query norms (2*G*D) with G = gate_streams,
+    # conv kernel + norm (K*M*D + M*D) unless use_short_conv is off.
+    g = eng.gate_streams
+    per_layer = f * d + d + g * (f * d + d + 2 * d)
+    if eng.use_short_conv:
+      per_layer += eng.kernel_size * m * d + m * d
     engram_dense = len(eng.layer_ids) * per_layer
     rows_read = len(eng.layer_ids) * eng.num_heads * eng.head_dim
 

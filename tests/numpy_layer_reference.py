@@ -4,6 +4,9 @@ Written from REFERENCE.md section 1 and `engram_demo_v1.py`, independent of `eng
 reads weights in the PyTorch state-dict layout (Linear weights [out, in], the depthwise conv as
 [M*D, 1, K]), loops over streams like the demo, and computes the conv the way torch does
 (zero padding of (K-1)*dilation on *both* sides, cross-correlation, keep the first T outputs).
+The ablation switches of `EngramConfig` are options of `engram_forward`: `gate='shared'` reads
+stream 0's key projection and norms with the streams' mean as the query, `gate='none'` uses
+alpha = 1, `use_short_conv=False` returns the gated value.
 
 Dimension legend: B batch, T sequence length, M residual streams, D hidden size, H hash heads,
 E head width, F = H*E memory width, K conv kernel size, R table rows.
@@ -54,25 +57,29 @@ def embed(state_dict, ids_BxTxH, head_sizes):
 
 def engram_forward(state_dict, hidden_BxTxMxD, ids_BxTxH, head_sizes, *, kernel_size,
                    dilation, norm_eps=TORCH_F32_EPS, conv_norm_eps=1e-5,
-                   signed_sqrt_gate=True):
+                   signed_sqrt_gate=True, gate="multi", use_short_conv=True):
   """Returns (output_BxTxMxD, gate_BxTxM) of the demo's Engram module, float64."""
   h = np.asarray(hidden_BxTxMxD, np.float64)
   b, t, m, d = h.shape
   if state_dict["short_conv.conv.weight"].shape[-1] != kernel_size:
     raise ValueError("kernel_size does not match short_conv.conv.weight")
   e = embed(state_dict, ids_BxTxH, head_sizes)
+  queries = {"multi": h, "shared": h.mean(axis=2, keepdims=True), "none": h[:, :, :0]}[gate]
   gates = []
-  for i in range(m):
+  for i in range(queries.shape[2]):
     key = _linear(e, state_dict[f"key_projs.{i}.weight"], state_dict[f"key_projs.{i}.bias"])
     k_n = _rms_norm(key, state_dict[f"norm1.{i}.weight"], norm_eps)
-    q_n = _rms_norm(h[:, :, i, :], state_dict[f"norm2.{i}.weight"], norm_eps)
+    q_n = _rms_norm(queries[:, :, i, :], state_dict[f"norm2.{i}.weight"], norm_eps)
     s = (k_n * q_n).sum(-1) / np.sqrt(d)
     if signed_sqrt_gate:
       s = np.sqrt(np.maximum(np.abs(s), 1e-6)) * np.sign(s)
     gates.append(1.0 / (1.0 + np.exp(-s)))
-  gate = np.stack(gates, axis=2)
+  gate = (np.broadcast_to(np.stack(gates, axis=2), (b, t, m)) if gates
+          else np.ones((b, t, m)))
   value = gate[..., None] * _linear(e, state_dict["value_proj.weight"],
                                     state_dict["value_proj.bias"])[:, :, None, :]
+  if not use_short_conv:
+    return value, gate
   normed = np.concatenate(
       [_rms_norm(value[:, :, i, :], state_dict[f"short_conv.norms.{i}.weight"], conv_norm_eps)
        for i in range(m)], axis=-1)

@@ -11,6 +11,7 @@ import pytest
 from engram_jax.config import EngramConfig
 from engram_jax.convert import from_torch_state_dict, to_torch_state_dict
 from engram_jax.fusion import Engram
+from engram_jax.memory import MultiHeadMemory
 from pallas_kernels.engram_lookup import prefetch_rows
 from tests import numpy_layer_reference as ref
 from tests.jaxpr_util import jaxpr_eqns
@@ -253,3 +254,109 @@ def test_external_placement_under_jit_matches_param_placement():
       {"params": ext_params}, hidden, pre)
   dense = jax.jit(Engram(cfg, HEAD_SIZES).apply)({"params": params}, hidden, ids)
   np.testing.assert_array_equal(np.asarray(ext), np.asarray(dense))
+
+
+# ---- ablation switches: gate='shared' | 'none', use_short_conv=False ---------------------------
+
+
+def variant_params(cfg, sd):
+  """The demo state dict mapped onto a variant's params: stream 0's key projection and norms
+  for gate='shared', none of them for gate='none', no conv without use_short_conv."""
+  p = dict(from_torch_state_dict(sd, cfg.replace(gate="multi", use_short_conv=True), HEAD_SIZES))
+  if cfg.gate == "shared":
+    p["key_kernel"], p["key_bias"] = p["key_kernel"][:1], p["key_bias"][:1]
+    for name in ("key_norm", "query_norm"):
+      p[name] = {"scale": p[name]["scale"][:1]}
+  if cfg.gate == "none":
+    for name in ("key_kernel", "key_bias", "key_norm", "query_norm"):
+      del p[name]
+  if not cfg.use_short_conv:
+    del p["short_conv"]
+  return p
+
+
+@pytest.mark.parametrize("overrides", [
+    {"gate": "shared"},
+    {"gate": "shared", "hc_mult": 4, "signed_sqrt_gate": False},
+    {"gate": "none"},
+    {"use_short_conv": False},
+    {"gate": "none", "use_short_conv": False},
+])
+def test_ablation_switches_match_numpy_reference(overrides):
+  cfg = tiny_config(**overrides)
+  hidden, ids = random_inputs(cfg)
+  sd = random_sd(cfg)
+  params = variant_params(cfg, sd)
+  model = Engram(cfg, HEAD_SIZES)
+  # The variant creates exactly the parameters it uses, nothing else.
+  init_shapes = jax.tree.map(np.shape, nn.unbox(model.init(jax.random.key(0), hidden, ids))["params"])
+  assert init_shapes == jax.tree.map(np.shape, params)
+  out, state = model.apply({"params": params}, hidden, ids, mutable=["intermediates"])
+  want, want_gate = ref.engram_forward(
+      sd, hidden, ids, HEAD_SIZES, kernel_size=cfg.kernel_size, dilation=cfg.dilation,
+      norm_eps=cfg.norm_eps, conv_norm_eps=cfg.conv_norm_eps,
+      signed_sqrt_gate=cfg.signed_sqrt_gate, gate=cfg.gate, use_short_conv=cfg.use_short_conv)
+  np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-6)
+  if cfg.gate == "none":
+    assert "gate" not in state.get("intermediates", {})
+  else:
+    (gate,) = state["intermediates"]["gate"]
+    np.testing.assert_allclose(np.asarray(gate), want_gate, rtol=1e-5, atol=1e-7)
+  # Each switch changes the output: the default layer on the same weights differs.
+  default, _ = reference(tiny_config(hc_mult=cfg.hc_mult, signed_sqrt_gate=cfg.signed_sqrt_gate),
+                         sd, hidden, ids)
+  assert np.abs(default - want).max() > 1e-2
+
+
+def test_shared_gate_is_one_value_for_all_streams():
+  cfg = tiny_config(gate="shared", hc_mult=4)
+  hidden, ids = random_inputs(cfg)
+  model = Engram(cfg, HEAD_SIZES)
+  variables = model.init(jax.random.key(0), hidden, ids)
+  assert variables["params"]["key_kernel"].value.shape == (1, cfg.memory_dim, cfg.hidden_size)
+  _, state = model.apply(variables, hidden, ids, mutable=["intermediates"])
+  (gate,) = np.asarray(state["intermediates"]["gate"])
+  assert gate.shape == (B, T, 4)
+  np.testing.assert_array_equal(gate, np.broadcast_to(gate[..., :1], gate.shape))
+  assert gate.std() > 0
+
+
+def test_no_gate_no_conv_is_the_value_projection_exactly():
+  """gate='none' is alpha = 1 exactly: without the conv, every stream gets e W_V + b bit for bit."""
+  cfg = tiny_config(gate="none", use_short_conv=False)
+  hidden, ids = random_inputs(cfg)
+  params = variant_params(cfg, random_sd(cfg))
+  out = np.asarray(Engram(cfg, HEAD_SIZES).apply({"params": params}, hidden, ids))
+  e = np.asarray(MultiHeadMemory(cfg, HEAD_SIZES).apply(
+      {"params": params["memory"]}, ids))
+  value = np.asarray(jnp.einsum("btf,fd->btd", e, params["value_kernel"],
+                                preferred_element_type=jnp.float32) + params["value_bias"])
+  for m in range(cfg.hc_mult):
+    np.testing.assert_array_equal(out[:, :, m], value)
+
+
+def test_no_conv_removes_exactly_the_conv_branch():
+  """use_short_conv=False changes nothing but the conv: the default output minus its conv
+  branch (captured) equals the variant's output on the same weights."""
+  cfg = tiny_config()
+  hidden, ids = random_inputs(cfg)
+  params = from_torch_state_dict(random_sd(cfg), cfg, HEAD_SIZES)
+  out, state = Engram(cfg, HEAD_SIZES).apply(
+      {"params": params}, hidden, ids, mutable=["intermediates"],
+      capture_intermediates=lambda mdl, _: mdl.name == "short_conv")
+  conv = np.asarray(state["intermediates"]["short_conv"]["__call__"][0])
+  assert np.abs(conv).max() > 1e-2
+  no_conv_cfg = cfg.replace(use_short_conv=False)
+  no_conv = Engram(no_conv_cfg, HEAD_SIZES).apply(
+      {"params": {k: v for k, v in params.items() if k != "short_conv"}}, hidden, ids)
+  np.testing.assert_allclose(np.asarray(out) - conv, np.asarray(no_conv), rtol=1e-6, atol=1e-6)
+
+
+def test_demo_state_dict_conversion_refuses_ablation_variants():
+  cfg = tiny_config()
+  params = from_torch_state_dict(random_sd(cfg), cfg, HEAD_SIZES)
+  for overrides in ({"gate": "shared"}, {"gate": "none"}, {"use_short_conv": False}):
+    with pytest.raises(ValueError, match="gate='multi' and use_short_conv=True"):
+      from_torch_state_dict(random_sd(cfg), cfg.replace(**overrides), HEAD_SIZES)
+    with pytest.raises(ValueError, match="gate='multi' and use_short_conv=True"):
+      to_torch_state_dict(params, cfg.replace(**overrides))

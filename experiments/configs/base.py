@@ -82,6 +82,11 @@ def get_config(arg=None):
   c.engram.seed = 0
   c.engram.kernel_size = 4
   c.engram.signed_sqrt_gate = True
+  # Ablation switches (engram_jax.config.EngramConfig): 'multi' | 'shared' | 'none' gate, the
+  # ShortConv, and tokenizer compression (False hashes raw ids).
+  c.engram.gate = "multi"
+  c.engram.use_short_conv = True
+  c.engram.compress_tokenizer = True
   c.engram.zero_init_conv = True  # paper
   c.engram.conv_dilation = 0      # 0 -> max_ngram_size (demo)
   c.engram.table_init_std = 1.0
