@@ -2,7 +2,7 @@
 
 import pytest
 
-from experiments import bench_train_step
+from benchmarks import bench_train_step
 from experiments.configs import quickstart
 
 
@@ -23,7 +23,7 @@ def test_set_overrides_reject_unknown_fields_and_missing_values(item):
 
 def test_profile_step_attributes_device_time_to_model_parts():
   import argparse
-  from experiments import profile_step
+  from benchmarks import profile_step
   args = argparse.Namespace(config="experiments/configs/tiny_test.py", set=[],
                             kind="lazy_adam", rows=4096, steps=1)
   ms, _, parts, per_op, total, names, table_rows, _ = profile_step.profile(args)
@@ -41,7 +41,7 @@ def test_profile_step_attributes_device_time_to_model_parts():
 def test_bench_offload_bf16_tables_match_hbm(tmp_path, monkeypatch, capsys):
   import json
   import sys
-  from experiments import bench_offload
+  from benchmarks import bench_offload
   monkeypatch.setattr(sys, "argv", [
       "bench_offload", "--sizes_gb=0.001", "--batch=2", "--seq=32", "--d=32", "--blocks=1",
       "--steps=2", "--modes=hbm,fused,threads", "--optimizer=adagrad", "--table_dtype=bfloat16",
@@ -61,21 +61,21 @@ def test_bench_offload_bf16_tables_match_hbm(tmp_path, monkeypatch, capsys):
 def test_trace_lines_union_and_summary():
   import jax
   import jax.numpy as jnp
-  from experiments import trace_lines
+  from benchmarks import common
   # Nested and overlapping events count once; a gap does not count.
-  assert trace_lines._union_ns([(0, 10), (2, 5), (8, 14), (20, 25)]) == 19
+  assert common._union_ns([(0, 10), (2, 5), (8, 14), (20, 25)]) == 19
   f = jax.jit(lambda x: jnp.tanh(x @ x).sum())
   x = jnp.ones((128, 128))
   f(x).block_until_ready()
-  outs, rows, wall_ms = trace_lines.traced(lambda: [f(x).block_until_ready() for _ in range(3)])
+  outs, rows, wall_ms = common.traced(lambda: [f(x).block_until_ready() for _ in range(3)])
   assert len(outs) == 3                                        # fn's result is passed through
   assert wall_ms > 0 and rows and all(r["busy_ns"] > 0 and r["events"] > 0 for r in rows)
   assert rows == sorted(rows, key=lambda r: -r["busy_ns"])
-  assert "per step" in trace_lines.format_rows(rows, wall_ms, steps=3)
+  assert "per step" in common.format_rows(rows, wall_ms, steps=3)
 
 
 def test_part_of_reads_module_paths_and_the_backward():
-  from experiments import profile_step
+  from benchmarks import profile_step
   assert profile_step.part_of("jit(train_step)/transpose(jvp(EngramLM))/layer_1/engram/x") == (
       "Engram layer", True)
   assert profile_step.part_of("jit(train_step)/jvp(EngramLM)/layer_2/moe/experts/dot") == (
@@ -88,7 +88,7 @@ def test_part_of_reads_module_paths_and_the_backward():
 def test_bench_offload_runs_and_host_training_matches_hbm(tmp_path, monkeypatch, capsys):
   import json
   import sys
-  from experiments import bench_offload
+  from benchmarks import bench_offload
   monkeypatch.setattr(sys, "argv", [
       "bench_offload", "--sizes_gb=0.002", "--batch=2", "--seq=32", "--d=64", "--blocks=2",
       "--steps=2", "--modes=hbm,separate,fused,threads,gen", "--optimizer=adagrad", "--gen_batch=2",
@@ -128,7 +128,7 @@ def test_check_host_rows_finds_no_difference_on_this_backend():
 
 
 def test_bench_mhc_variants_agree_with_the_previous_formulation():
-  from experiments import bench_mhc
+  from benchmarks import bench_mhc
   times, agreement = bench_mhc.run(batch=2, seq=8, streams=4, width=16, iters=5, reps=1)
   assert set(times) == {"before", "einsum", "elementwise"}
   assert all(ms > 0 for ms in times.values())
@@ -138,7 +138,7 @@ def test_bench_mhc_variants_agree_with_the_previous_formulation():
 
 
 def test_hot_rows_bounds_what_a_cache_could_serve():
-  from experiments import hot_rows
+  from benchmarks import hot_rows
   r = hot_rows.analyse("zipf", table_gb=0.002, caches=(0.0, 0.01, 0.1, 1.0), batch=2, seq=64,
                        zipf_tokens=20_000)
   hits = [r["per_cache"][c][1:] for c in (0.0, 0.01, 0.1, 1.0)]

@@ -1,9 +1,9 @@
 """One mHC sub-layer wrapper (coefficients + stream mixing) forward+backward, three ways.
 
-  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.bench_mhc
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m benchmarks.bench_mhc
 
 Question: which formulation of engram_jax/hyper_connections.py is fastest? The H200 profile of
-small_gpu (experiments/profile_step.py) put ~104 of 265 ms per step in mHC, 52 ms of it in the
+small_gpu (benchmarks/profile_step.py) put ~104 of 265 ms per step in mHC, 52 ms of it in the
 `einsum('btij,btjd->btid')` stream mixing, which XLA:GPU ran as batched 4x4 GEMMs. Timed in one
 run, each as `HyperConnection`-style coefficients + an identity sub-layer + the combine,
 forward + backward w.r.t. the streams and every mHC parameter, outputs and gradients compared:
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from engram_jax.hyper_connections import HyperConnection, hc_combine, sinkhorn_knopp
-from experiments.bench_moe import time_ms
+from benchmarks.bench_moe import time_ms
 
 
 def previous_formulation(p, x_BxTxMxD, iters, eps=1e-6):

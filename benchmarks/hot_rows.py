@@ -1,6 +1,6 @@
 """How much of a step's host traffic an HBM cache of the most frequent rows could serve.
 
-  python -m experiments.hot_rows [--tokens corpus|zipf] [--table_gb 32] [--cache 0.001,0.01,0.1]
+  python -m benchmarks.hot_rows [--tokens corpus|zipf] [--table_gb 32] [--cache 0.001,0.01,0.1]
 
 Issue 6 asks for a hybrid placement (the most frequently hit rows in an HBM cache, the rest in
 pinned_host) only if it measures better. Before building one, this bounds what it could save,
@@ -26,7 +26,7 @@ import argparse
 
 import numpy as np
 
-from experiments import bench_offload
+from benchmarks import bench_offload
 
 
 def stream(tokens: str, n: int, seed: int = 0) -> np.ndarray:

@@ -1,9 +1,9 @@
 """Where a training step's time goes: device time per model part, from a profiler trace.
 
-  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.profile_step \
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m benchmarks.profile_step \
       --config=experiments/configs/small_gpu.py [--set model.moe.dispatch=ragged ...]
 
-Compiles the real jitted train step of the config (`experiments/bench_train_step.py`'s trainer
+Compiles the real jitted train step of the config (`benchmarks/bench_train_step.py`'s trainer
 path: synthetic batches, tables of `--rows` rows filled by pattern), times it (median, as
 bench_train_step), then runs `--steps` steps under `jax.profiler.trace` and reads the trace back
 with `jax.profiler.ProfileData`. Every kernel / thunk event that names its HLO instruction
@@ -34,13 +34,13 @@ import re
 import tempfile
 import time
 
-from experiments import trace_lines
+from benchmarks import common
 
-trace_lines.command_buffers_off()  # Before the backend starts.
+common.command_buffers_off()  # Before the backend starts.
 
 import jax  # noqa: E402
 
-from experiments import bench_train_step  # noqa: E402
+from benchmarks import bench_train_step  # noqa: E402
 
 # (regex on op_name, part); the first match wins, so specific parts come before general ones.
 PARTS = (

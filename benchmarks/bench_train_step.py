@@ -1,7 +1,7 @@
 """Step time vs Engram table size: dense Adam (optax) vs row-sparse lazy Adam / row-wise Adagrad.
 
   XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
-      python -m experiments.bench_train_step [--step=standalone]
+      python -m benchmarks.bench_train_step [--step=standalone]
 
 (Without MEM_FRACTION, JAX's allocator stops at 75% of HBM: 112.6 GB of the H200's 143.8 GB.)
 

@@ -1,6 +1,6 @@
 """MoE FFN forward+backward at the small_gpu shapes: ragged_dot vs capacity dispatch.
 
-  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.bench_moe
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m benchmarks.bench_moe
 
 Question: is `jax.lax.ragged_dot` (engram_jax/moe.py, dispatch='ragged') what makes the
 small_gpu training step slow on a GPU? Times one MoE layer (router, dispatch, routed experts,

@@ -1,6 +1,6 @@
 """Benchmark of one whole Engram layer, forward + backward, at the official demo's shapes.
 
-  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.bench_layer [--no-torch] [--repeats 5]
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m benchmarks.bench_layer [--no-torch] [--repeats 5]
 
 Shapes: B=4, T=4096, M=4 streams, D=1024, 2 orders x 8 heads x 64 (d_mem 1024), base 646,400
 (10,344,164 table rows, f32 parameters). The step is what a user runs: token ids -> hashing on
@@ -25,7 +25,7 @@ hashing, 27.0 ms f32 eager with hashing on GPU, 20.0 ms compiled, 10.0 ms compil
 `--profile`: also traces the bf16 row-sparse step (`jax.profiler`) and prints its GPU time per
 part of the layer and its most expensive HLO instructions with their op_names. It turns XLA:GPU's
 command buffers (CUDA graphs) off for the whole run, so that every kernel names its
-instruction (as experiments/profile_step.py does); the run's times are then without them.
+instruction (as benchmarks/profile_step.py does); the run's times are then without them.
 
 Imports nothing from grain or ml_collections.
 
@@ -48,7 +48,7 @@ import numpy as np
 from engram_jax.config import EngramConfig
 from engram_jax.fusion import Engram, ShortConv
 from engram_jax.hashing import NgramHashMapping
-from experiments import trace_lines
+from benchmarks import common
 from pallas_kernels.engram_lookup import engram_lookup, prefetch_rows
 
 B, T, LAYER, VOCAB, PAD = 4, 4096, 1, 129_280, 2
@@ -118,10 +118,10 @@ PROFILE_PARTS = (
 def profile_layer(step, args, calls=5):
   """GPU (else host) event time per call of `step`: ({part: ms}, Counter of ms per
   instruction, {instruction: op_name}, summed ms)."""
-  from experiments.profile_step import hlo_events, op_names
+  from benchmarks.profile_step import hlo_events, op_names
   compiled = step.lower(*args).compile()
   jax.block_until_ready(compiled(*args))
-  _, profile, _ = trace_lines.profiled(
+  _, profile, _ = common.profiled(
       lambda: jax.block_until_ready([compiled(*args) for _ in range(calls)]))
   names = op_names(compiled.as_text())
   per_op = collections.Counter()
@@ -266,7 +266,7 @@ def main():
                       help="trace the bf16 row-sparse step (command buffers off for the run)")
   args = parser.parse_args()
   if args.profile:
-    trace_lines.command_buffers_off()
+    common.command_buffers_off()
   if args.tiny:
     global B, T
     B, T = 1, 128

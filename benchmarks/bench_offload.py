@@ -1,7 +1,7 @@
 """Engram tables in HBM vs in pinned host memory: training step time and decoding tokens/s.
 
   XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=110 \
-    python -m experiments.bench_offload --sizes_gb=1,32,8
+    python -m benchmarks.bench_offload --sizes_gb=1,32,8
 
 Same model, same batches, same table optimiser (`--optimizer`: lazy Adam with bf16 moments,
 2x the table bytes of host memory, or row-wise Adagrad, one f32 per row), one run, side by side
@@ -47,8 +47,8 @@ apply = update+scatter).
 and stores them rounded), so each host gather / scatter moves half the bytes.
 
 `--trace_steps n`: every training mode then runs n more steps under the profiler and prints
-the busy time of each GPU stream and host thread against the wall time (experiments/
-trace_lines.py): whether the host gather / scatter overlap the device's compute. Decoding
+the busy time of each GPU stream and host thread against the wall time (benchmarks/
+common.py): whether the host gather / scatter overlap the device's compute. Decoding
 (`gen`) then also traces one more call, per new token.
 
 Agreement: every run also prints, per host mode, the first-step loss next to the HBM one (equal
@@ -86,7 +86,7 @@ import numpy as np
 from engram_jax import offload, table_optim
 from engram_jax.generate import CachedGenerator, ThreadedGenerator
 from engram_jax.hashing import NgramHashMapping
-from experiments import trace_lines
+from benchmarks import common
 from pallas_kernels.engram_lookup.row_sparse import RowSparse, expand_rows, prefetch_rows
 
 VOCAB, N, K, E = 32768, 3, 8, 64
@@ -278,9 +278,9 @@ def _trace(args, name, run, state):
   agreement still compares equal step counts. Returns the state after them (or `state`)."""
   if not args.trace_steps:
     return state
-  state, rows, wall_ms = trace_lines.traced(lambda: run(args.trace_steps))
+  state, rows, wall_ms = common.traced(lambda: run(args.trace_steps))
   log(f"{name}: {args.trace_steps} traced steps\n"
-      + trace_lines.format_rows(rows, wall_ms, args.trace_steps))
+      + common.format_rows(rows, wall_ms, args.trace_steps))
   return state
 
 
@@ -460,9 +460,9 @@ def bench_gen(args, gens: dict) -> dict:
   result = {}
   for name, gen in gens.items():
     if args.trace_steps:  # one more call under the profiler: where a decode step's time goes
-      _, rows, wall_ms = trace_lines.traced(lambda gen=gen: gen(prompt, args.gen_new))
+      _, rows, wall_ms = common.traced(lambda gen=gen: gen(prompt, args.gen_new))
       log(f"generate ({name}): 1 traced call, per new token\n"
-          + trace_lines.format_rows(rows, wall_ms, args.gen_new))
+          + common.format_rows(rows, wall_ms, args.gen_new))
     if isinstance(gen, ThreadedGenerator):
       log(f"generate ({name}): us per token: " + ", ".join(
           f"{k} {v:.1f}" for k, v in gen.host_us_per_token.items()))

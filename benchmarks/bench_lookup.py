@@ -2,7 +2,7 @@
 
 Run on a GPU (prints tables; the last lines are the summary):
 
-  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.bench_lookup [--quick]
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m benchmarks.bench_lookup [--quick]
 
 Forward: for each table (rows R, width E, dtype) and lookup count N, the time of `jnp.take`
 (implementation='xla'), of the Pallas kernel, and of a same-size device copy (`-x` over the
@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import trace_lines
+from benchmarks import common
 from pallas_kernels.engram_lookup import (GpuLookupConfig, GpuSegmentSumConfig, engram_lookup,
                                           expand_rows, prefetch_rows, reference, segment_sum)
 
@@ -96,7 +96,7 @@ def kernel_time(fn, args_list, label):
   jitted = jax.jit(timed)
   for args in args_list:
     jax.block_until_ready(jitted(*args))
-  _, profile, _ = trace_lines.profiled(
+  _, profile, _ = common.profiled(
       lambda: [jax.block_until_ready(jitted(*args)) for args in args_list])
   total_ns = 0
   for plane in profile.planes:
@@ -261,7 +261,7 @@ def main():
                            "(command buffers off for the run)")
   args = parser.parse_args()
   if args.kernel_time:
-    trace_lines.command_buffers_off()
+    common.command_buffers_off()
   parts = set(args.parts.split(","))
   if not parts <= {"forward", "backward", "segment_sum"}:
     raise SystemExit(f"--parts: a comma list of forward, backward, segment_sum; got {args.parts}")

@@ -1,7 +1,7 @@
 """Busy time per profiler line (a GPU stream or a host thread) while a piece of code runs.
 
-  state, rows, wall_ms = trace_lines.traced(lambda: run_steps(3))
-  print(trace_lines.format_rows(rows, wall_ms, steps=3))
+  state, rows, wall_ms = common.traced(lambda: run_steps(3))
+  print(common.format_rows(rows, wall_ms, steps=3))
 
 `traced` runs the callable under `jax.profiler.trace` (it must block until its work is done),
 returns what it returned,
@@ -12,7 +12,7 @@ time. Compared with the wall time, a GPU stream's busy time says how much of a s
 computed and how much it waited, and the host lines say which host threads ran beside it (on a
 GPU, host compute of pinned_host operands runs on the host's XLA thread pools).
 
-Used by `experiments/bench_offload.py --trace_steps`. `profiled` (the trace itself) and
+Used by `benchmarks/bench_offload.py --trace_steps`. `profiled` (the trace itself) and
 `command_buffers_off` are shared with profile_step, bench_layer --profile and bench_lookup
 --kernel-time.
 """
