@@ -1,32 +1,43 @@
 """Small pieces of the benchmark scripts that decide what they measure."""
 
+import sys
+
 import pytest
 
-from experiments import bench_train_step
-from experiments.configs import quickstart
+from benchmarks import common
 
 
-def test_set_overrides_parse_literals_and_strings():
-  config = quickstart.get_config()
-  bench_train_step._apply_overrides(
-      config, ["model.moe.top_k=1", "data.batch_size=3", "table_optim.kind=adagrad"])
-  assert config.model.moe.top_k == 1
-  assert config.data.batch_size == 3
-  assert config.table_optim.kind == "adagrad"
-
-
-@pytest.mark.parametrize("item", ["model.moe.no_such_field=1", "model.moe.top_k"])
-def test_set_overrides_reject_unknown_fields_and_missing_values(item):
-  with pytest.raises(SystemExit):
-    bench_train_step._apply_overrides(quickstart.get_config(), [item])
+def test_config_overrides_go_through_config_flags(monkeypatch):
+  from benchmarks import bench_train_step
+  monkeypatch.setattr(sys, "argv", [
+      "bench_train_step", "--step=trainer", "--config=experiments/configs/quickstart.py",
+      "--config.model.moe.top_k=1", "--config.data.batch_size=3", "--kinds=adagrad"])
+  args = common.parse_flags(bench_train_step.FLAGS, bench_train_step.__doc__)
+  assert args.step == "trainer" and args.kinds == ["adagrad"]
+  assert args.config.model.moe.top_k == 1 and args.config.data.batch_size == 3
+  assert common.config_overrides(args) == "--config.model.moe.top_k=1 --config.data.batch_size=3"
+  # Each measured size: the overrides stay, the tables are resized, the optimiser switched.
+  config = common.TrainerSteps(args.config).sized_config("adagrad", 80_000)
+  assert config.model.moe.top_k == 1 and config.table_optim.kind == "adagrad"
+  assert config.engram.engram_vocab_size == (10_000, 10_000)  # 2 orders x 4 heads
+  assert args.config.table_optim.kind == "lazy_adam"            # the flag's config is a copy
+  assert args.config.engram.engram_vocab_size == (5_000, 5_000)
+  # A second parse starts from the defaults; an unknown field or flag is named.
+  monkeypatch.setattr(sys, "argv", ["bench_train_step"])
+  args = common.parse_flags(bench_train_step.FLAGS, bench_train_step.__doc__)
+  assert args.step == "standalone" and args.config is None and len(args.kinds) == 3
+  for bad in ("--config.model.moe.no_such_field=1", "--no_such_flag=1"):
+    monkeypatch.setattr(sys, "argv", [
+        "bench_train_step", "--config=experiments/configs/quickstart.py", bad])
+    with pytest.raises((AttributeError, SystemExit), match="no_such_"):
+      common.parse_flags(bench_train_step.FLAGS, bench_train_step.__doc__)
 
 
 def test_profile_step_attributes_device_time_to_model_parts():
-  import argparse
-  from experiments import profile_step
-  args = argparse.Namespace(config="experiments/configs/tiny_test.py", set=[],
-                            kind="lazy_adam", rows=4096, steps=1)
-  ms, _, parts, per_op, total, names, table_rows, _ = profile_step.profile(args)
+  from benchmarks import profile_step
+  from experiments.configs import tiny_test
+  ms, _, parts, per_op, total, names, table_rows = profile_step.profile(
+      tiny_test.get_config(), "lazy_adam", rows=4096, steps=1)
   assert ms > 0 and total > 0 and table_rows
   # tiny_test has Engram layers, MoE blocks with a shared expert, attention and mHC streams.
   for part in ("Engram layer", "MoE routed experts", "MoE shared expert", "attention",
@@ -41,7 +52,7 @@ def test_profile_step_attributes_device_time_to_model_parts():
 def test_bench_offload_bf16_tables_match_hbm(tmp_path, monkeypatch, capsys):
   import json
   import sys
-  from experiments import bench_offload
+  from benchmarks import bench_offload
   monkeypatch.setattr(sys, "argv", [
       "bench_offload", "--sizes_gb=0.001", "--batch=2", "--seq=32", "--d=32", "--blocks=1",
       "--steps=2", "--modes=hbm,fused,threads", "--optimizer=adagrad", "--table_dtype=bfloat16",
@@ -61,21 +72,20 @@ def test_bench_offload_bf16_tables_match_hbm(tmp_path, monkeypatch, capsys):
 def test_trace_lines_union_and_summary():
   import jax
   import jax.numpy as jnp
-  from experiments import trace_lines
   # Nested and overlapping events count once; a gap does not count.
-  assert trace_lines._union_ns([(0, 10), (2, 5), (8, 14), (20, 25)]) == 19
+  assert common._union_ns([(0, 10), (2, 5), (8, 14), (20, 25)]) == 19
   f = jax.jit(lambda x: jnp.tanh(x @ x).sum())
   x = jnp.ones((128, 128))
   f(x).block_until_ready()
-  outs, rows, wall_ms = trace_lines.traced(lambda: [f(x).block_until_ready() for _ in range(3)])
+  outs, rows, wall_ms = common.traced(lambda: [f(x).block_until_ready() for _ in range(3)])
   assert len(outs) == 3                                        # fn's result is passed through
   assert wall_ms > 0 and rows and all(r["busy_ns"] > 0 and r["events"] > 0 for r in rows)
   assert rows == sorted(rows, key=lambda r: -r["busy_ns"])
-  assert "per step" in trace_lines.format_rows(rows, wall_ms, steps=3)
+  assert "per step" in common.format_rows(rows, wall_ms, steps=3)
 
 
 def test_part_of_reads_module_paths_and_the_backward():
-  from experiments import profile_step
+  from benchmarks import profile_step
   assert profile_step.part_of("jit(train_step)/transpose(jvp(EngramLM))/layer_1/engram/x") == (
       "Engram layer", True)
   assert profile_step.part_of("jit(train_step)/jvp(EngramLM)/layer_2/moe/experts/dot") == (
@@ -88,7 +98,7 @@ def test_part_of_reads_module_paths_and_the_backward():
 def test_bench_offload_runs_and_host_training_matches_hbm(tmp_path, monkeypatch, capsys):
   import json
   import sys
-  from experiments import bench_offload
+  from benchmarks import bench_offload
   monkeypatch.setattr(sys, "argv", [
       "bench_offload", "--sizes_gb=0.002", "--batch=2", "--seq=32", "--d=64", "--blocks=2",
       "--steps=2", "--modes=hbm,separate,fused,threads,gen", "--optimizer=adagrad", "--gen_batch=2",
@@ -127,10 +137,10 @@ def test_check_host_rows_finds_no_difference_on_this_backend():
       "3 threaded steps host vs HBM": 0.0}
 
 
-def test_bench_mhc_variants_agree_with_the_previous_formulation():
-  from experiments import bench_mhc
+def test_bench_mhc_variants_agree_with_the_baseline():
+  from benchmarks import bench_mhc
   times, agreement = bench_mhc.run(batch=2, seq=8, streams=4, width=16, iters=5, reps=1)
-  assert set(times) == {"before", "einsum", "elementwise"}
+  assert set(times) == {"baseline", "einsum", "elementwise"}
   assert all(ms > 0 for ms in times.values())
   for name, (loss_diff, grad_diff, stream_grad_diff) in agreement.items():
     # bf16 streams: outputs round to bf16 (relative 2^-8), f32 sums differ in order only.
@@ -138,7 +148,7 @@ def test_bench_mhc_variants_agree_with_the_previous_formulation():
 
 
 def test_hot_rows_bounds_what_a_cache_could_serve():
-  from experiments import hot_rows
+  from benchmarks import hot_rows
   r = hot_rows.analyse("zipf", table_gb=0.002, caches=(0.0, 0.01, 0.1, 1.0), batch=2, seq=64,
                        zipf_tokens=20_000)
   hits = [r["per_cache"][c][1:] for c in (0.0, 0.01, 0.1, 1.0)]
@@ -151,7 +161,7 @@ def test_hot_rows_bounds_what_a_cache_could_serve():
 
 def test_bench_moe_times_every_dispatch_in_one_run(monkeypatch, capsys):
   import sys
-  from experiments import bench_moe
+  from benchmarks import bench_moe
   monkeypatch.setattr(sys, "argv", ["bench_moe", "--tokens=64", "--d=64", "--experts=4",
                                     "--expert_width=64", "--reps=1", "--sweep"])
   bench_moe.main()

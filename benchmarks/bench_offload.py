@@ -1,7 +1,7 @@
 """Engram tables in HBM vs in pinned host memory: training step time and decoding tokens/s.
 
   XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=110 \
-    python -m experiments.bench_offload --sizes_gb=1,32,8
+    python -m benchmarks.bench_offload --sizes_gb=1,32,8
 
 Same model, same batches, same table optimiser (`--optimizer`: lazy Adam with bf16 moments,
 2x the table bytes of host memory, or row-wise Adagrad, one f32 per row), one run, side by side
@@ -47,46 +47,33 @@ apply = update+scatter).
 and stores them rounded), so each host gather / scatter moves half the bytes.
 
 `--trace_steps n`: every training mode then runs n more steps under the profiler and prints
-the busy time of each GPU stream and host thread against the wall time (experiments/
-trace_lines.py): whether the host gather / scatter overlap the device's compute. Decoding
+the busy time of each GPU stream and host thread against the wall time (benchmarks/
+common.py): whether the host gather / scatter overlap the device's compute. Decoding
 (`gen`) then also traces one more call, per new token.
 
 Agreement: every run also prints, per host mode, the first-step loss next to the HBM one (equal
 inputs, so any difference is a bug), the largest per-step |loss difference| and the largest
 |difference| of 4096 updated rows per table after the run.
 
-Status (H200, jax 0.11.2; numbers in the README): 32 GB with d=4096, 24 blocks, --remat, Zipf
-tokens: threads +0.4-0.7% per step over HBM, fused +4.6-4.8%; d=2048, 8 blocks, 1 GB: threads
-+7.8%, separate +20.5%, fused +25.1%. Decoding at 32 GB (f1dc38b, decoders in turns): direct
-+1.7% with 512 sequences (`--gen_batch 512`, the paper's batch) and +3.0-3.4% with 64; step
-+5.8% / +11.4-11.8%; earlier runs: separate fetch +10.8% / +6.4% (64 / 512), the threaded
-decoder +100% / +21%.
-Only the threads mode ends with rows equal to the HBM run's (max |row diff| 5e-4 to 1.3e-2);
-separate and fused end 6.7-7.5 away, which check_host_rows' 8-step chains reproduce (up to
-1.7e7), so the library refuses them on a GPU (this script opts in with
-`allow_xla_host_writes=True` to measure them). `--probe` (4 GiB f32 table,
-262,144 random rows of 256 B): host gather -> HBM 3.67 ms, host scatter back 4.50 ms; a 48.57 ms
-matmul followed by the gather program 50.34 ms, by the scatter program 52.11 ms; in ONE program
-50.00 ms; NumPy gather / scatter on the same buffer 6.44 / 5.82 ms with 8 threads, and all the
-threaded step's host work beside the matmul 51.40 ms.
+Results, with their commands: benchmarks/README.md.
 
 Dimension legend: B batch, T time, H hash heads, E row width, U = B*T*H row slots, D width.
 """
 
-import argparse
 import gc
 import json
 import os
 import time
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from engram_jax import offload, table_optim
 from engram_jax.generate import CachedGenerator, ThreadedGenerator
 from engram_jax.hashing import NgramHashMapping
-from experiments import trace_lines
 from pallas_kernels.engram_lookup.row_sparse import RowSparse, expand_rows, prefetch_rows
 
 VOCAB, N, K, E = 32768, 3, 8, 64
@@ -97,43 +84,51 @@ LR = 1e-3
 WARMUP = 4           # warm-up steps: one pass over the `batches` (n=4)
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("sizes_gb", "1,32,8", "total table GB (both layers); empty: none",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("batch", 8, "B", flag_values=FLAGS)
+flags.DEFINE_integer("seq", 2048, "T", flag_values=FLAGS)
+flags.DEFINE_integer("d", 2048, "model width", flag_values=FLAGS)
+flags.DEFINE_integer("blocks", 8, "residual MLP blocks", flag_values=FLAGS)
+flags.DEFINE_integer("steps", 10, "timed training steps", flag_values=FLAGS)
+flags.DEFINE_bool("remat", False,
+                  "recompute each block in the backward (large --d/--blocks in HBM)",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("gen_batch", 64, "decoding: sequences", flag_values=FLAGS)
+flags.DEFINE_integer("gen_prompt", 112, "decoding: prompt tokens", flag_values=FLAGS)
+flags.DEFINE_integer("gen_new", 64, "decoding: new tokens", flag_values=FLAGS)
+flags.DEFINE_integer("gen_reps", 3, "timed decoding calls (median)", flag_values=FLAGS)
+flags.DEFINE_string("gen_fetch", "direct,step,program,threads",
+                    "gen: which host-table decoders run (comma list of direct, step, program, "
+                    "threads; see make_generator)", flag_values=FLAGS)
+flags.DEFINE_bool("probe", False, "time the host gather/scatter first", flag_values=FLAGS)
+flags.DEFINE_string("modes", "hbm,separate,fused,gen",
+                    "what to run per size: hbm (baseline, always), separate, fused, gen",
+                    flag_values=FLAGS)
+flags.DEFINE_enum("optimizer", "lazy_adam", ["lazy_adam", "adagrad"],
+                  "table optimiser: lazy_adam (bf16 moments) or row-wise adagrad",
+                  flag_values=FLAGS)
+flags.DEFINE_enum("tokens", "zipf", ["zipf", "corpus"],
+                  "batch tokens: Zipf(1.1) ids (~94% of row slots unique at the default "
+                  "shapes) or windows of the shipped corpus (real n-gram repetition)",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("row_buckets", 0,
+                     "host modes: HostTableTrainer(row_buckets=k), move ~the unique rows "
+                     "instead of B*T*H slots (0: off)", flag_values=FLAGS)
+flags.DEFINE_enum("table_dtype", "float32", ["float32", "bfloat16"],
+                  "dtype of the tables (all placements; updated in f32, stored rounded): "
+                  "bfloat16 halves the bytes each host gather / scatter moves", flag_values=FLAGS)
+flags.DEFINE_integer("trace_steps", 0,
+                     "every training mode then runs this many more steps under the profiler "
+                     "and prints busy time per GPU stream / host thread (common.traced); gen "
+                     "traces one more call", flag_values=FLAGS)
+flags.DEFINE_string("out", os.environ.get("OUT", "/tmp"), "where bench_offload.json goes",
+                    flag_values=FLAGS)
+
+
 def parse():
-  p = argparse.ArgumentParser()
-  p.add_argument("--sizes_gb", default="1,32,8", help="total table GB (both layers); empty: none")
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--seq", type=int, default=2048)
-  p.add_argument("--d", type=int, default=2048)
-  p.add_argument("--blocks", type=int, default=8)
-  p.add_argument("--steps", type=int, default=10)
-  p.add_argument("--remat", action="store_true",
-                 help="recompute each block in the backward (large --d/--blocks in HBM)")
-  p.add_argument("--gen_batch", type=int, default=64)
-  p.add_argument("--gen_prompt", type=int, default=112)
-  p.add_argument("--gen_new", type=int, default=64)
-  p.add_argument("--gen_reps", type=int, default=3, help="timed decoding calls (median)")
-  p.add_argument("--gen_fetch", default="direct,step,program,threads",
-                 help="gen: which host-table decoders run (comma list of direct, step, program, "
-                      "threads; see make_generator)")
-  p.add_argument("--probe", action="store_true", help="time the host gather/scatter first")
-  p.add_argument("--modes", default="hbm,separate,fused,gen",
-                 help="what to run per size: hbm (baseline, always), separate, fused, gen")
-  p.add_argument("--optimizer", default="lazy_adam", choices=["lazy_adam", "adagrad"],
-                 help="table optimiser: lazy_adam (bf16 moments) or row-wise adagrad")
-  p.add_argument("--tokens", default="zipf", choices=["zipf", "corpus"],
-                 help="batch tokens: Zipf(1.1) ids (~94%% of row slots unique at the default "
-                      "shapes) or windows of the shipped corpus (real n-gram repetition)")
-  p.add_argument("--row_buckets", type=int, default=0,
-                 help="host modes: HostTableTrainer(row_buckets=k), move ~the unique rows "
-                      "instead of B*T*H slots (0: off)")
-  p.add_argument("--table_dtype", default="float32", choices=["float32", "bfloat16"],
-                 help="dtype of the tables (all placements; updated in f32, stored rounded): "
-                      "bfloat16 halves the bytes each host gather / scatter moves")
-  p.add_argument("--trace_steps", type=int, default=0,
-                 help="every training mode then runs this many more steps under the profiler "
-                      "and prints busy time per GPU stream / host thread (trace_lines); gen "
-                      "traces one more call")
-  p.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
-  return p.parse_args()
+  return common.parse_flags(FLAGS, __doc__)
 
 
 def mapping_for(gb: float, itemsize: int = 4) -> NgramHashMapping:
@@ -141,19 +136,11 @@ def mapping_for(gb: float, itemsize: int = 4) -> NgramHashMapping:
   return NgramHashMapping((rows_per_head, rows_per_head), N, K, LAYERS, 0, 0, VOCAB)
 
 
-def _corpus_tokens():
-  from engram_jax import data as data_lib
-  from engram_jax import tokenizer as tokenizer_lib
-  corpus = data_lib.TokenizedCorpus(data_lib.default_corpus_paths()["train"],
-                                    tokenizer_lib.default_tokenizer_path())
-  return corpus.tokens
-
-
 def batches(mapping, b, t, n=4, seed=0, tokens="zipf"):
   """n batches (tokens, targets, {layer: hash ids}): Zipf(1.1) token ids, or windows of the
   shipped corpus (its 8k-token tokenizer's ids; real n-gram repetition)."""
   rng = np.random.default_rng(seed)
-  text = _corpus_tokens() if tokens == "corpus" else None
+  text = common.corpus_tokens() if tokens == "corpus" else None
   out = []
   for _ in range(n):
     if text is None:
@@ -278,9 +265,9 @@ def _trace(args, name, run, state):
   agreement still compares equal step counts. Returns the state after them (or `state`)."""
   if not args.trace_steps:
     return state
-  state, rows, wall_ms = trace_lines.traced(lambda: run(args.trace_steps))
+  state, rows, wall_ms = common.traced(lambda: run(args.trace_steps))
   log(f"{name}: {args.trace_steps} traced steps\n"
-      + trace_lines.format_rows(rows, wall_ms, args.trace_steps))
+      + common.format_rows(rows, wall_ms, args.trace_steps))
   return state
 
 
@@ -460,9 +447,9 @@ def bench_gen(args, gens: dict) -> dict:
   result = {}
   for name, gen in gens.items():
     if args.trace_steps:  # one more call under the profiler: where a decode step's time goes
-      _, rows, wall_ms = trace_lines.traced(lambda gen=gen: gen(prompt, args.gen_new))
+      _, rows, wall_ms = common.traced(lambda gen=gen: gen(prompt, args.gen_new))
       log(f"generate ({name}): 1 traced call, per new token\n"
-          + trace_lines.format_rows(rows, wall_ms, args.gen_new))
+          + common.format_rows(rows, wall_ms, args.gen_new))
     if isinstance(gen, ThreadedGenerator):
       log(f"generate ({name}): us per token: " + ", ".join(
           f"{k} {v:.1f}" for k, v in gen.host_us_per_token.items()))

@@ -1,31 +1,30 @@
 """Benchmark of one whole Engram layer, forward + backward, at the official demo's shapes.
 
-  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.bench_layer [--no-torch] [--repeats 5]
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m benchmarks.bench_layer [--notorch] [--repeats=5]
 
 Shapes: B=4, T=4096, M=4 streams, D=1024, 2 orders x 8 heads x 64 (d_mem 1024), base 646,400
 (10,344,164 table rows, f32 parameters). The step is what a user runs: token ids -> hashing on
 device (`NgramHashMapping.hash`) -> `Engram.apply` -> the backward from a given output
-cotangent in the compute dtype (`jax.vjp`; what a model's residual stream passes back), w.r.t.
-every parameter (the table too) and the hidden states, under one jit. Until 2026-11-29 the
-step differentiated `vdot(y, cot)` with an f32 `cot` (and PyTorch `out.float().sum()`): a loss
-reduction that XLA fused with the layer's last pass, and an f32 cotangent. Two table placements:
-'param' (dense [R, E] table gradient through the lookup's custom VJP) and 'external'
-(`prefetch_rows` + `expand_rows`: row-sparse [U, E] gradient; the prefetch is inside the step).
-Compute dtype f32 and bf16 (parameters stay f32).
+cotangent in the compute dtype (`jax.vjp`; what a model's residual stream passes back, so no
+loss reduction is timed), w.r.t. every parameter (the table too) and the hidden states, under
+one jit. Two table placements: 'param' (dense [R, E] table gradient through the lookup's custom
+VJP) and 'external' (`prefetch_rows` + `expand_rows`: row-sparse [U, E] gradient; the prefetch
+is inside the step). Compute dtype f32 and bf16 (parameters stay f32). Each JAX step is timed
+`--repeats` times, interleaved so that drifts of the machine hit every step; the table prints
+the median and the range.
 
 Breakdown (each part fwd+bwd alone, same shapes, bf16 compute): hashing, lookup, projections
 (value + M keys), gate (norms, score, sigmoid, scaling), conv (ShortConv). The parts do not add
 up exactly to the layer: XLA fuses across them inside the whole step.
 
-PyTorch side by side (unless --no-torch): a small re-statement of the demo layer written here
+PyTorch side by side (unless --notorch): a small re-statement of the demo layer written here
 (not the official file), hashing precomputed, timed eager f32 and under torch.compile with bf16
-autocast. The issue quotes the official layer at these shapes: 33.5 ms f32 eager with its NumPy
-hashing, 27.0 ms f32 eager with hashing on GPU, 20.0 ms compiled, 10.0 ms compiled + bf16.
+autocast, its backward from a given cotangent likewise (`out.backward(cot)`).
 
 `--profile`: also traces the bf16 row-sparse step (`jax.profiler`) and prints its GPU time per
 part of the layer and its most expensive HLO instructions with their op_names. It turns XLA:GPU's
 command buffers (CUDA graphs) off for the whole run, so that every kernel names its
-instruction (as experiments/profile_step.py does); the run's times are then without them.
+instruction (as benchmarks/profile_step.py does); the run's times are then without them.
 
 Imports nothing from grain or ml_collections.
 
@@ -33,36 +32,39 @@ Dimension legend: B batch, T time, M streams, D hidden, H = 16 heads, E = 64 row
 F = H*E = d_mem, R table rows, U unique rows.
 """
 
-import argparse
 import collections
 import dataclasses
 import re
 import statistics
-import time
 
+from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from engram_jax.config import EngramConfig
 from engram_jax.fusion import Engram, ShortConv
 from engram_jax.hashing import NgramHashMapping
-from experiments import trace_lines
 from pallas_kernels.engram_lookup import engram_lookup, prefetch_rows
 
 B, T, LAYER, VOCAB, PAD = 4, 4096, 1, 129_280, 2
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_bool("torch", True, "time the PyTorch re-statement too", flag_values=FLAGS)
+flags.DEFINE_bool("tiny", False, "B=1, T=128: a CPU smoke run", flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 5,
+                     "timings of each JAX step, interleaved; the table prints the median",
+                     flag_values=FLAGS)
+flags.DEFINE_bool("profile", False,
+                  "trace the bf16 row-sparse step (command buffers off for the run)",
+                  flag_values=FLAGS)
 
-def bench(fn, args, rounds=10):
-  """Median wall seconds of a jitted call (ms-scale steps: dispatch is negligible)."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(rounds):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+
+def bench(fn, args):
+  """Median ms of a jitted call over 10 calls (`common.median_ms`)."""
+  return common.median_ms(fn, *args, reps=10)
 
 
 def make_step(cfg, hashing, dtype, placement):
@@ -118,14 +120,13 @@ PROFILE_PARTS = (
 def profile_layer(step, args, calls=5):
   """GPU (else host) event time per call of `step`: ({part: ms}, Counter of ms per
   instruction, {instruction: op_name}, summed ms)."""
-  from experiments.profile_step import hlo_events, op_names
   compiled = step.lower(*args).compile()
   jax.block_until_ready(compiled(*args))
-  _, profile, _ = trace_lines.profiled(
+  _, profile, _ = common.profiled(
       lambda: jax.block_until_ready([compiled(*args) for _ in range(calls)]))
-  names = op_names(compiled.as_text())
+  names = common.op_names(compiled.as_text())
   per_op = collections.Counter()
-  for op, ns in hlo_events(profile, "step"):
+  for op, ns in common.hlo_events(profile, "step"):
     per_op[op] += ns / 1e6 / calls
   parts = collections.Counter()
   for op, ms in per_op.items():
@@ -247,7 +248,7 @@ def torch_baseline(num_rows, offsets):
       step(fn, autocast)
       end.record()
       torch.cuda.synchronize()
-      times.append(start.elapsed_time(end) / 1e3)
+      times.append(start.elapsed_time(end))
     return statistics.median(times)
 
   results = {"torch eager f32": timed(model, False)}
@@ -257,20 +258,13 @@ def torch_baseline(num_rows, offsets):
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--no-torch", action="store_true")
-  parser.add_argument("--tiny", action="store_true", help="B=1, T=128: a CPU smoke run")
-  parser.add_argument("--repeats", type=int, default=5,
-                      help="timings of each JAX step, interleaved; the table prints the median")
-  parser.add_argument("--profile", action="store_true",
-                      help="trace the bf16 row-sparse step (command buffers off for the run)")
-  args = parser.parse_args()
+  args = common.parse_flags(FLAGS, __doc__)
   if args.profile:
-    trace_lines.command_buffers_off()
+    common.command_buffers_off()
   if args.tiny:
     global B, T
     B, T = 1, 128
-  print(jax.devices()[0].device_kind, jax.__version__)
+  print(common.device_summary())
   cfg = EngramConfig(layer_ids=(LAYER,))
   hashing = NgramHashMapping.from_config(cfg, tokenizer_vocab_size=VOCAB, compressed_pad_id=PAD)
   num_rows = hashing.num_rows(LAYER)
@@ -287,7 +281,7 @@ def main():
       name = f"jax {jnp.dtype(dtype).name} compute, table {placement}"
       steps[name] = (step, step_args)
       results[name] = [bench(step, step_args)]
-      print(f"{name}: {results[name][0] * 1e3:.2f} ms", flush=True)
+      print(f"{name}: {results[name][0]:.2f} ms", flush=True)
       if args.profile and dtype == jnp.bfloat16 and placement == "external":
         profiled = profile_layer(step, step_args)
   for _ in range(args.repeats - 1):  # Interleaved, so drifts of the machine hit every step.
@@ -295,7 +289,7 @@ def main():
       results[name].append(bench(step, step_args))
   parts = breakdown(cfg, hashing, tokens, table, jnp.bfloat16)
   torch_results = {}
-  if not args.no_torch:
+  if args.torch:
     try:
       torch_results = torch_baseline(num_rows, hashing.offsets(LAYER))
     except Exception as err:  # The baseline is optional; say why it is missing.
@@ -304,15 +298,16 @@ def main():
   print(f"(median of {args.repeats} interleaved timings, each a median of 10 calls; "
         "min-max in brackets)")
   for name, ts in results.items():
-    print(f"{name:<45} {statistics.median(ts) * 1e3:8.2f} ms  "
-          f"[{min(ts) * 1e3:.2f}-{max(ts) * 1e3:.2f}]")
-  for name, t in torch_results.items():
-    print(f"{name + ' (measured here)':<45} {t * 1e3:8.2f} ms")
-  print("quoted (issue): torch f32 eager+numpy hash 33.5 | f32 eager 27.0 | compile 20.0 | "
-        "compile+bf16 10.0 ms; goal <= 3.3 ms bf16")
+    print(f"{name:<45} {statistics.median(ts):8.2f} ms  [{min(ts):.2f}-{max(ts):.2f}]")
+  for name, ms in torch_results.items():
+    print(f"{name + ' (measured here)':<45} {ms:8.2f} ms")
+  compiled = torch_results.get("torch.compile bf16 autocast")
+  if compiled:
+    best = statistics.median(results["jax bfloat16 compute, table external"])
+    print(f"torch.compile bf16 / jax bf16 row-sparse: {compiled / best:.2f}x")
   print("breakdown, bf16 compute, each part fwd+bwd alone:")
-  for name, t in parts.items():
-    print(f"  {name:<12} {t * 1e3:8.3f} ms")
+  for name, ms in parts.items():
+    print(f"  {name:<12} {ms:8.3f} ms")
   if profiled:
     print("(--profile: command buffers were off for every time above)")
     print_profile(*profiled)

@@ -2,48 +2,58 @@
 
 Run on a GPU (prints tables; the last lines are the summary):
 
-  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.bench_lookup [--quick]
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m benchmarks.bench_lookup [--quick]
+      [--parts=forward,backward,segment_sum] [--kernel_time]
 
 Forward: for each table (rows R, width E, dtype) and lookup count N, the time of `jnp.take`
 (implementation='xla'), of the Pallas kernel, and of a same-size device copy (`-x` over the
 [N, E] output: N*E read + N*E written) as the ceiling. Effective TB/s counts the rows read plus
 the rows written, 2*N*E*itemsize bytes. Every kernel output is checked equal to jnp.take's.
-A block-size sweep for one case shows where the default config comes from.
+A block-size sweep for one case picks the kernel config the table uses (the default config in
+pallas_kernels/engram_lookup/configs.py comes from it).
 
 Backward: forward+backward of the lookup w.r.t. the table, dense `jax.grad` of the reference
 against the custom VJP (sorted f32 segment-sums, dense [R, E] result) and the row-sparse path
 (prefetch_rows + expand_rows: its gradient is [U, E], independent of R) with each segment-sum
 (xla, pallas, scan). Determinism: the segment-sum is run twice and compared bit for bit, for
-XLA, the scan and both Pallas methods. `--parts` picks forward / backward / segment_sum.
+XLA, the scan and both Pallas methods.
 
-Timing: forward and segment-sum (`bench`): a jitted program runs the function back to back
-once per input set (24 id sets for the forward, 3 for the segment-sum), and a second program
-runs a third of them; the difference of their median times over the extra calls is the time
-per call, so the fixed cost of launching a program (~20-30 us on the H200) cancels. Distinct
-inputs keep XLA from merging calls and the L2 cold. The backward is timed call by call
-(`bench_calls`): the difference of two programs underestimated the dense table-sized gradient
-12x at 100M rows, so its columns include each call's launch, which favours the dense baseline.
-Compare columns within one run, not across runs. `--kernel-time` adds, for the forward, the
-GPU time of each call's kernels read from a `jax.profiler` trace (the 24 calls traced one by
-one; no launch gaps or host time), with XLA's command buffers off for the run so that every
-kernel is its own event. Imports nothing from grain or ml_collections.
+Timing: the forward and the segment-sum (`bench`): a jitted program runs the function back to
+back once per input set (24 id sets for the forward, 3 for the segment-sum), and a second
+program runs a third of them; the difference of their median times over the extra calls is
+the time per call, so the fixed cost of launching a program cancels. Distinct inputs keep XLA
+from merging calls and the L2 cold. The backward is timed call by call (`bench_calls`), since
+the difference of two programs whose outputs are as large as the table misreads the dense
+gradient; its columns include each call's launch, which favours the dense baseline. Compare
+columns within one run, not across runs. `--kernel_time` adds, for the forward, the GPU time
+of each call's kernels read from a `jax.profiler` trace (the 24 calls traced one by one; no
+launch gaps or host time), with XLA's command buffers off for the run so that every kernel is
+its own event. Imports nothing from grain or ml_collections.
 
 Dimension legend: R table rows, E row width, N = B*T*H lookups, H heads (16), U unique slots.
 """
 
-import argparse
 import statistics
 import time
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import trace_lines
+from benchmarks import common
 from pallas_kernels.engram_lookup import (GpuLookupConfig, GpuSegmentSumConfig, engram_lookup,
                                           expand_rows, prefetch_rows, reference, segment_sum)
 
 HEADS = 16
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_bool("quick", False, "reduced sweep", flag_values=FLAGS)
+flags.DEFINE_list("parts", ["forward", "backward", "segment_sum"],
+                  "which parts to run (forward includes the block sweep)", flag_values=FLAGS)
+flags.DEFINE_bool("kernel_time", False,
+                  "forward: also GPU kernel time per call from a profiler trace (command "
+                  "buffers off for the run)", flag_values=FLAGS)
 
 
 def bench(fn, args_list, rounds=9):
@@ -72,10 +82,8 @@ def bench(fn, args_list, rounds=9):
 def bench_calls(fn, args_list, rounds=5):
   """Median seconds of one call of jitted `fn(*args)`, each timed alone to its
   block_until_ready (launch and output allocation included: charged to every function alike).
-  The backward uses it: `bench`'s difference of two programs, whose outputs here are as large
-  as the table, gave 601 us for the dense gradient of a 100M-row table on the H200, where one
-  call takes 8.1 ms of wall time and 7.6 ms of GPU time (profiler) -- the 12.8 GB gradient
-  alone is filled with zeros by a 7.5 ms broadcast fusion."""
+  The backward uses it: for programs whose outputs are as large as the table (the dense
+  gradient), `bench`'s difference of two programs is far below the time of one call."""
   jitted = jax.jit(fn)
   jax.block_until_ready(jitted(*args_list[0]))
   times = []
@@ -96,7 +104,7 @@ def kernel_time(fn, args_list, label):
   jitted = jax.jit(timed)
   for args in args_list:
     jax.block_until_ready(jitted(*args))
-  _, profile, _ = trace_lines.profiled(
+  _, profile, _ = common.profiled(
       lambda: [jax.block_until_ready(jitted(*args)) for args in args_list])
   total_ns = 0
   for plane in profile.planes:
@@ -252,20 +260,13 @@ def segment_sum_sweep(n, width, num_rows):
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--quick", action="store_true", help="reduced sweep")
-  parser.add_argument("--parts", default="forward,backward,segment_sum",
-                      help="which parts to run (forward includes the block sweep)")
-  parser.add_argument("--kernel-time", action="store_true",
-                      help="forward: also GPU kernel time per call from a profiler trace "
-                           "(command buffers off for the run)")
-  args = parser.parse_args()
+  args = common.parse_flags(FLAGS, __doc__)
   if args.kernel_time:
-    trace_lines.command_buffers_off()
-  parts = set(args.parts.split(","))
+    common.command_buffers_off()
+  parts = set(args.parts)
   if not parts <= {"forward", "backward", "segment_sum"}:
     raise SystemExit(f"--parts: a comma list of forward, backward, segment_sum; got {args.parts}")
-  print(jax.devices()[0].device_kind, jax.__version__)
+  print(common.device_summary())
   if args.quick:
     tables, lookups, bwd_tables = (10_000_000,), (32_768, 524_288), (1_000_000, 100_000_000)
   else:

@@ -1,7 +1,7 @@
 """MoE FFN forward+backward at the small_gpu shapes: the dropless dispatch's grouped matmul
 (Mosaic GPU kernels, XLA's ragged_dot) next to capacity dispatch, in one run.
 
-  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.bench_moe [--sweep]
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m benchmarks.bench_moe [--sweep]
 
 Question: how fast is the default dropless dispatch (engram_jax/moe.py, dispatch='ragged':
 pairs sorted by expert, one `pallas_kernels.grouped_matmul` per projection) against the

@@ -1,42 +1,48 @@
 """One mHC sub-layer wrapper (coefficients + stream mixing) forward+backward, three ways.
 
-  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m experiments.bench_mhc
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python -m benchmarks.bench_mhc
 
-Question: which formulation of engram_jax/hyper_connections.py is fastest? The H200 profile of
-small_gpu (experiments/profile_step.py) put ~104 of 265 ms per step in mHC, 52 ms of it in the
-`einsum('btij,btjd->btid')` stream mixing, which XLA:GPU ran as batched 4x4 GEMMs. Timed in one
-run, each as `HyperConnection`-style coefficients + an identity sub-layer + the combine,
-forward + backward w.r.t. the streams and every mHC parameter, outputs and gradients compared:
+Claim: engram_jax/hyper_connections.py's formulation (one coefficient projection with the
+RMSNorm folded in; `mix_streams` picks einsum or elementwise stream mixing per platform) is
+faster than the three-projection formulation, and the per-platform choice is the faster one.
+Timed in one run, each as `HyperConnection`-style coefficients + an identity sub-layer + the
+combine, forward + backward w.r.t. the streams and every mHC parameter, outputs and gradients
+compared with the baseline's:
 
-  before     the previous library code: three einsum projections of the materialised normalised
-             streams, einsum stream sums;
+  baseline     three einsum projections of the materialised normalised streams,
+               einsum stream sums;
   einsum       the library's coefficients (one [M*D, 2M + M^2] projection with the RMSNorm
                folded in), H_res mixing as `hc_combine(how="einsum")`;
   elementwise  the same with `hc_combine(how="elementwise")`: M^2 broadcast products and a
-               sum over M. The library (`how=None`) uses einsum on CPU and elementwise
-               elsewhere, from this script's numbers (H200: 3.216 vs 2.489 ms; 2-core CPU at
-               --batch 4 --seq 256: 38.6 vs 80.9 ms).
+               sum over M.
 
 Default shapes: small_gpu's (B=32, T=1024, M=4, D=768; bf16 streams, f32 coefficients);
 small_gpu runs 24 of these per step (2 per block).
 
-Timing: bench_moe.time_ms (jitted step, 3 warm-up calls, median of `--reps` timed calls).
+Timing: `common.median_ms` (jitted step, 3 warm-up calls, median of `--reps` timed calls).
 
 Dimension legend: B batch, T length, M streams, D width, K = 2M + M^2 projections.
 """
 
-import argparse
-
+from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from benchmarks import common
 from engram_jax.hyper_connections import HyperConnection, hc_combine, sinkhorn_knopp
-from experiments.bench_moe import time_ms
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_integer("batch", 32, "B", flag_values=FLAGS)
+flags.DEFINE_integer("seq", 1024, "T", flag_values=FLAGS)
+flags.DEFINE_integer("streams", 4, "M", flag_values=FLAGS)
+flags.DEFINE_integer("width", 768, "D", flag_values=FLAGS)
+flags.DEFINE_integer("iters", 20, "Sinkhorn iterations", flag_values=FLAGS)
+flags.DEFINE_integer("reps", 20, "timed calls per variant", flag_values=FLAGS)
 
 
-def previous_formulation(p, x_BxTxMxD, iters, eps=1e-6):
-  """The formulation before the change (kept here as the baseline): layer input, coeffs."""
+def baseline_coefficients(p, x_BxTxMxD, iters, eps=1e-6):
+  """The three-projection formulation (the baseline): layer input, coeffs."""
   b, t, m, d = x_BxTxMxD.shape
   x32 = x_BxTxMxD.astype(jnp.float32)
   inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=(2, 3)) + eps)
@@ -50,7 +56,7 @@ def previous_formulation(p, x_BxTxMxD, iters, eps=1e-6):
   return jnp.einsum("btm,btmd->btd", pre, x32).astype(x_BxTxMxD.dtype), (post, res)
 
 
-def previous_combine(x_BxTxMxD, out_BxTxD, coeffs):
+def baseline_combine(x_BxTxMxD, out_BxTxD, coeffs):
   post, res = coeffs
   mixed = jnp.einsum("btij,btjd->btid", res, x_BxTxMxD.astype(jnp.float32))
   new = mixed + post[..., None] * out_BxTxD.astype(jnp.float32)[:, :, None, :]
@@ -66,15 +72,15 @@ def make_steps(iters):
       return hc_combine(x, layer_in, coeffs, how)
     return step
 
-  def before(p, x):
-    layer_in, coeffs = previous_formulation(p, x, iters)
-    return previous_combine(x, layer_in, coeffs)
+  def baseline(p, x):
+    layer_in, coeffs = baseline_coefficients(p, x, iters)
+    return baseline_combine(x, layer_in, coeffs)
 
   def fwd_bwd(f):
     def loss(p, x):
       return jnp.mean(jnp.square(f(p, x).astype(jnp.float32)))
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-  return hc, {"before": fwd_bwd(before), "einsum": fwd_bwd(library("einsum")),
+  return hc, {"baseline": fwd_bwd(baseline), "einsum": fwd_bwd(library("einsum")),
               "elementwise": fwd_bwd(library("elementwise"))}
 
 
@@ -84,9 +90,9 @@ def run(batch, seq, streams, width, iters, reps):
   params = nn.unbox(hc.init(jax.random.key(1), x))["params"]
   # Gates away from their 0.01 init so the dynamic terms matter in the comparison.
   params = {k: (jnp.asarray(1.0) if k.startswith("alpha") else v) for k, v in params.items()}
-  results = {name: (time_ms(fn, params, x, reps=reps), fn(params, x))
+  results = {name: (common.median_ms(fn, params, x, reps=reps), fn(params, x))
              for name, fn in steps.items()}
-  (_, (l0, (gp0, gx0))) = results["before"]
+  (_, (l0, (gp0, gx0))) = results["baseline"]
   agreement = {}
   for name, (_, (l1, (gp1, gx1))) in results.items():
     gdiff = max(float(jnp.max(jnp.abs(gp0[k] - gp1[k])) / (jnp.max(jnp.abs(gp0[k])) + 1e-30))
@@ -98,22 +104,15 @@ def run(batch, seq, streams, width, iters, reps):
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--batch", type=int, default=32)
-  p.add_argument("--seq", type=int, default=1024)
-  p.add_argument("--streams", type=int, default=4)
-  p.add_argument("--width", type=int, default=768)
-  p.add_argument("--iters", type=int, default=20, help="Sinkhorn iterations")
-  p.add_argument("--reps", type=int, default=20)
-  args = p.parse_args()
+  args = common.parse_flags(FLAGS, __doc__)
   times, agreement = run(args.batch, args.seq, args.streams, args.width, args.iters, args.reps)
-  print(f"{jax.devices()[0].device_kind}: one mHC sub-layer wrapper, fwd+bwd, B={args.batch} "
+  print(f"{common.device_summary()}: one mHC sub-layer wrapper, fwd+bwd, B={args.batch} "
         f"T={args.seq} M={args.streams} D={args.width}, Sinkhorn {args.iters}")
-  print(f"  {'variant':<15} {'ms':>9} {'vs before':>9}   agreement with before (relative): "
-        "|loss diff|, max |grad diff| params / streams")
-  for name, ms in times.items():
-    ld, gd, xd = agreement[name]
-    print(f"  {name:<15} {ms:9.3f} {times['before'] / ms:8.2f}x   {ld:.1e}, {gd:.1e} / {xd:.1e}")
+  print("agreement with the baseline (relative): |loss diff|, max |grad diff| params / streams")
+  print(common.format_table(
+      ["variant", "ms", "vs baseline", "agreement"],
+      [(name, f"{ms:.3f}", f"{times['baseline'] / ms:.2f}x",
+        "{:.1e}, {:.1e} / {:.1e}".format(*agreement[name])) for name, ms in times.items()]))
 
 
 if __name__ == "__main__":

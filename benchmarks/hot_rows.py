@@ -1,9 +1,9 @@
 """How much of a step's host traffic an HBM cache of the most frequent rows could serve.
 
-  python -m experiments.hot_rows [--tokens corpus|zipf] [--table_gb 32] [--cache 0.001,0.01,0.1]
+  python -m benchmarks.hot_rows [--tokens=corpus|zipf] [--table_gb=32] [--cache=0.001,0.01,0.1]
 
-Issue 6 asks for a hybrid placement (the most frequently hit rows in an HBM cache, the rest in
-pinned_host) only if it measures better. Before building one, this bounds what it could save,
+A hybrid placement (the most frequently hit rows in an HBM cache, the rest in pinned_host) is
+worth building only if it can remove a large share of the host traffic. This bounds that share,
 on the CPU, with bench_offload's hashing (N=3, K=8: 16 heads per layer, tables sized to
 `--table_gb` for two layers; one layer is counted):
 
@@ -15,23 +15,33 @@ on the CPU, with bench_offload's hashing (N=3, K=8: 16 heads per layer, tables s
 
 Training moves each step's unique rows, so "unique rows cached" is the fraction of host
 gather/scatter traffic a cache would remove; decoding fetches every slot of every token, so
-"slots cached" is the fraction of per-token fetches it would serve from HBM. `--tokens corpus`:
-the shipped corpus (2.55M tokens, 8k-token tokenizer: real n-gram repetition, but a small
-sample of a language); `--tokens zipf`: bench_offload's Zipf(1.1) tokens over 32k ids.
+"slots cached" is the fraction of per-token fetches it would serve from HBM. `--tokens=corpus`:
+the shipped corpus (real n-gram repetition, but a small sample of a language);
+`--tokens=zipf`: bench_offload's Zipf(1.1) tokens over its vocabulary.
 
 Dimension legend: B batch, T time, H hash heads, R table rows.
 """
 
-import argparse
-
+from absl import flags
 import numpy as np
 
-from experiments import bench_offload
+from benchmarks import bench_offload
+from benchmarks import common
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_enum("tokens", "corpus", ["corpus", "zipf"], "token stream", flag_values=FLAGS)
+flags.DEFINE_float("table_gb", 32.0, "GB of both layers' tables", flag_values=FLAGS)
+flags.DEFINE_list("cache", ["0.001", "0.01", "0.1"], "cache sizes, fractions of the rows",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("batch", 8, "B", flag_values=FLAGS)
+flags.DEFINE_integer("seq", 2048, "T", flag_values=FLAGS)
+flags.DEFINE_float("train_frac", 0.8, "share of the stream that ranks the rows",
+                   flag_values=FLAGS)
 
 
 def stream(tokens: str, n: int, seed: int = 0) -> np.ndarray:
   if tokens == "corpus":
-    return np.asarray(bench_offload._corpus_tokens(), np.int64)
+    return np.asarray(common.corpus_tokens(), np.int64)
   rng = np.random.default_rng(seed)
   return (rng.zipf(1.1, size=n) - 1) % bench_offload.VOCAB
 
@@ -72,24 +82,18 @@ def analyse(tokens="corpus", table_gb=32.0, caches=(0.001, 0.01, 0.1), batch=8, 
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--tokens", default="corpus", choices=["corpus", "zipf"])
-  p.add_argument("--table_gb", type=float, default=32.0)
-  p.add_argument("--cache", default="0.001,0.01,0.1", help="cache sizes, fractions of the rows")
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--seq", type=int, default=2048)
-  p.add_argument("--train_frac", type=float, default=0.8)
-  args = p.parse_args()
-  r = analyse(args.tokens, args.table_gb, tuple(float(c) for c in args.cache.split(",")),
-              args.batch, args.seq, args.train_frac)
+  args = common.parse_flags(FLAGS, __doc__)
+  r = analyse(args.tokens, args.table_gb, tuple(float(c) for c in args.cache), args.batch,
+              args.seq, args.train_frac)
   print(f"{r['tokens']} tokens; one layer's table: {r['num_rows']:,} rows "
         f"({args.table_gb:g} GB for two layers); frequencies from {r['train_tokens']:,} tokens "
         f"({r['rows_seen']:,} rows seen); {r['steps']} later steps of B={args.batch} "
         f"T={args.seq}: {r['unique_per_step']:,.0f} unique rows of {r['slots_per_step']:,} slots "
         "per step")
-  print(f"  {'cache rows':>12} {'of table':>8} {'unique rows cached':>19} {'slots cached':>13}")
-  for frac, (rows, uniq_hit, slot_hit) in r["per_cache"].items():
-    print(f"  {rows:12,} {100 * frac:7.2f}% {100 * uniq_hit:18.1f}% {100 * slot_hit:12.1f}%")
+  print(common.format_table(
+      ["cache rows", "of table", "unique rows cached", "slots cached"],
+      [(f"{rows:,}", f"{100 * frac:.2f}%", f"{100 * uniq_hit:.1f}%", f"{100 * slot_hit:.1f}%")
+       for frac, (rows, uniq_hit, slot_hit) in r["per_cache"].items()]))
 
 
 if __name__ == "__main__":
