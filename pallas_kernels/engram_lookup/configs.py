@@ -1,6 +1,6 @@
 """Block sizes of the Engram lookup kernels, one frozen config per backend.
 
-The GPU defaults come from `experiments/bench_lookup.py` on one H200 (its block sweep: 8 warps
+The GPU defaults come from `benchmarks/bench_lookup.py` on one H200 (its block sweep: 8 warps
 won in both runs, 128 or 256 rows per program within noise; segment-sum: 'onehot' with 32
 segments per program 310 us against 421 us for 64 and 2.0-3.2 ms for 'walk', N=262,144, E=64).
 TPU defaults follow the tiling rules only: no TPU was available.

@@ -14,7 +14,7 @@ input gradient `ragged_dot(..., transpose_rhs=True)` and the weight gradient
     to one partly filled tile; 128 rows where groups average at least 256 rows, else 64.
   * max_concurrent_steps = 4, grid_block_n = 1 (no tile-order swizzle).
 These follow the kernels' constraints and resource budget; they were not tuned by a sweep on
-this model's shapes. `experiments/bench_moe.py --sweep` times alternatives on a GPU, and
+this model's shapes. `benchmarks/bench_moe.py --sweep` times alternatives on a GPU, and
 `grouped_matmul(..., gpu_config=...)` takes any of them.
 
 Dimension legend: M rows of x, K contraction width, N output width, G groups.
