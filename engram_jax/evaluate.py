@@ -4,9 +4,9 @@
 on device and syncing once at the end. Padding (weight 0, including the rows that pad the last
 batch) contributes nothing, so the result is the exact mean over every real target token.
 
-`evaluate_workdir` is what `python -m experiments.eval` calls: it reads the run's config
-(`workdir/config.json`), rebuilds the model, restores the latest checkpoint (the Engram hash
-fingerprint is checked as in training) and evaluates any text/JSONL files.
+`load_workdir_config` reads a training run's config (`workdir/config.json`);
+`engram_jax.train.evaluate_workdir` (what `python -m experiments.eval` calls) rebuilds the model
+from it, restores the latest checkpoint and evaluates any text/JSONL files with `evaluate`.
 
 Dimension legend: B batch, T sequence length.
 """
@@ -17,7 +17,7 @@ import itertools
 import json
 import os
 import time
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable
 
 import jax.numpy as jnp
 import ml_collections
@@ -55,25 +55,3 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
                             "(python -m experiments.train ... --workdir=DIR)?")
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
-
-
-def evaluate_workdir(workdir: str, files: Sequence[str], *, batch_size: Optional[int] = None,
-                     num_batches: int = 0) -> dict:
-  """Evaluates the latest checkpoint of a training workdir on `files`."""
-  from engram_jax import train as train_lib  # pylint: disable=g-import-not-at-top
-
-  files = [files] if isinstance(files, str) else list(files)
-  if not files:
-    raise ValueError("evaluate_workdir: no data files given")
-  missing = [f for f in files if not os.path.isfile(f)]
-  if missing:
-    raise FileNotFoundError(f"data file(s) not found: {missing}")
-  config = load_workdir_config(workdir)
-  if batch_size:
-    config.data.batch_size = int(batch_size)
-  config.data.eval_files = tuple(files)
-  trainer, state, step = train_lib.restore_for_eval(config, workdir)
-  eval_step, put = trainer.eval_fn
-  metrics = evaluate(eval_step, state, trainer.eval_batches(files), put, num_batches)
-  metrics["step"] = step
-  return metrics

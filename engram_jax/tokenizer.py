@@ -15,7 +15,7 @@ Dimension legend: V tokenizer vocabulary size.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
@@ -34,7 +34,10 @@ def default_tokenizer_path() -> str:
 
 def train_tokenizer_from_iterator(texts: Iterable[str], vocab_size: int,
                                   out_path: str | None = None) -> tokenizers.Tokenizer:
-  """Trains a byte-level BPE on an iterable of documents; saves it to `out_path` if given."""
+  """Trains a byte-level BPE on an iterable of documents; saves it to `out_path` if given.
+
+  Corpus files are read into documents by `engram_jax.data.read_documents`.
+  """
   if vocab_size < len(SPECIAL_TOKENS) + 256:
     raise ValueError(f"vocab_size must be >= {len(SPECIAL_TOKENS) + 256} (special tokens + the "
                      f"256 byte symbols), got {vocab_size}")
@@ -55,21 +58,6 @@ def train_tokenizer_from_iterator(texts: Iterable[str], vocab_size: int,
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tok.save(out_path)
   return tok
-
-
-def train_tokenizer(files: Sequence[str], vocab_size: int, out_path: str) -> tokenizers.Tokenizer:
-  """Trains a byte-level BPE on corpus files (.txt, .txt.gz, .jsonl; see `data.read_documents`)."""
-  # Imported here because data.py loads tokenizers through this module.
-  from engram_jax import data  # pylint: disable=g-import-not-at-top
-
-  if not files:
-    raise ValueError("train_tokenizer: files is empty")
-
-  def texts():
-    for path in files:
-      yield from data.read_documents(path)
-
-  return train_tokenizer_from_iterator(texts(), vocab_size, out_path)
 
 
 def load_tokenizer(path: str | None = None) -> tokenizers.Tokenizer:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -233,6 +234,26 @@ def restore_for_eval(config: ml_collections.ConfigDict, workdir: str):
   trainer.eval_fn = _eval_fns(trainer, eval_c, batch_sh)
   trainer.eval_batches = lambda files: _eval_batches(trainer, files, config)
   return trainer, state, step
+
+
+def evaluate_workdir(workdir: str, files: Sequence[str], *, batch_size: Optional[int] = None,
+                     num_batches: int = 0) -> dict:
+  """Evaluates the latest checkpoint of a training workdir on `files` (experiments/eval.py)."""
+  files = [files] if isinstance(files, str) else list(files)
+  if not files:
+    raise ValueError("evaluate_workdir: no data files given")
+  missing = [f for f in files if not os.path.isfile(f)]
+  if missing:
+    raise FileNotFoundError(f"data file(s) not found: {missing}")
+  config = evaluate_lib.load_workdir_config(workdir)
+  if batch_size:
+    config.data.batch_size = int(batch_size)
+  config.data.eval_files = tuple(files)
+  trainer, state, step = restore_for_eval(config, workdir)
+  eval_step, put = trainer.eval_fn
+  metrics = evaluate_lib.evaluate(eval_step, state, trainer.eval_batches(files), put, num_batches)
+  metrics["step"] = step
+  return metrics
 
 
 def _host_tables_root(workdir: str) -> str:

@@ -51,6 +51,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from engram_jax import data as data_lib
 from engram_jax import tokenizer as tokenizer_lib
 
 _PRESET = flags.DEFINE_enum("preset", "large", ["embedded", "large"], "Which sources to use.")
@@ -289,7 +290,8 @@ def main(argv):
           f"on disk, {len(train if split == 'train' else valid)} docs")
   tok_path = os.path.join(_OUT_DIR.value, "tokenizer.json")
   logging.info("training tokenizer on %s", paths["train"])
-  tokenizer_lib.train_tokenizer([paths["train"]], _VOCAB_SIZE.value, tok_path)
+  tokenizer_lib.train_tokenizer_from_iterator(data_lib.read_documents(paths["train"]),
+                                              _VOCAB_SIZE.value, tok_path)
   print(f"tokenizer: {tok_path} (vocab {_VOCAB_SIZE.value})")
 
 

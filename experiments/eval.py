@@ -10,7 +10,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from engram_jax import evaluate
+from engram_jax import train
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (holds config.json).")
 _DATA = flags.DEFINE_multi_string("data", None, "Text (.txt[.gz]) or JSONL files to evaluate.")
@@ -23,8 +23,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
-  metrics = evaluate.evaluate_workdir(_WORKDIR.value, _DATA.value, batch_size=_BATCH.value,
-                                      num_batches=_NUM_BATCHES.value)
+  metrics = train.evaluate_workdir(_WORKDIR.value, _DATA.value, batch_size=_BATCH.value,
+                                   num_batches=_NUM_BATCHES.value)
   print(json.dumps(metrics, indent=2))
 
 

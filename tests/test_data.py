@@ -209,14 +209,16 @@ def test_engram_hash_hook(tmp_path):
 def test_train_tokenizer(tmp_path):
   path = _write_txt_gz(tmp_path / "c.txt.gz", _docs(50))
   out = str(tmp_path / "tok" / "tokenizer.json")
-  tokenizer_lib.train_tokenizer([path], vocab_size=300, out_path=out)
+  tokenizer_lib.train_tokenizer_from_iterator(data.read_documents(path), vocab_size=300,
+                                              out_path=out)
   tok = tokenizer_lib.load_tokenizer(out)
   assert tok.get_vocab_size() <= 300
   assert [tok.token_to_id(t) for t in tokenizer_lib.SPECIAL_TOKENS] == [0, 1, 2]
   text = "Seven wise men — naïve café!\n\tOK"
   assert tok.decode(tok.encode(text).ids) == text
   with pytest.raises(ValueError, match="vocab_size"):
-    tokenizer_lib.train_tokenizer([path], vocab_size=10, out_path=out)
+    tokenizer_lib.train_tokenizer_from_iterator(data.read_documents(path), vocab_size=10,
+                                                out_path=out)
 
 
 def test_shipped_tokenizer_round_trips():

@@ -125,11 +125,11 @@ def test_two_device_data_parallel_matches_one_device(reference, tmp_path):
 
 def test_eval_cli_library_matches_final_eval(reference):
   valid = data_lib.default_corpus_paths()["valid"]
-  m = evaluate.evaluate_workdir(reference["workdir"], valid, num_batches=2)
+  m = train.evaluate_workdir(reference["workdir"], valid, num_batches=2)
   assert m["step"] == STEPS
   np.testing.assert_allclose(m["eval_loss"], reference["final"]["eval_loss"], rtol=1e-6)
   with pytest.raises(FileNotFoundError, match="no/such/file.txt"):
-    evaluate.evaluate_workdir(reference["workdir"], ["no/such/file.txt"])
+    train.evaluate_workdir(reference["workdir"], ["no/such/file.txt"])
 
 
 def test_checkpoint_holds_moved_router_biases_and_sparse_table_state(reference):
