@@ -247,3 +247,17 @@ def test_sharding_validation_names_the_field():
   ts = st.TableSharding(mesh, R, batch_axes=BATCH_AXES)
   with pytest.raises(ValueError, match=r"table must be \[1008, E\]"):
     st.prefetch(ts, _table(jnp.float32), _ids(0), OFFSETS)
+
+
+def test_bench_counts_the_all_to_all_bytes_of_the_step():
+  from benchmarks import bench_sharded_lookup
+  from experiments.configs import tiny_test
+  config = tiny_test.get_config()
+  (r0, r1) = bench_sharded_lookup.measure(config, {"fsdp": 4, "tensor": 2}, [0.0, 2.0])
+  width = config.engram.n_embed_per_ngram // config.engram.n_head_per_ngram
+  for r in (r0, r1):
+    # Per device: n*C request ids, n*C rows back (f32 tables) and n*C f32 row gradients.
+    assert r["num_all_to_all"] == 3
+    assert r["moved"] == 8 * r["capacity"] * (4 + 4 * width + 4 * width)
+    assert r["overflow"] == 0 and 0 < r["unique"] <= r["slots"]
+  assert r0["capacity"] == r0["slots"] and r1["capacity"] < r0["capacity"]
