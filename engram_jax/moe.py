@@ -29,7 +29,9 @@ ahead of padding, so each expert's pairs form one contiguous group.
     last, so it only fills slots that real tokens left empty.
 In both modes the expert outputs go back to pair order and are summed with the routing weights.
 Both modes use the same parameters ('experts/gate|up|down'), so checkpoints are interchangeable.
-Neither is written for an 'expert' mesh axis > 1 (see sharding.py).
+Under a mesh whose 'experts' logical axis spans more than one device, both run expert-parallel:
+pairs travel to the experts' owners by all-to-all (engram_jax/expert_parallel.py), with the
+same results.
 
 Dimension legend: B batch, T length, S = B*T tokens, D hidden size, E routed experts,
 k experts per token, P = S*k routed pairs, F expert hidden size, C slots per expert.
@@ -44,9 +46,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from engram_jax import expert_parallel
 from engram_jax.config import MoEConfig
 from engram_jax.layers import SwiGLU
-from pallas_kernels.grouped_matmul import grouped_matmul
 
 Dtype = Any
 
@@ -86,36 +88,34 @@ class RoutedExperts(nn.Module):
   is one `grouped_matmul` (`matmul_implementation`: None automatic, 'xla', 'mosaic_gpu').
   'capacity': `x` is [E, C, D] (expert e's slots in row e,
   `group_sizes_E` unused); each projection is one batched einsum over E. Returns the same
-  layout with D columns, in float32.
+  layout with D columns, in float32. `weights()` gives the (gate, up, down) arrays in the
+  compute dtype, for the expert-parallel dispatch (engram_jax/expert_parallel.py).
   """
 
   num_experts: int
+  embed_size: int
   hidden_size: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   dispatch: str = "ragged"
   matmul_implementation: Optional[str] = None
 
-  @nn.compact
-  def __call__(self, x: jax.Array, group_sizes_E: Optional[jax.Array] = None) -> jax.Array:
-    e, d, f = self.num_experts, x.shape[-1], self.hidden_size
+  def setup(self):
+    e, d, f = self.num_experts, self.embed_size, self.hidden_size
     init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2,
                                             out_axis=-1, batch_axis=(0,))
     p = lambda name, shape, axes: self.param(  # noqa: E731
-        name, nn.with_logical_partitioning(init, axes), shape,
-        self.param_dtype).astype(self.dtype)
-    wg_ExDxF = p("gate", (e, d, f), ("experts", "embed", "mlp"))
-    wu_ExDxF = p("up", (e, d, f), ("experts", "embed", "mlp"))
-    wd_ExFxD = p("down", (e, f, d), ("experts", "mlp", "embed"))
-    if self.dispatch == "ragged":
-      mm = lambda a, w: grouped_matmul(  # noqa: E731
-          a, w, group_sizes_E, implementation=self.matmul_implementation).astype(jnp.float32)
-    else:
-      mm = lambda a, w: jnp.einsum(  # noqa: E731
-          "ecd,edf->ecf", a, w, preferred_element_type=jnp.float32)
-    x = x.astype(self.dtype)
-    h = (jax.nn.silu(mm(x, wg_ExDxF)) * mm(x, wu_ExDxF)).astype(self.dtype)
-    return mm(h, wd_ExFxD)
+        name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype)
+    self.gate = p("gate", (e, d, f), ("experts", "embed", "mlp"))
+    self.up = p("up", (e, d, f), ("experts", "embed", "mlp"))
+    self.down = p("down", (e, f, d), ("experts", "mlp", "embed"))
+
+  def weights(self):
+    return tuple(w.astype(self.dtype) for w in (self.gate, self.up, self.down))
+
+  def __call__(self, x: jax.Array, group_sizes_E: Optional[jax.Array] = None) -> jax.Array:
+    return expert_parallel.expert_ffn(self.weights(), x, group_sizes_E, self.dispatch,
+                                      self.dtype, self.matmul_implementation)
 
 
 class MoE(nn.Module):
@@ -161,10 +161,16 @@ class MoE(nn.Module):
     # so under 'capacity' padding can only take slots that real tokens left empty.
     order_P = jnp.argsort(2 * experts_P + (mask_P == 0), stable=True)
     group_sizes_E = jnp.bincount(experts_P, length=e).astype(jnp.int32)
-    routed = RoutedExperts(e, cfg.expert_hidden_size, self.dtype, self.param_dtype,
+    routed = RoutedExperts(e, d, cfg.expert_hidden_size, self.dtype, self.param_dtype,
                            dispatch=cfg.dispatch,
                            matmul_implementation=cfg.matmul_implementation, name="experts")
-    if cfg.dispatch == "ragged":
+    ep_axes = expert_parallel.expert_mesh_axes()
+    if ep_axes is not None:
+      y_pairs_PxD, kept_P = expert_parallel.routed_pairs(
+          routed.weights(), x_SxD, experts_Sxk, mask_S, num_experts=e, dispatch=cfg.dispatch,
+          capacity=expert_capacity(cfg, s), dtype=self.dtype, axes=ep_axes)
+      dropped_fraction = jnp.sum(jnp.where(kept_P, 0.0, mask_P)) / (k * n_valid)
+    elif cfg.dispatch == "ragged":
       y_sorted_PxD = routed(x_SxD[order_P // k], group_sizes_E)
       y_pairs_PxD = jnp.zeros_like(y_sorted_PxD).at[order_P].set(y_sorted_PxD,
                                                                   unique_indices=True)

@@ -13,9 +13,9 @@ Flax resolves a tensor's logical axes left to right and never uses a mesh axis t
 tensor, so activations `('batch', 'length', 'embed')` take 'fsdp' for the batch and leave
 'embed' unsharded, while parameters (no 'batch' axis) shard 'embed' over 'fsdp'.
 
-MoE caveat: the dropless dispatch (sort + `ragged_dot`) is written for a single expert shard;
-under an 'expert' mesh axis > 1 GSPMD gathers the expert weights. A shard_map all-to-all
-dispatch is future work.
+Routed experts under 'expert' > 1 are dispatched by an explicit shard_map all-to-all
+(engram_jax/expert_parallel.py); row-sharded Engram tables by another
+(engram_jax/sharded_tables.py). Neither relies on GSPMD to place its data.
 
 Dimension legend: none (tables of names).
 """

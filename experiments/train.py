@@ -9,6 +9,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from engram_jax import distributed
 from engram_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -21,7 +22,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  distributed.initialize(_CONFIG.value.train.distributed)  # before anything touches a device
+  distributed.run(train.train_and_evaluate, _CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ when nothing drops and drops exactly the overflow in token order, aux-free balan
 grouped-matmul choice reaching pallas_kernels.grouped_matmul."""
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -227,3 +228,48 @@ def test_grouped_matmul_implementation_plumbing():
   moe = MoE(cfg.replace(num_experts=E, top_k=K, expert_hidden_size=64), dtype=jnp.bfloat16)
   with pytest.raises(ValueError, match="needs a Hopper GPU"):
     jax.eval_shape(moe.init, jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("dispatch,capacity_factor", [("ragged", 1.0), ("capacity", 0.75)])
+def test_expert_parallel_dispatch_equals_one_device(dispatch, capacity_factor):
+  # 8 fake devices: experts split 2 ways over 'expert', tokens over data x fsdp x expert. The
+  # all-to-all dispatch must give the one-device outputs, drops, loads and gradients.
+  from engram_jax import sharding
+  cfg = MoEConfig(num_experts=4, top_k=K, expert_hidden_size=4, num_shared_experts=1,
+                  dispatch=dispatch, capacity_factor=capacity_factor)
+  b, t = 8, 6
+  x = jax.random.normal(jax.random.key(31), (b, t, D))
+  mask = jnp.ones((b, t), bool).at[1, :4].set(False).at[6, 2:].set(False)
+  variables = nn.unbox(fast_jit(MoE(cfg).init)(jax.random.key(32, impl="unsafe_rbg"), x))
+  cot = jax.random.normal(jax.random.key(33), x.shape)
+
+  def loss(params, x):
+    (y, stats), new = MoE(cfg).apply({**variables, "params": params}, x, mask,
+                                     deterministic=False, mutable=["moe_stats"])
+    return jnp.sum(y * cot), (y, stats, new)
+
+  grad_fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+  (_, want), want_grads = fast_jit(grad_fn)(variables["params"], x)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "expert": 2})
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+    params = jax.device_put(variables["params"], sharding.logical_to_sharding(
+        fast_jit(MoE(cfg).init)(jax.random.key(32, impl="unsafe_rbg"), x)["params"], mesh))
+    xs = jax.device_put(x, sharding.batch_sharding(mesh, ndim=3))
+    lowered = jax.jit(grad_fn).lower(params, xs)
+    (_, got), got_grads = lowered.compile()(params, xs)
+  hlo = lowered.compile().as_text()
+  assert "all-to-all" in hlo
+  # Expert weights stay with their owners: no collective carries all E experts' weights.
+  whole = [l for l in hlo.splitlines() if re.search(r"(all-gather|all-reduce)\S*\(", l)
+           and re.search(rf"f32\[{cfg.num_experts},\d+,\d+\]", l)]
+  assert whole == []
+  y, stats, new = got
+  np.testing.assert_allclose(y, want[0], rtol=1e-5, atol=1e-5)
+  for key in ("tokens_per_expert", "dropped_fraction", "max_over_mean_load"):
+    np.testing.assert_allclose(stats[key], want[1][key], rtol=1e-6)
+  if dispatch == "capacity":
+    assert float(stats["dropped_fraction"]) > 0
+  np.testing.assert_array_equal(new["moe_stats"]["expert_bias"],
+                                want[2]["moe_stats"]["expert_bias"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               got_grads, want_grads)

@@ -147,6 +147,10 @@ def get_config(arg=None):
   c.train.async_checkpoint = True
   c.train.data_parallel = 1      # devices on the mesh's data axis; -1 = all devices
   c.train.peak_flops = 0.0       # 0 -> from the device kind (engram_jax.train.PEAK_FLOPS)
+  # Multi-process jobs (engram_jax/distributed.py): '' joins the job named by the ENGRAM_*
+  # environment (experiments/launch_local.py sets it), if any; 'cluster' lets JAX detect
+  # the cluster (Cloud TPU pods, SLURM, Open MPI, Kubernetes).
+  c.train.distributed = ""
   # Test hook: the loss is multiplied by NaN from this step on (0 = never); exercises the
   # divergence stop without a numerically fragile config.
   c.train.inject_nan_at_step = 0
