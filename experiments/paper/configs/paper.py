@@ -19,7 +19,7 @@ instead of 768, 6 blocks instead of 12, T=512 instead of 1024), so a 21M-token r
 experiments/paper/README.md, "Cost".
 
 Model: D=256, 6 blocks (block 0 dense FFN 768, blocks 1-5 MoE: 1 shared + 32 routed experts of
-width 256, top-2, capacity dispatch), 4 heads of 64 (2 KV heads), 4 mHC streams, bf16 compute.
+width 256, top-2, dropless dispatch), 4 heads of 64 (2 KV heads), 4 mHC streams, bf16 compute.
 Engram at blocks 1 and 3 (the paper's early + middle placement), 2- and 3-grams, K=4 heads per
 order, E=16, d_mem 128 = D/2 (the paper's ratio), per-head tables of the prime just above
 32,768 rows: 8.4M table parameters, rho = routed / (routed + tables) = 0.79 (the paper's
@@ -55,9 +55,6 @@ def get_config(arg=None):
   c.model.moe.num_shared_experts = 1
   c.model.moe.top_k = 2
   c.model.moe.expert_hidden_size = 256
-  # ragged_dot is ~5x slower than capacity dispatch on the H200 (small_gpu.py, bench_moe).
-  c.model.moe.dispatch = "capacity"
-  c.model.moe.capacity_factor = 1.25
 
   c.engram.engram_vocab_size = (32_768, 32_768)
   c.engram.n_embed_per_ngram = 64
