@@ -13,6 +13,8 @@ Writes four files into --data_dir (about 22 MB, small enough to carry to a GPU m
                                   script checks that no FAQ document occurs in train.jsonl.
 and prints every file's size, sha256, documents and tokens. Needs `apt-get download`
 (Debian bookworm); about 3 minutes on 2 CPU cores. The raw build stays in --build_dir.
+
+Dimension legend: none.
 """
 
 from __future__ import annotations

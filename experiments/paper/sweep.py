@@ -265,7 +265,8 @@ class Runner:
       log(f"done {run.name}: held-out {record['eval_loss']:.4f}, out-of-domain "
           f"{record['ood_loss']:.4f}, {record['wall_seconds']:.0f}s")
     else:
-      log(f"{record['status']} {run.name} (log: {log_path})")
+      tail = "\n    ".join(text.strip().splitlines()[-3:]) if record["status"] == "failed" else ""
+      log(f"{record['status']} {run.name} (log: {log_path})" + (f"\n    {tail}" if tail else ""))
     return record
 
   def _collect(self, workdir: str, text: str, record: dict) -> dict:
@@ -296,7 +297,7 @@ def report(sweep: str, runs: list[sweeps.Run], records: dict, meta: dict, out: s
   done = [records[r.name] for r in runs if analysis.ok(records.get(r.name))]
   devices = sorted({r.get("device", "?") for r in done})
   data_desc = sorted({r.get("data", "?") for r in done})
-  first = done[0] if done else {}
+  first = next((records[r.name] for r in runs if r.name in records), {})
   png = plots.plot(sweep, data, os.path.join(out, f"{sweep}.png"),
                    f"{sweep}: {MEASURES[sweep]}" + (" (tiny)" if meta["tiny"] else ""))
   md = [f"## {sweep}: {MEASURES[sweep]}", "",
@@ -305,7 +306,7 @@ def report(sweep: str, runs: list[sweeps.Run], records: dict, meta: dict, out: s
         f"{'TINY (CPU smoke run, not a result)' if meta['tiny'] else 'full size'}",
         f"- data: {' | '.join(data_desc) or '-'}",
         f"- per run: {first.get('steps', '-')} steps x {first.get('batch_size', '-')} x "
-        f"{first.get('seq_len', '-')} = {first.get('tokens', 0) / 1e6:.2f}M training tokens; "
+        f"{first.get('seq_len', '-')} = {first.get('tokens', 0):,} training tokens; "
         f"seeds as listed (seed = init + data order; the hash seed is 0)",
         f"- written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC by "
         f"`{meta['argv']}`", ""]
@@ -385,9 +386,13 @@ def main(argv):
     records = runner.run_all(todo)
   for s in names:
     print("\n" + report(s, by_sweep[s], records, meta, out), flush=True)
-  if not _REPORT_ONLY.value and "iso" in names and analysis.ok(
-      records.get("engram_s0")) and not runner.stop.is_set():
-    gate_view(root, out, runner.env)
+  # The gate view restores and compiles once more: skipped when the budget has < 2 min left.
+  time_left = deadline - time.time() if deadline else float("inf")
+  if not _REPORT_ONLY.value and "iso" in names and analysis.ok(records.get("engram_s0")):
+    if time_left > 120:
+      gate_view(root, out, runner.env)
+    else:
+      log(f"gate view skipped: {time_left:.0f}s of the time budget left")
   log(f"wall time {time.time() - start:.0f}s")
 
 

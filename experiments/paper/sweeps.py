@@ -9,7 +9,7 @@ same name are the same run (same config, overrides and seed), so a run shared by
   alloc   the sparse budget of the reference split rho : 1 - rho between routed experts and
           Engram tables (`config_at_rho`, engram_jax.params.engram_at_rho), total and
           activated parameters fixed; rho = 1 is paper_moe, the reference's own rho is a point.
-  slots   the reference backbone with the per-head table sizes scaled 1/4x .. 4x (16x).
+  slots   the reference backbone with the per-head table sizes scaled 1/8x .. 4x (32x).
   ablate  the reference (2 seeds) and one change each: shared gate, no gate, no tokenizer
           compression, no ShortConv, no signed square root, + 4-grams, one Engram layer at the
           reference's first Engram block or at the last block, and a plain additive
@@ -40,8 +40,9 @@ ABLATE_REFERENCE_SEEDS = (0, 1)
 # Routed-expert shares besides rho = 1 (paper_moe) and the reference's own (0.79): denser
 # around the paper's optimum (0.75-0.80), down to the paper's "back at the MoE level" 0.4.
 ALLOC_RHOS = (0.9, 0.7, 0.55, 0.4)
-# Per-head table sizes relative to the reference (v = 32,768 rows; 1 = the reference).
-SLOTS_SCALES = (0.25, 0.5, 2.0, 4.0)
+# Per-head table sizes relative to the reference (v = 32,768 rows; 1 = the reference): with it,
+# 5 sizes over 32x of v (the primes above each v make the smallest table a little larger).
+SLOTS_SCALES = (0.125, 0.5, 2.0, 4.0)
 TINY = {"iso_seeds": (0, 1), "alloc_rhos": (0.4,), "slots_scales": (0.5, 2.0)}
 
 

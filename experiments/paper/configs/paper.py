@@ -5,14 +5,15 @@ Command (one run; the sweeps add data, seed and the switch under test as overrid
       --config.data.train_files="('DATA/train.jsonl.gz',)" \
       --config.data.eval_files="('DATA/valid.jsonl.gz',)" \
       --config.data.tokenizer_path=DATA/tokenizer.json
-(DATA from `python -m experiments.paper.prepare_data --out_dir=DATA`.)
+(DATA from `python -m experiments.paper.prepare_data --data_dir=DATA`.) Hardware: one H200.
+Expected result: not measured yet; the sweeps' tables go to experiments/paper/README.md.
 `:tiny` (experiments/paper/configs/paper.py:tiny) is the same architecture shrunk to a 2-core CPU
 for the sweeps' --tiny mode and CI: D=32, 3 blocks (Engram at 1 and 2), 6 steps of 4 x 32
 tokens.
 
 Why smaller than small_gpu: every sweep point is a full training run of >= 20M tokens and the
 four sweeps hold 23 distinct runs, while the GPU time for all of them is about 20 minutes of
-one H200 shared by 6-12 concurrent runs. small_gpu costs 5.0e8 training FLOPs per token (213-
+one H200 shared by 4-9 concurrent runs. small_gpu costs 5.0e8 training FLOPs per token (213-
 234 ms per 32k-token step on an H200, README); this backbone costs 5.4e7 (9x fewer: D=256
 instead of 768, 6 blocks instead of 12, T=512 instead of 1024), so a 21M-token run is about
 1.1e15 FLOPs. The expected time per run is an estimate, not a measurement:
