@@ -4,19 +4,19 @@ Command:
   python -m experiments.train --config=experiments/configs/small_gpu.py --workdir=/tmp/small_gpu \
       --config.data.train_files="('corpus/train.jsonl',)" \
       --config.data.eval_files="('corpus/valid.jsonl',)"
-(default files: the embedded corpus, ~1M tokens, which this model overfits; build a larger one
-with `python -m experiments.build_corpus`.)
+(default files: the embedded corpus, 2.55M tokens, which this model overfits; build a larger
+one with `python -m experiments.build_corpus --preset=large`.)
 Baseline with the same total parameters: experiments/configs/small_gpu_moe.py.
 
 Hardware: one NVIDIA H200 (bf16 compute, f32 master weights), B=32 x T=1024 tokens per step.
-Measured: 213-234 ms per step on an H200 (cuDNN attention, capacity MoE dispatch, elementwise
-mHC mixing; experiments/bench_train_step.py, experiments/profile_step.py, README). No full
-training run has been made yet, so the comparison with the MoE baseline (expected: a higher
-validation loss at equal steps) is not measured.
+Step time: benchmarks/README.md (`bench_train_step --step=trainer`, `profile_step`).
+Expected: a lower validation loss than small_gpu_moe at equal steps; not measured yet (no full
+training run).
 
 Model: D=768, 12 blocks (block 0 dense, 11 MoE blocks with 16 routed experts top-2 + 1 shared,
-expert width 384, capacity dispatch with factor 1.25), 4 mHC streams, Engram at blocks 1 and 6 (2/3-grams, 8 heads per order,
-d_mem 512) with ~22% of the sparse parameters in the tables (rho ~ 0.78), lazy Adam tables.
+expert width 384, capacity dispatch with factor 1.25), 4 mHC streams, Engram at blocks 1 and 6
+(2/3-grams, 8 heads per order, d_mem 512) with ~22% of the sparse parameters in the tables
+(rho ~ 0.78), lazy Adam tables.
 """
 
 from experiments.configs import base
@@ -43,11 +43,8 @@ def get_config(arg=None):
   c.model.moe.num_experts = 16
   c.model.moe.top_k = 2
   c.model.moe.expert_hidden_size = 384
-  # ragged_dot costs 30.0 ms per MoE layer fwd+bwd here vs 5.4 ms for capacity dispatch on the
-  # H200 (experiments/bench_moe.py); the train step: 648 ms (ragged) vs 360 ms (capacity, bench_
-  # train_step at 1M rows; lazy Adam vs adagrad tables, < 1 ms apart; 258-265 ms once attention
-  # became cuDNN flash attention, 213-234 ms with elementwise mHC mixing). At 1.25 no pair
-  # was dropped on bench_moe's inputs; the run log reports router/dropped_fraction.
+  # Capacity dispatch: batched einsums, faster than ragged_dot on GPUs at these shapes
+  # (benchmarks/README.md, "MoE dispatch"); the run log reports router/dropped_fraction.
   c.model.moe.dispatch = "capacity"
   c.model.moe.capacity_factor = 1.25
 
