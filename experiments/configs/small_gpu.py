@@ -9,14 +9,14 @@ one with `python -m experiments.build_corpus --preset=large`.)
 Baseline with the same total parameters: experiments/configs/small_gpu_moe.py.
 
 Hardware: one NVIDIA H200 (bf16 compute, f32 master weights), B=32 x T=1024 tokens per step.
-Step time: benchmarks/README.md (`bench_train_step --step=trainer`, `profile_step`).
-Expected: a lower validation loss than small_gpu_moe at equal steps; not measured yet (no full
-training run).
+Expected: a lower validation loss than small_gpu_moe at equal steps (no full run measured yet);
+the trainer logs tokens/s and MFU (FLOPs per token: engram_jax.params.flops_per_token), and
+step times of this config are in benchmarks/README.md (experiments/bench_train_step.py).
 
 Model: D=768, 12 blocks (block 0 dense, 11 MoE blocks with 16 routed experts top-2 + 1 shared,
-expert width 384, capacity dispatch with factor 1.25), 4 mHC streams, Engram at blocks 1 and 6
-(2/3-grams, 8 heads per order, d_mem 512) with ~22% of the sparse parameters in the tables
-(rho ~ 0.78), lazy Adam tables.
+expert width 384, dropless dispatch: pairs sorted by expert through grouped matmuls, the Mosaic
+GPU kernels on Hopper), 4 mHC streams, Engram at blocks 1 and 6 (2/3-grams, 8 heads per order,
+d_mem 512) with ~22% of the sparse parameters in the tables (rho ~ 0.78), lazy Adam tables.
 """
 
 from experiments.configs import base
@@ -43,10 +43,6 @@ def get_config(arg=None):
   c.model.moe.num_experts = 16
   c.model.moe.top_k = 2
   c.model.moe.expert_hidden_size = 384
-  # Capacity dispatch: batched einsums, faster than ragged_dot on GPUs at these shapes
-  # (benchmarks/README.md, "MoE dispatch"); the run log reports router/dropped_fraction.
-  c.model.moe.dispatch = "capacity"
-  c.model.moe.capacity_factor = 1.25
 
   c.engram.engram_vocab_size = (43_000, 43_000)
   c.engram.n_embed_per_ngram = 256
