@@ -255,7 +255,7 @@ _T0 = time.perf_counter()
 
 
 def log(msg):
-  # Phase stamps: the first GPU run (d=2048, 16 blocks) printed nothing for 210 s.
+  # Phase stamps: large stand-ins compile and fill their tables for minutes without output.
   print(f"  [{time.perf_counter() - _T0:7.1f} s] {msg}", flush=True)
 
 

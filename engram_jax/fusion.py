@@ -22,16 +22,11 @@ Precision: matmuls take compute-dtype inputs, accumulate in float32 and return t
 dtype (as a torch Linear under autocast); norms, the gate, the conv's multiply-adds and the SiLU
 run in float32, on the conv's normalised input rounded to the compute dtype (as torch's
 autocast conv reads it); the output is cast back to the compute dtype. With float32 compute
-all of it is float32. On the H200 the bf16 layer (experiments/bench_layer.py, row-sparse table)
-took 4.83 ms with f32 projection outputs and conv input, 4.17 ms with bf16 projection outputs,
-3.75 ms with the bf16 conv input too (one run each), then 3.64 -> 3.43 ms (median of three
-interleaved runs) once the conv's norm came from the value's one mean square (StreamRMSNorm's
-`gain_NxM`) instead of M norms of the materialised gated copies.
-
-Tried and measured slower on the H200, so not kept: a Pallas-Triton kernel pair for the whole
-gated conv branch (forward 0.37 ms, forward + backward 2.3 ms at best, against 1.3 ms for XLA's
-fusions; commit d8d05d9 has it), and the value and key projections as one matmul over the
-concatenated kernels (3.66 vs 3.26 ms for the layer).
+all of it is float32. In bf16, projection outputs and the conv input in the compute dtype halve
+those tensors' bytes; the conv's norm comes from the value's one mean square (StreamRMSNorm's
+`gain_NxM`), so the M gated copies [B, T, M, D] are never built before it. Apart from the
+lookup, the layer is plain XLA. Timings: benchmarks/README.md, "Whole Engram layer"
+(`python -m benchmarks.bench_layer`).
 
 Initialisation: RMSNorm scales 1; key/value kernels lecun-normal over their input width with
 zero biases (Flax's Dense default, not torch's uniform); the conv kernel is zero when

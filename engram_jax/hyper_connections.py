@@ -26,10 +26,9 @@ simplify (documented, not hidden):
     coefficients are computed in float32 by XLA: one [M*D, 2M + M^2] projection per token (the
     three phi concatenated, the RMSNorm's 1/rms applied to its output and its scale folded into
     phi, so the normalised streams are never materialised). The H_res stream mixing
-    (`mix_streams`) is an einsum on CPU and elementwise products + a sum elsewhere: on an H200
-    the einsum ran as batched 4x4 GEMMs (52 ms of small_gpu's 265 ms step,
-    experiments/profile_step.py), and experiments/bench_mhc.py timed the wrapper at 3.22 ms
-    with it and 2.49 ms elementwise (the 2-core CPU: 38.6 vs 80.9 ms).
+    (`mix_streams`) is an einsum on CPU and elementwise products + a sum elsewhere, where XLA
+    runs the einsum as batched MxM GEMMs; each is the faster one on its platform
+    (benchmarks/README.md, "mHC wrapper").
   * Sinkhorn runs a fixed `sinkhorn_iters` (paper: 20) row-then-column normalisations; the
     result is exactly column-stochastic and row sums converge to 1.
 Stream expansion (`expand_streams`) copies the embedding to the M streams; contraction
@@ -137,9 +136,8 @@ def mix_streams(res_BxTxMxM: jax.Array, x_BxTxMxD: jax.Array, how: Optional[str]
   """H_res x per token: sum_j res[b,t,i,j] x[b,t,j,:].
 
   `how`: "einsum" (a batched MxM GEMM per token), "elementwise" (M^2 broadcast products and a
-  sum over j), or None: einsum on CPU, elementwise elsewhere. Measured by
-  `python -m experiments.bench_mhc` (one sub-layer wrapper, fwd+bwd, B=32 T=1024 M=4 D=768):
-  H200 3.22 ms (einsum) vs 2.49 ms (elementwise); 2-core CPU (B=4 T=256) 38.6 vs 80.9 ms.
+  sum over j), or None: einsum on CPU, elementwise elsewhere, the faster one on each
+  (`python -m benchmarks.bench_mhc`; benchmarks/README.md, "mHC wrapper").
   """
   how = how or ("einsum" if jax.default_backend() == "cpu" else "elementwise")
   if how == "einsum":
@@ -154,7 +152,7 @@ def hc_combine(x_BxTxMxD: jax.Array, out_BxTxD: jax.Array, coeffs, how: Optional
   """x_{l+1} = H_res x_l + H_post^T out, in float32, returned in x's dtype (`how`: as in
   `mix_streams`)."""
   post_BxTxM, res_BxTxMxM = coeffs
-  with jax.named_scope("hc_combine"):       # experiments/profile_step.py files it under mHC
+  with jax.named_scope("hc_combine"):       # benchmarks/profile_step.py files it under mHC
     mixed = mix_streams(res_BxTxMxM, x_BxTxMxD.astype(jnp.float32), how)
     new = mixed + post_BxTxM[..., None] * out_BxTxD.astype(jnp.float32)[:, :, None, :]
     return new.astype(x_BxTxMxD.dtype)

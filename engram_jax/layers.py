@@ -81,8 +81,8 @@ def resolve_attention_impl(impl: Optional[str], dtype, decode: bool,
   """The `jax.nn.dot_product_attention` implementation to use: `impl` when given; automatic
   (None): 'cudnn' (fused flash attention) on a GPU for bf16/f16 training and prefill calls,
   'xla' otherwise (CPU/TPU, f32, decoding). jax's own None means XLA, which materialises the
-  [B, N, T, S] f32 scores and their mask: on the H200 that was 131 of small_gpu's 367 ms per
-  step (experiments/profile_step.py)."""
+  [B, N, T, S] f32 scores and their mask (`python -m benchmarks.profile_step` shows their
+  share of a step; benchmarks/README.md)."""
   if impl is not None:
     return impl
   backend = backend or jax.default_backend()

@@ -69,7 +69,7 @@ def test_bench_offload_bf16_tables_match_hbm(tmp_path, monkeypatch, capsys):
     assert rec[f"{name}_loss_maxdiff"] == 0 and rec[f"{name}_rows_maxdiff"] == 0
 
 
-def test_trace_lines_union_and_summary():
+def test_profiler_lines_busy_time_and_summary():
   import jax
   import jax.numpy as jnp
   # Nested and overlapping events count once; a gap does not count.

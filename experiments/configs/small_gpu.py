@@ -4,8 +4,8 @@ Command:
   python -m experiments.train --config=experiments/configs/small_gpu.py --workdir=/tmp/small_gpu \
       --config.data.train_files="('corpus/train.jsonl',)" \
       --config.data.eval_files="('corpus/valid.jsonl',)"
-(default files: the embedded corpus, ~1M tokens, which this model overfits; build a larger one
-with `python -m experiments.build_corpus`.)
+(default files: the embedded corpus, 2.55M tokens, which this model overfits; build a larger
+one with `python -m experiments.build_corpus --preset=large`.)
 Baseline with the same total parameters: experiments/configs/small_gpu_moe.py.
 
 Hardware: one NVIDIA H200 (bf16 compute, f32 master weights), B=32 x T=1024 tokens per step.

@@ -4,11 +4,10 @@ The model calls only this module. `engram_lookup(table, ids, offsets)` returns
 `table[clip(ids + offsets)]` flattened over heads to `[B, T, H*E]`:
 
   implementation=None      'pallas' on TPU; on GPU 'pallas' when E is a power of two and 'xla'
-                           otherwise (in GPU kernel time on the H200, `bench_lookup
-                           --kernel-time`: 1.22-1.25x jnp.take for bf16 E=64, 0.97x for f32
-                           E=64, but 0.94x and 0.81x for bf16 and f32 E=80, whose rows the
-                           kernel reads in two power-of-two chunks); 'xla' on CPU. An explicit
-                           'pallas' with an unsupported shape raises.
+                           otherwise (the kernel reads other widths in several power-of-two
+                           chunks and is slower than jnp.take there: benchmarks/README.md,
+                           "Lookup forward"); 'xla' on CPU. An explicit 'pallas' with an
+                           unsupported shape raises.
   implementation='xla'     `reference.engram_lookup_reference` (jnp.take).
   implementation='pallas'  the Triton gather (gpu.py) on GPU, the DMA gather (tpu.py) on TPU;
                            on CPU pass `interpret=True` (and `pallas_backend='gpu'|'tpu'` to pick

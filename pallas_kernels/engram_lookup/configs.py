@@ -1,9 +1,9 @@
 """Block sizes of the Engram lookup kernels, one frozen config per backend.
 
-The GPU defaults come from `benchmarks/bench_lookup.py` on one H200 (its block sweep: 8 warps
-won in both runs, 128 or 256 rows per program within noise; segment-sum: 'onehot' with 32
-segments per program 310 us against 421 us for 64 and 2.0-3.2 ms for 'walk', N=262,144, E=64).
-TPU defaults follow the tiling rules only: no TPU was available.
+The GPU defaults are the fastest configs of `benchmarks/bench_lookup.py`'s sweeps on an H200
+(the gather's block sweep; the segment-sum's methods and segment counts): benchmarks/README.md,
+"Lookup forward" and "Segment-sum alone". The TPU defaults follow the tiling rules only; they
+are unmeasured on hardware.
 
 Dimension legend: N = B*T*H lookups, E row width, U unique-row slots.
 """

@@ -7,23 +7,14 @@ which is `[N, E]` = `[B, T, H*E]` in memory, so no reshuffle follows.
 Why Triton (deprecated in jax 0.11) and not Mosaic GPU: a gather of independent 64-320 byte
 rows needs a per-row address in every thread, which Triton expresses directly (pointer tensors,
 16-byte vector loads). Mosaic GPU moves global memory through TMA, and Hopper has no TMA
-gather (Blackwell only), so a Mosaic kernel would issue one bulk copy per row from one thread;
-we did not build it, so there is no Mosaic number to compare. For 128-byte bf16 rows this
-kernel already runs at a same-size device copy's speed (below), the ceiling for any backend.
-
-Measured on one H200 (`bench_lookup --parts forward --kernel-time`, GPU kernel time from a
-profiler trace, 524,288 lookups, 100M-row table, us per call): bf16 E=64 copy 40.9 / jnp.take
-50.2 / this kernel 40.3 (3.33 TB/s); f32 E=64 63.2 / 70.5 / 72.6; bf16 E=80 50.9 / 65.8 / 70.1;
-f32 E=80 78.6 / 92.9 / 113.3. For 128-byte bf16 rows the kernel runs at a same-size copy's
-speed and 1.24x jnp.take (which reaches 0.82x of the copy in jax 0.11.2), so it cannot be 4x
-faster than jnp.take; for E=80 (two column chunks) and f32 rows it is slower, and
-`engram_lookup` picks jnp.take for non-power-of-two E. The Engram layer calls the kernel
-through the custom VJP, whose gradient is what actually pays (see segment_sum.py).
+gather (Blackwell only), so a Mosaic kernel would issue one bulk copy per row from one thread.
+For 128-byte bf16 rows this kernel runs at a same-size device copy's speed, the ceiling for any
+backend; for E=80 (two column chunks) and f32 rows `jnp.take` is faster, so `engram_lookup`
+picks `jnp.take` for non-power-of-two E on GPUs (benchmarks/README.md, "Lookup forward").
 
 Widths: Triton blocks need power-of-two extents. E is read as power-of-two column chunks,
-widest first (at most 128): E=64 -> one chunk, E=80 -> 64 + 16 (five 16-wide chunks measured
-slower than jnp.take on the H200: 83.8 vs 76.0 us for 512k bf16 rows). Every index stays in
-bounds, so no masks are needed; `gather` pads N to a multiple of `block_rows`.
+widest first (at most 128): E=64 -> one chunk, E=80 -> 64 + 16. Every index stays in bounds,
+so no masks are needed; `gather` pads N to a multiple of `block_rows`.
 
 Large tables: the Triton lowering switches to 64-bit pointer offsets when the table exceeds
 2^32 bytes, and offsets below that fit in int32 elements, so byte offsets never overflow.

@@ -17,7 +17,7 @@ blocks are whole packed (16, 128) tiles.
 Verified only in interpret mode on CPU (`interpret=pltpu.InterpretParams()`). Unverified on
 hardware: that Mosaic accepts single-row DMAs into a sublane-packed bf16 VMEM block (if not,
 gather into a `[block_rows, 1, E]` scratch or DMA pairs of rows); the DMA issue rate and the
-best block_rows (no TPU was available to measure); that 256 outstanding DMAs on one semaphore
+best block_rows (unmeasured); that 256 outstanding DMAs on one semaphore
 are within the DMA queue limits of every TPU generation.
 
 Dimension legend: N = B*T*H lookups, M lookups in one call, R table rows, E row width,
