@@ -16,36 +16,22 @@ dropped on these random inputs, and which implementation the default picks on th
 `--sweep` also times one grouped matmul (fwd+bwd, [S*k, D] x [E, D, F]) under a few tile
 configurations of the Mosaic kernels (Hopper only).
 
-Timing: jitted step, 3 warm-up calls, median of `--reps` timed calls (block_until_ready each).
+Timing: `common.median_ms` (jitted step, 3 warm-up calls, median of `--reps` timed calls).
 
 Dimension legend: S = B*T tokens, D width, E routed experts, k experts per token, F expert width.
 """
 
 import argparse
 import dataclasses
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks import common
 from engram_jax.config import MoEConfig
 from engram_jax.layers import SwiGLU
 from engram_jax.moe import MoE
 from pallas_kernels.grouped_matmul import MosaicBlocks, api, configs, grouped_matmul
-
-
-def time_ms(fn, *args, reps=20):
-  out = fn(*args)
-  for _ in range(2):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times) * 1e3
 
 
 def fwd_bwd(module, x, collection_keys=()):
@@ -90,7 +76,7 @@ def sweep(s, d, e, k, f, reps):
         x, w, sizes, implementation="mosaic_gpu", gpu_config=c).astype(jnp.float32)),
                             argnums=(0, 1)))
     try:
-      ms = time_ms(step, x, w, reps=reps)
+      ms = common.median_ms(step, x, w, reps=reps)
     except Exception as err:  # e.g. "exceeds available shared memory": report, keep sweeping
       print(f"  {name:<40} failed: {str(err).splitlines()[0][:80]}")
       continue
@@ -129,13 +115,13 @@ def main():
       print(f"  {name}: not run (needs a Hopper GPU, this is {platform} {capability!r})")
       continue
     step, params = fwd_bwd(MoE(cfg, dtype=jnp.bfloat16), x)
-    ms = time_ms(step, params, x, reps=args.reps)
+    ms = common.median_ms(step, params, x, reps=args.reps)
     dropped = float(step(params, x)[2])
     rows.append((name, ms, dropped))
     print(f"  {name}: {ms:.3f} ms", flush=True)
   step, params = fwd_bwd(SwiGLU((k + 1) * f, jnp.bfloat16), x)
   rows.append((f"dense SwiGLU width {(k + 1) * f} (floor)",
-               time_ms(step, params, x, reps=args.reps), 0.0))
+               common.median_ms(step, params, x, reps=args.reps), 0.0))
   print(f"\n{'variant':<34} {'ms':>8} {'TFLOP/s':>8} {'dropped':>8}")
   for name, ms, dropped in rows:
     if ms is None:
