@@ -17,7 +17,7 @@ Written to --out (small files only; checkpoints stay in --workdir_root):
   logs/<run>.log        the run's training and evaluation output
   metrics/<run>.jsonl   its training curve
   <sweep>.md, <sweep>.png   the sweep's table, conclusions and plot (the .md is also printed)
-  gate_view/            experiments.paper.gate_view of engram_s0 (after the iso sweep)
+  gate_view/            experiments.paper.gate_view of engram_s0 (when the sweeps ran it)
 Results already in --out/results with the same command are reused, so a sweep split over
 several calls (--only, or a --time_budget_s stop) completes in the same --out, and
 `--report_only` rebuilds the tables from them without training.
@@ -388,7 +388,8 @@ def main(argv):
     print("\n" + report(s, by_sweep[s], records, meta, out), flush=True)
   # The gate view restores and compiles once more: skipped when the budget has < 2 min left.
   time_left = deadline - time.time() if deadline else float("inf")
-  if not _REPORT_ONLY.value and "iso" in names and analysis.ok(records.get("engram_s0")):
+  if (not _REPORT_ONLY.value and any(r.name == "engram_s0" for r in todo)
+      and analysis.ok(records.get("engram_s0"))):
     if time_left > 120:
       gate_view(root, out, runner.env)
     else:
