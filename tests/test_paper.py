@@ -178,3 +178,21 @@ def test_tiny_iso_sweep_end_to_end_then_gate_view(tmp_path):
   page = (out / "gate_view" / "gate_view.html").read_text()
   assert page.count("<h3>layer ") == 2 * 2  # 2 Engram layers x 2 streams
   assert "title='" in page
+
+
+def test_train_results_from_log_keeps_held_out_of_a_run_stopped_in_its_ood_eval():
+  from experiments.paper import sweep as sweep_lib
+  text = ("[13:47:10] paper: {'total': 100, 'activated': 40, 'engram': 60, 'engram_dense': 5, "
+          "'rho': 0.5, 'flops_per_token': 7.0} | tables: lazy_adam | mesh {'data': 1}\n"
+          "[13:52:30] devices NVIDIA H200 x1\n"
+          "[13:55:39] eval step 640: loss 3.2081 | ppl 24.73 | 461285 tokens in 4.5s\n"
+          '[13:55:39] done: {"steps": 640, "train_loss": 3.25, "eval_loss": 3.2081}\n'
+          "==== out-of-domain evaluation ====\n*** SIGTERM received ***\n")
+  rec = sweep_lib.train_results_from_log(text, {"head_dim": 4})
+  assert rec["status"] == analysis.HELD_OUT_ONLY
+  assert rec["eval_loss"] == 3.2081 and rec["eval_tokens"] == 461285 and rec["slots"] == 15
+  assert rec["total"] == 100 and rec["device"] == "NVIDIA H200 x1" and "ood_loss" not in rec
+  assert analysis.has(rec, "eval_loss") and not analysis.has(rec, "ood_loss")
+  assert not analysis.ok(rec)
+  # A log without a finished training run gives nothing.
+  assert sweep_lib.train_results_from_log(text.split("[13:55:39] done")[0], {}) == {}

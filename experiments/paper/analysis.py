@@ -27,8 +27,19 @@ import numpy as np
 METRICS = (("eval_loss", "held-out"), ("ood_loss", "out-of-domain"))
 
 
+# A run whose training finished but whose out-of-domain evaluation was stopped by the time
+# budget: its held-out loss is a result, its OOD loss is missing.
+HELD_OUT_ONLY = "held-out only (OOD eval stopped)"
+
+
 def ok(record: Optional[dict]) -> bool:
   return bool(record) and record.get("status") == "ok"
+
+
+def has(record: Optional[dict], key: str) -> bool:
+  """Whether `record` holds a finished value of metric `key` (eval_loss or ood_loss)."""
+  return (bool(record) and record.get("status") in ("ok", HELD_OUT_ONLY)
+          and record.get(key) is not None)
 
 
 def summarize(values: Sequence[float]) -> dict:
@@ -67,17 +78,17 @@ def run_table(runs, records) -> list[str]:
   return lines
 
 
-def _ok_runs(runs, records):
-  return [(run, records[run.name]) for run in runs if ok(records.get(run.name))]
+def _runs_with(runs, records, key):
+  return [(run, records[run.name]) for run in runs if has(records.get(run.name), key)]
 
 
 # ---- iso -------------------------------------------------------------------------------------
 
 
 def iso(runs, records) -> tuple[list[str], dict]:
-  done = _ok_runs(runs, records)
   lines, data = [], {}
   for key, label in METRICS:
+    done = _runs_with(runs, records, key)
     groups = {m: [r[key] for run, r in done if run.point_dict["model"] == m]
               for m in ("engram", "moe")}
     s = {m: summarize(v) for m, v in groups.items()}
@@ -105,12 +116,12 @@ def iso(runs, records) -> tuple[list[str], dict]:
 
 
 def alloc(runs, records) -> tuple[list[str], dict]:
-  done = sorted(_ok_runs(runs, records), key=lambda x: x[1]["rho"])
-  rhos = [r["rho"] for _, r in done]
-  lines, data = [], {"rho": rhos}
+  lines, data = [], {}
   for key, label in METRICS:
+    done = sorted(_runs_with(runs, records, key), key=lambda x: x[1]["rho"])
+    rhos = [r["rho"] for _, r in done]
     losses = [r[key] for _, r in done]
-    data[key] = {"loss": losses}
+    data[key] = {"rho": rhos, "loss": losses}
     if len(done) < 3:
       lines.append(f"- {label}: fewer than 3 points finished: no minimum.")
       continue
@@ -142,12 +153,12 @@ def _r2(y, fit) -> float:
 
 
 def slots(runs, records) -> tuple[list[str], dict]:
-  done = sorted(_ok_runs(runs, records), key=lambda x: x[1]["slots"])
-  n_slots = [r["slots"] for _, r in done]
-  lines, data = [], {"slots": n_slots}
+  lines, data = [], {}
   for key, label in METRICS:
+    done = sorted(_runs_with(runs, records, key), key=lambda x: x[1]["slots"])
+    n_slots = [r["slots"] for _, r in done]
     losses = [r[key] for _, r in done]
-    data[key] = {"loss": losses}
+    data[key] = {"slots": n_slots, "loss": losses}
     if len(done) < 3:
       lines.append(f"- {label}: fewer than 3 sizes finished: no fit.")
       continue
@@ -164,11 +175,11 @@ def slots(runs, records) -> tuple[list[str], dict]:
 
 
 def ablate(runs, records) -> tuple[list[str], dict]:
-  done = _ok_runs(runs, records)
-  ref = [(run, r) for run, r in done if run.point_dict["variant"] == "reference"]
-  variants = [(run, r) for run, r in done if run.point_dict["variant"] != "reference"]
   lines, data = [], {}
   for key, label in METRICS:
+    done = _runs_with(runs, records, key)
+    ref = [(run, r) for run, r in done if run.point_dict["variant"] == "reference"]
+    variants = [(run, r) for run, r in done if run.point_dict["variant"] != "reference"]
     s = summarize([r[key] for _, r in ref])
     deltas = {run.point_dict["variant"]: r[key] - s["mean"] for run, r in variants}
     data[key] = {"reference": s, "delta": deltas}

@@ -72,9 +72,9 @@ def plot(sweep: str, data: dict, out_path: str, title: str) -> str:
     if sweep == "iso":
       _iso(ax, data[key])
     elif sweep == "alloc":
-      _alloc(ax, data["rho"], data[key])
+      _alloc(ax, data[key]["rho"], data[key])
     elif sweep == "slots":
-      _slots(ax, data["slots"], data[key])
+      _slots(ax, data[key]["slots"], data[key])
     else:
       _ablate(ax, data[key])
     ax.set_ylabel(f"{label} loss (nats / token)" if sweep != "ablate" else "")

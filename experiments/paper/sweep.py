@@ -31,6 +31,7 @@ PARTIAL. Dimension legend: none.
 
 from __future__ import annotations
 
+import ast
 import concurrent.futures
 import datetime
 import json
@@ -163,15 +164,20 @@ class Runner:
     return os.path.join(self.out, "results", f"{name}.json")
 
   def previous(self, run: sweeps.Run, same_command: bool = True) -> dict | None:
-    """The finished record of `run` in --out, if its command is this invocation's (or any
-    command, for --report_only)."""
+    """The finished record of `run` in --out, if its command is this invocation's; for
+    --report_only (same_command=False) any record, with the training results of a run stopped
+    after its training recovered from its log (`train_results_from_log`)."""
     path = self.result_path(run.name)
     if not os.path.isfile(path):
       return None
     with open(path) as f:
       record = json.load(f)
     if not same_command:
-      return record if analysis.ok(record) else None
+      log_path = os.path.join(self.out, "logs", f"{run.name}.log")
+      if record.get("status", "").startswith("stopped") and os.path.isfile(log_path):
+        with open(log_path) as f:
+          record.update(train_results_from_log(f.read(), record))
+      return record  # failed and stopped runs too: the table shows their status
     workdir = os.path.join(self.root, run.name)
     same = record.get("command") == printable(train_command(run, self.tiny, self.paths,
                                                             workdir))
@@ -251,8 +257,12 @@ class Runner:
         rc_eval = self._call(ood_cmd, log_file)
     with open(log_path) as f:
       text = f.read()
+    if rc == 0:
+      record.update(self._collect_train(workdir, text, record))
     if rc == 0 and rc_eval == 0:
-      record.update(self._collect(workdir, text, record))
+      record.update(self._collect_ood(text))
+    elif rc == 0 and self.stop.is_set():
+      record["status"] = analysis.HELD_OUT_ONLY
     elif self.stop.is_set():
       record["status"] = "stopped (time budget)"
     else:
@@ -269,21 +279,48 @@ class Runner:
       log(f"{record['status']} {run.name} (log: {log_path})" + (f"\n    {tail}" if tail else ""))
     return record
 
-  def _collect(self, workdir: str, text: str, record: dict) -> dict:
+  def _collect_train(self, workdir: str, text: str, record: dict) -> dict:
+    """What the finished training run wrote: held-out loss, parameter counts, its curve."""
     with open(os.path.join(workdir, "final_metrics.json")) as f:
       final = json.load(f)
-    ood = json.loads(text[text.rindex("\n{\n") + 1:])
     shutil.copyfile(os.path.join(workdir, "metrics.jsonl"),
                     os.path.join(self.out, "metrics", f"{record['name']}.jsonl"))
     device = re.search(r"devices (.+?) x(\d+)", text)
-    keep = ("eval_loss", "eval_tokens", "train_loss", "total", "activated", "engram",
-            "engram_dense", "rho", "flops_per_token", "steps")
-    out = {k: final[k] for k in keep if k in final}
-    out.update(status="ok", ood_loss=ood["eval_loss"], ood_tokens=ood["eval_tokens"],
-               train_seconds=final["wall_seconds"],
+    out = {k: final[k] for k in TRAIN_KEYS if k in final}
+    out.update(train_seconds=final["wall_seconds"],
                device=f"{device.group(1)} x{device.group(2)}" if device else "unknown",
                slots=(final["engram"] // record["head_dim"]) if record["head_dim"] else 0)
     return out
+
+  @staticmethod
+  def _collect_ood(text: str) -> dict:
+    ood = json.loads(text[text.rindex("\n{\n") + 1:])
+    return {"status": "ok", "ood_loss": ood["eval_loss"], "ood_tokens": ood["eval_tokens"]}
+
+
+TRAIN_KEYS = ("eval_loss", "eval_tokens", "train_loss", "total", "activated", "engram",
+              "engram_dense", "rho", "flops_per_token", "steps")
+
+
+def train_results_from_log(text: str, record: dict) -> dict:
+  """The training results a run's log prints, for a run stopped after its training finished
+  (e.g. during the out-of-domain evaluation) by a driver that kept no record of them: the
+  parameter counts line (`<config>: {'total': ...}`), the final eval line and the `done:` line
+  of experiments.train. {} when the log does not show a finished training run."""
+  done = re.search(r"\] done: (\{.*\})", text)
+  counts = re.search(r"\] \w+: (\{'total': [^}]*\})", text)
+  tokens = re.search(r"eval step \d+: loss [\d.]+ \| ppl [\d.]+ \| (\d+) tokens", text)
+  if not (done and counts):
+    return {}
+  final = {**ast.literal_eval(counts.group(1)), **json.loads(done.group(1))}
+  if tokens:
+    final["eval_tokens"] = int(tokens.group(1))
+  out = {k: final[k] for k in TRAIN_KEYS if k in final}
+  device = re.search(r"devices (.+?) x(\d+)", text)
+  out.update(status=analysis.HELD_OUT_ONLY,
+             device=f"{device.group(1)} x{device.group(2)}" if device else "unknown",
+             slots=(final["engram"] // record["head_dim"]) if record.get("head_dim") else 0)
+  return out
 
 
 # ---- reporting -------------------------------------------------------------------------------
@@ -294,7 +331,7 @@ def report(sweep: str, runs: list[sweeps.Run], records: dict, meta: dict, out: s
   finished = sum(analysis.ok(records.get(r.name)) for r in runs)
   status = ("complete" if finished == len(runs)
             else f"PARTIAL: {finished} of {len(runs)} runs finished")
-  done = [records[r.name] for r in runs if analysis.ok(records.get(r.name))]
+  done = [records[r.name] for r in runs if analysis.has(records.get(r.name), "eval_loss")]
   devices = sorted({r.get("device", "?") for r in done})
   data_desc = sorted({r.get("data", "?") for r in done})
   first = next((records[r.name] for r in runs if r.name in records), {})
