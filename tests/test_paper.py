@@ -143,7 +143,8 @@ def test_every_sweep_writes_its_table_and_plot(name, tmp_path):
   assert conclusions in text
   # A run that did not finish is listed and the table is marked partial.
   text = sweep.report(name, runs, _records(runs, skip={runs[-1].name}), meta, str(tmp_path))
-  assert f"PARTIAL: {len(runs) - 1} of {len(runs)}" in text
+  assert (f"PARTIAL: held-out {len(runs) - 1} of {len(runs)}, out-of-domain {len(runs) - 1} "
+          f"of {len(runs)} runs finished") in text
   assert f"| {runs[-1].name} | " in text and "not run" in text
 
 

@@ -328,9 +328,10 @@ def train_results_from_log(text: str, record: dict) -> dict:
 
 def report(sweep: str, runs: list[sweeps.Run], records: dict, meta: dict, out: str) -> str:
   lines, data = analysis.ANALYSES[sweep](runs, records)
-  finished = sum(analysis.ok(records.get(r.name)) for r in runs)
-  status = ("complete" if finished == len(runs)
-            else f"PARTIAL: {finished} of {len(runs)} runs finished")
+  finished = {label: sum(analysis.has(records.get(r.name), key) for r in runs)
+              for key, label in analysis.METRICS}
+  status = ("complete" if min(finished.values()) == len(runs) else "PARTIAL: " + ", ".join(
+      f"{label} {n} of {len(runs)}" for label, n in finished.items()) + " runs finished")
   done = [records[r.name] for r in runs if analysis.has(records.get(r.name), "eval_loss")]
   devices = sorted({r.get("device", "?") for r in done})
   data_desc = sorted({r.get("data", "?") for r in done})
