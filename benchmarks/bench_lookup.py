@@ -16,7 +16,7 @@ Backward: forward+backward of the lookup w.r.t. the table, dense `jax.grad` of t
 against the custom VJP (sorted f32 segment-sums, dense [R, E] result) and the row-sparse path
 (prefetch_rows + expand_rows: its gradient is [U, E], independent of R) with each segment-sum
 (xla, pallas, scan). Determinism: the segment-sum is run twice and compared bit for bit, for
-XLA, the scan and both Pallas methods.
+XLA, the scan and the Pallas kernel at three segment counts per program.
 
 Timing: the forward and the segment-sum (`bench`): a jitted program runs the function back to
 back once per input set (24 id sets for the forward, 3 for the segment-sum), and a second
@@ -247,8 +247,7 @@ def segment_sum_sweep(n, width, num_rows):
   want = np.zeros((n, width), np.float64)
   np.add.at(want, np.asarray(plan.segment_N), np.asarray(g_NxE, np.float64)[order])
   variants = [("xla", None), ("scan", None)] + [
-      ("pallas", GpuSegmentSumConfig(method, s, 64))
-      for method in ("onehot", "walk") for s in (32, 64, 128)]
+      ("pallas", GpuSegmentSumConfig(s, 64)) for s in (32, 64, 128)]
   for impl, cfg in variants:
     kwargs = dict(implementation=impl) if cfg is None else dict(implementation=impl, config=cfg)
     fn = lambda g, p, kwargs=kwargs: segment_sum.segment_sum(g, p, **kwargs)

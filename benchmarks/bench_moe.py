@@ -21,9 +21,9 @@ Timing: `common.median_ms` (jitted step, 3 warm-up calls, median of `--reps` tim
 Dimension legend: S = B*T tokens, D width, E routed experts, k experts per token, F expert width.
 """
 
-import argparse
 import dataclasses
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 
@@ -33,8 +33,17 @@ from engram_jax.layers import SwiGLU
 from engram_jax.moe import MoE
 from pallas_kernels.grouped_matmul import MosaicBlocks, api, configs, grouped_matmul
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_integer("tokens", 32 * 1024, "S = B*T tokens", flag_values=FLAGS)
+flags.DEFINE_integer("d", 768, "D, the model width", flag_values=FLAGS)
+flags.DEFINE_integer("experts", 16, "E routed experts", flag_values=FLAGS)
+flags.DEFINE_integer("top_k", 2, "k experts per token", flag_values=FLAGS)
+flags.DEFINE_integer("expert_width", 384, "F, the expert width", flag_values=FLAGS)
+flags.DEFINE_integer("reps", 20, "timed calls per variant", flag_values=FLAGS)
+flags.DEFINE_bool("sweep", False, "also sweep the Mosaic kernels' tiles", flag_values=FLAGS)
 
-def fwd_bwd(module, x, collection_keys=()):
+
+def fwd_bwd(module, x):
   variables = module.init(jax.random.key(0), x)
   params = variables["params"]
   rest = {k: v for k, v in variables.items() if k != "params"}
@@ -84,15 +93,7 @@ def sweep(s, d, e, k, f, reps):
 
 
 def main():
-  p = argparse.ArgumentParser()
-  p.add_argument("--tokens", type=int, default=32 * 1024)
-  p.add_argument("--d", type=int, default=768)
-  p.add_argument("--experts", type=int, default=16)
-  p.add_argument("--top_k", type=int, default=2)
-  p.add_argument("--expert_width", type=int, default=384)
-  p.add_argument("--reps", type=int, default=20)
-  p.add_argument("--sweep", action="store_true", help="also sweep the Mosaic kernels' tiles")
-  args = p.parse_args()
+  args = common.parse_flags(FLAGS, __doc__)
   s, d, e, k, f = args.tokens, args.d, args.experts, args.top_k, args.expert_width
   x = jax.random.normal(jax.random.key(1), (1, s, d), jnp.float32).astype(jnp.bfloat16)
   print(f"{jax.devices()[0].device_kind} jax {jax.__version__}: S={s} D={d} E={e} k={k} F={f}")

@@ -32,7 +32,6 @@ start, so the relative error is ~1e-5 at the paper's sizes) and `engram_rows_exa
 
 Variants keep the total (and, as far as the architecture allows, the activated) count:
   moe_baseline(cfg)       Engram removed, its whole budget moved into more routed experts.
-  dense_baseline(cfg)     no MoE, no Engram; ffn_hidden_size chosen to match activated params.
   engram_at_rho(cfg, rho) the sparse budget of cfg split rho : (1 - rho) between routed experts
                           and Engram tables (num_experts and engram_vocab_size adjusted).
 `iso_param_report(a, b)` gives the residual mismatch of two configs.
@@ -171,17 +170,6 @@ def moe_baseline(cfg: ModelConfig) -> ModelConfig:
   extra = round((c["engram"] + c["engram_dense"]) / _per_expert_budget(cfg))
   return cfg.replace(engram=None, engram_head_sizes=(),
                      moe=cfg.moe.replace(num_experts=cfg.moe.num_experts + extra))
-
-
-def dense_baseline(cfg: ModelConfig, multiple_of: int = 1) -> ModelConfig:
-  """Dense model with cfg's activated parameter count (all FFNs dense, no Engram)."""
-  target = count_params(cfg)["activated"]
-  base = cfg.replace(moe=None, engram=None, engram_head_sizes=(), num_dense_layers=cfg.num_layers)
-  act0 = count_params(base)["activated"]
-  per_unit = 3 * cfg.hidden_size * cfg.num_layers
-  f = base.ffn_hidden_size + (target - act0) / per_unit
-  f = max(multiple_of, int(round(f / multiple_of)) * multiple_of)
-  return base.replace(ffn_hidden_size=f)
 
 
 def engram_at_rho(cfg: ModelConfig, rho: float) -> ModelConfig:

@@ -30,8 +30,8 @@ case (a batch shard has at most U unique rows, an owner at most L), so nothing c
 `capacity_factor > 0` sets C = ceil(capacity_factor * U / n) (rounded up to 8, at most the
 worst case): the traffic then follows the expected load rather than the worst case. Rows
 beyond C are not delivered (zeros in the forward, no gradient); every call returns the number
-of such rows as `overflow`, and the trainer stops the run when it is non-zero
-(`check_overflow`), so nothing is ever dropped silently.
+of such rows as `overflow`, and `check_overflow` raises when it is non-zero, so a caller that
+checks it never drops a row silently.
 
 Batch layout: the batch is split over `batch_axes` (S shards); `ShardedRows` holds S blocks of
 U slots, one per batch shard, and shard s's inverse index points into its own block. Every
@@ -171,7 +171,7 @@ def check_overflow(overflow, what: str = "Engram table") -> None:
   if count:
     raise OverflowError(
         f"{what}: {count} unique rows found no all-to-all request slot this step (they read "
-        "zeros and got no gradient); raise engram.shard_capacity_factor, or set it to 0 for "
+        "zeros and got no gradient); raise TableSharding.capacity_factor, or set it to 0 for "
         "worst-case buffers that never overflow")
 
 

@@ -232,7 +232,7 @@ def test_overflow_is_counted_and_refused_never_silent():
     counts = np.bincount(np.unique(shard) // ts.rows_per_shard, minlength=8)
     want += np.maximum(counts - capacity, 0).sum()
   assert want > 0 and int(overflow) == want
-  with pytest.raises(OverflowError, match=rf"{want} unique rows.*shard_capacity_factor"):
+  with pytest.raises(OverflowError, match=rf"{want} unique rows.*TableSharding\.capacity_factor"):
     st.check_overflow(overflow)
 
 

@@ -1,7 +1,7 @@
 """Block sizes of the Engram lookup kernels, one frozen config per backend.
 
 The GPU defaults are the fastest configs of `benchmarks/bench_lookup.py`'s sweeps on an H200
-(the gather's block sweep; the segment-sum's methods and segment counts): benchmarks/README.md,
+(the gather's block sweep; the segment-sum's segment counts): benchmarks/README.md,
 "Lookup forward" and "Segment-sum alone". The TPU defaults follow the tiling rules only; they
 are unmeasured on hardware.
 
@@ -29,21 +29,15 @@ class GpuLookupConfig:
 
 @dataclasses.dataclass(frozen=True)
 class GpuSegmentSumConfig:
-  """Pallas-Triton sorted segment-sum: each program owns `block_segments` output rows.
-
-  method 'onehot': walks the sorted lookups of its rows `block_lookups` at a time, adding a
-    one-hot [S, L] x [L, E] fp32 product (cost independent of how lookups spread over rows).
-  method 'walk': step j adds the j-th lookup of every owned row (a masked [S, E] gather);
-    as many steps as the longest segment among its rows.
+  """Pallas-Triton sorted segment-sum: each program owns `block_segments` output rows and
+  walks their sorted lookups `block_lookups` at a time, adding a one-hot [S, L] x [L, E] fp32
+  product (cost independent of how the lookups spread over its rows).
   """
-  method: str = "onehot"
   block_segments: int = 32
   block_lookups: int = 64
   num_warps: int = 4
 
   def __post_init__(self):
-    if self.method not in ("onehot", "walk"):
-      raise ValueError(f"method must be 'onehot' or 'walk', got {self.method!r}")
     _check_pow2("block_segments", self.block_segments)
     _check_pow2("block_lookups", self.block_lookups)
     if self.block_segments < 16 or self.block_lookups < 16:
@@ -72,8 +66,3 @@ class TpuLookupConfig:
 def _check_pow2(name: str, value: int):
   if value <= 0 or value & (value - 1):
     raise ValueError(f"{name} must be a positive power of two, got {value}")
-
-
-def padded_width(e: int) -> int:
-  """Triton blocks need power-of-two extents: E=80 is read as a masked 128-wide block."""
-  return 1 << max(0, (e - 1).bit_length())

@@ -11,15 +11,13 @@ Three reductions over that plan, all in float32:
   * 'xla': `jax.ops.segment_sum` on sorted ids. Deterministic on CPU and TPU; on GPU XLA lowers
     scatter-add to atomics, so the order of additions (and the last bits) may vary run to run.
   * 'pallas' (GPU, Triton): owner-computes, no atomics, bit-for-bit reproducible. Program p
-    owns slots [p*S, (p+1)*S). Method 'onehot' walks their sorted lookups L at a time, adding
-    a one-hot [S, L] x [L, C] product per column chunk (IEEE fp32 dot) into f32 accumulators;
-    method 'walk' adds, at step j, the j-th lookup of every owned slot (a masked [S, C]
-    gather), for as many steps as the longest segment among them. A row read by many lookups
-    makes its program loop longer in both (dynamic trip counts).
+    owns slots [p*S, (p+1)*S) and walks their sorted lookups L at a time, adding a one-hot
+    [S, L] x [L, C] product per column chunk (IEEE fp32 dot) into f32 accumulators. A row read
+    by many lookups makes its program loop longer (dynamic trip count).
   * 'scan': a segmented inclusive scan (`jax.lax.associative_scan`) over the sorted lookups,
     read at each segment's end: pure XLA without scatter-adds, so reproducible on every
     backend; each segment is summed in the scan's fixed tree order.
-  The GPU default is 'pallas' ('onehot'): bit-reproducible, close to XLA's atomic segment_sum
+  The GPU default is 'pallas': bit-reproducible, close to XLA's atomic segment_sum
   in time, and several times faster than the scan (benchmarks/README.md, "Segment-sum alone").
 
 Dimension legend: N lookups, U = N segment slots, E row width, S segments per program, L
@@ -135,29 +133,6 @@ def _segment_sum_kernel(starts_ref, segment_ref, order_ref, g_ref, out_ref, *,
     out_ref[slots_S[:, None], cols] = acc_SxC
 
 
-def _segment_walk_kernel(starts_ref, order_ref, g_ref, out_ref, *, block_segments: int,
-                         width: int):
-  slots_S = pl.program_id(0) * block_segments + jax.lax.iota(jnp.int32, block_segments)
-  begin_S = starts_ref[slots_S]
-  end_S = starts_ref[slots_S + 1]
-  col_chunks = [start + jax.lax.iota(jnp.int32, chunk)[None, :]
-                for start, chunk in column_chunks(width)]
-
-  def step(j, accs_SxC):
-    pos_S = begin_S + j
-    valid_S = pos_S < end_S
-    source_S = order_ref[jnp.where(valid_S, pos_S, 0)]  # Position 0 exists: N >= 1.
-    return tuple(
-        acc_SxC + jnp.where(valid_S[:, None],
-                            g_ref[source_S[:, None], cols].astype(jnp.float32), 0.0)
-        for acc_SxC, cols in zip(accs_SxC, col_chunks))
-
-  zeros = tuple(jnp.zeros((block_segments, c.shape[1]), jnp.float32) for c in col_chunks)
-  accs_SxC = jax.lax.fori_loop(0, jnp.max(end_S - begin_S), step, zeros)
-  for acc_SxC, cols in zip(accs_SxC, col_chunks):
-    out_ref[slots_S[:, None], cols] = acc_SxC
-
-
 def segment_sum_pallas(g_NxE: jax.Array, plan: SortedSegments, *,
                        config: GpuSegmentSumConfig = GpuSegmentSumConfig(),
                        interpret: bool = False) -> jax.Array:
@@ -169,13 +144,8 @@ def segment_sum_pallas(g_NxE: jax.Array, plan: SortedSegments, *,
   s = config.block_segments
   padded_slots = pl.cdiv(num_slots, s) * s
   starts = jnp.pad(plan.starts_U1, (0, padded_slots - num_slots), constant_values=n)
-  if config.method == "onehot":
-    kernel = functools.partial(_segment_sum_kernel, block_segments=s,
-                               block_lookups=config.block_lookups, width=width)
-    operands = (starts, plan.segment_N, plan.order_N, g_NxE)
-  else:
-    kernel = functools.partial(_segment_walk_kernel, block_segments=s, width=width)
-    operands = (starts, plan.order_N, g_NxE)
+  kernel = functools.partial(_segment_sum_kernel, block_segments=s,
+                             block_lookups=config.block_lookups, width=width)
   out_UxE = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((padded_slots, width), jnp.float32),
@@ -183,7 +153,7 @@ def segment_sum_pallas(g_NxE: jax.Array, plan: SortedSegments, *,
       compiler_params=pl_triton.CompilerParams(num_warps=config.num_warps, num_stages=1),
       interpret=interpret,
       name="engram_segment_sum",
-  )(*operands)
+  )(starts, plan.segment_N, plan.order_N, g_NxE)
   return out_UxE[:num_slots]
 
 
