@@ -157,3 +157,16 @@ def test_removed_host_step_keys_are_refused_by_name(key):
   config = _config()
   with pytest.raises(KeyError, match=rf'Key "{key}" does not exist'):
     config.engram[key] = "threads"
+
+
+def test_gate_view_reads_host_tables_like_device_tables(runs):
+  """experiments/paper/gate_view on a pinned_host workdir: the gates of the device run."""
+  from experiments.paper import gate_view
+  gates = {}
+  for name in ("device", "pinned_host"):
+    workdir = runs[name]["workdir"]
+    trainer, state, _ = train.restore_for_eval(evaluate.load_workdir_config(workdir), workdir)
+    tokens, gates[name] = gate_view.gate_values(trainer, state, "In the beginning God created")
+  assert len(tokens) > 3 and sorted(gates["pinned_host"]) == sorted(gates["device"])
+  for l, g_TxM in gates["device"].items():
+    np.testing.assert_allclose(gates["pinned_host"][l], g_TxM, rtol=1e-5, atol=1e-6)

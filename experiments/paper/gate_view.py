@@ -56,7 +56,10 @@ def gate_values(trainer, state, text: str) -> tuple[list[str], dict[int, np.ndar
   positions_1xT = np.arange(ids_T.size, dtype=np.int32)[None]
   ids = train.engram_hash_fn(exp, hash_on_device=False)(inputs_1xT, segments_1xT)
   if isinstance(trainer, HostPlacementTrainer):
-    engram_inputs = trainer.host.rows(trainer.host.prefetch(ids, for_update=False))
+    rows = trainer.host.rows(trainer.host.prefetch(ids, for_update=False))
+    # On the run's (one-device) mesh: the model's sharding constraints need mesh shardings.
+    engram_inputs = jax.device_put(rows, jax.sharding.NamedSharding(
+        trainer.mesh, jax.sharding.PartitionSpec()))
   elif exp.sparse_tables:
     engram_inputs = {l: prefetch_rows(state.tables[str(l)], ids[l], trainer.offsets[l])
                      for l in trainer.layer_ids}
