@@ -31,11 +31,12 @@ s exactly, as with the HBM placement (tests/test_host_tables.py compares losses,
 optimiser state step by step). Reading `tables` / `states`, `flush` and `prefetch` wait for
 every host task and re-raise a failed task's error.
 
-Why the host side is NumPy on threads and not XLA host compute: XLA runs a program's host
-gather and scatter on the device's stream, where they add to the step; NumPy threads keep them
-off the stream (benchmarks/README.md, "Host tables: training"). Why the optimiser arithmetic runs
-on the device: the rows travel there for the forward anyway, and `table_optim`'s padded gathers
-(mode='fill') need device-resident bound constants.
+Why the host side is NumPy on threads and not XLA host compute inside the step's program: the
+host gather and write then stay off the device's stream (benchmarks/README.md, "Host tables:
+training": the GPU stream is as busy per step as with HBM tables), and XLA never writes the
+host arrays. Why the optimiser arithmetic runs on the device: the rows travel there for the
+forward anyway, and `table_optim`'s padded gathers (mode='fill') need device-resident bound
+constants.
 
 `prefetch` (the first step's rows, and rows for evaluation with `for_update=False`) reads the
 tables with XLA's host gather (`host_memory.fetch_rows`); it never writes them.
