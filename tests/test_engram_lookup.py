@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.engram_lookup import engram_lookup, segment_sum
 from pallas_kernels.engram_lookup.configs import (GpuLookupConfig, GpuSegmentSumConfig,
-                                                  TpuLookupConfig)
+                                                  TpuLookupConfig, padded_width)
 from tests.kernel_test_base import LookupTestBase, random_case, reference_lookup
 
 
@@ -50,8 +50,8 @@ class TestGpuKernel(LookupTestBase):
                                             width, 1))
 
 
-def test_non_power_of_two_width_and_uneven_batch():
-  """E=80 (Triton reads a masked power-of-two block) and a batch that fills no whole block."""
+def test_padded_width_and_uneven_batch():
+  assert padded_width(80) == 128 and padded_width(64) == 64
   table, ids, offsets = random_case(2, 20, 80, jnp.bfloat16, batch=1, length=5, heads=3)
   out = engram_lookup(table, ids, offsets, implementation="pallas", interpret=True,
                       pallas_backend="gpu", gpu_config=GpuLookupConfig(block_rows=16))

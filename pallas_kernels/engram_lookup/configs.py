@@ -72,3 +72,8 @@ class TpuLookupConfig:
 def _check_pow2(name: str, value: int):
   if value <= 0 or value & (value - 1):
     raise ValueError(f"{name} must be a positive power of two, got {value}")
+
+
+def padded_width(e: int) -> int:
+  """Triton blocks need power-of-two extents: E=80 is read as a masked 128-wide block."""
+  return 1 << max(0, (e - 1).bit_length())
