@@ -5,21 +5,14 @@
 
 Same model, same batches, same table optimiser (`--optimizer`: lazy Adam with bf16 moments,
 2x the table bytes of host memory, or row-wise Adagrad, one f32 per row), one run, side by side
-per table size (`--modes` picks which of hbm / separate / fused / threads / gen run; hbm always
-does):
+per table size (`--modes` picks which of hbm / threads / gen run; hbm always does):
 
-  HBM   one fused jitted step: `prefetch_rows` from the HBM table, forward/backward on the rows,
-        SGD on the dense weights, `apply_row_sparse_update` on the whole table (donated).
-  host  `offload.HostTableTrainer`: the same model step on `PrefetchedRows`; rows of step s+1
-        deduplicated on the host (NumPy, overlapping step s) and gathered from the pinned_host
-        table and state by host compute; the optimiser runs on the U rows on the device and the
-        new rows are scattered back into the host arrays in place.
-  fused `HostTableTrainer.make_fused_step`: the same arithmetic, but one program per step that
-        also holds the host scatter of step s-1 and the host gather of step s+1 (XLA runs
-        programs in order on the GPU stream; inside one program host work can overlap).
-  threads `HostTableTrainer.make_threaded_step` (the trainer's default): one device program per
-        step; NumPy worker threads gather step s+1's rows and write step s-1's update into the
-        pinned_host buffers beside it, outside XLA.
+  HBM     one fused jitted step: `prefetch_rows` from the HBM table, forward/backward on the
+          rows, SGD on the dense weights, `apply_row_sparse_update` on the whole table (donated).
+  threads `host_tables.HostTables.make_step`: the same model step on `PrefetchedRows`, one
+          device program per step that also updates the step's U rows; rows of step s+1 are
+          deduplicated on the host (NumPy, overlapping step s), and NumPy worker threads gather
+          them and write step s-1's update into the pinned_host buffers beside it, outside XLA.
 
 The model is our own stand-in (no grain / ml_collections / EngramLM needed): token embedding,
 `--blocks` residual MLP blocks of width `--d` (bf16), two Engram layers whose rows are expanded
@@ -36,22 +29,23 @@ thread, handed over by host callbacks; it logs its gather time and the rows call
 per token). Tokens/s count the new tokens over the whole call, prompt forward included; every
 decoder must sample the HBM decoder's tokens (`same_tokens`).
 
-Timing: after WARMUP = 4 warm-up steps (one pass over the 4 batches, so every shape
-`--row_buckets` can give is compiled), `--steps` steps with one block_until_ready at the end;
-decoding: one warm-up call per decoder, then `--gen_reps` rounds in which each decoder makes one
-call in turn (median call per decoder). The last table printed is the
-result; it also prints the host-side costs measured alone (prefetch = unique+gather+copy,
-apply = update+scatter).
+Timing: after WARMUP = 4 warm-up steps (one pass over the 4 batches), `--steps` steps with one
+block_until_ready at the end; decoding: one warm-up call per decoder, then `--gen_reps` rounds
+in which each decoder makes one call in turn (median call per decoder). The last table printed
+is the result.
 
 `--table_dtype bfloat16`: bf16 tables in every placement (the optimiser updates rows in f32
 and stores them rounded), so each host gather / scatter moves half the bytes.
+
+`--probe`: the host gather / scatter primitives alone and beside a matmul, as XLA host compute
+(separate programs, one program, a second GPU stream) and as the threaded step's NumPy work.
 
 `--trace_steps n`: every training mode then runs n more steps under the profiler and prints
 the busy time of each GPU stream and host thread against the wall time (benchmarks/
 common.py): whether the host gather / scatter overlap the device's compute. Decoding
 (`gen`) then also traces one more call, per new token.
 
-Agreement: every run also prints, per host mode, the first-step loss next to the HBM one (equal
+Agreement: every run also prints the host step's first-step loss next to the HBM one (equal
 inputs, so any difference is a bug), the largest per-step |loss difference| and the largest
 |difference| of 4096 updated rows per table after the run.
 
@@ -71,9 +65,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from engram_jax import offload, table_optim
+from engram_jax import host_memory, table_optim
 from engram_jax.generate import CachedGenerator, ThreadedGenerator
 from engram_jax.hashing import NgramHashMapping
+from engram_jax.host_tables import (HostRowWorker, HostTables, default_host_threads,
+                                    unique_rows_numpy)
 from pallas_kernels.engram_lookup.row_sparse import RowSparse, expand_rows, prefetch_rows
 
 VOCAB, N, K, E = 32768, 3, 8, 64
@@ -103,8 +99,8 @@ flags.DEFINE_string("gen_fetch", "direct,step,program,threads",
                     "gen: which host-table decoders run (comma list of direct, step, program, "
                     "threads; see make_generator)", flag_values=FLAGS)
 flags.DEFINE_bool("probe", False, "time the host gather/scatter first", flag_values=FLAGS)
-flags.DEFINE_string("modes", "hbm,separate,fused,gen",
-                    "what to run per size: hbm (baseline, always), separate, fused, gen",
+flags.DEFINE_string("modes", "hbm,threads,gen",
+                    "what to run per size: hbm (baseline, always), threads, gen",
                     flag_values=FLAGS)
 flags.DEFINE_enum("optimizer", "lazy_adam", ["lazy_adam", "adagrad"],
                   "table optimiser: lazy_adam (bf16 moments) or row-wise adagrad",
@@ -113,9 +109,6 @@ flags.DEFINE_enum("tokens", "zipf", ["zipf", "corpus"],
                   "batch tokens: Zipf(1.1) ids (~94% of row slots unique at the default "
                   "shapes) or windows of the shipped corpus (real n-gram repetition)",
                   flag_values=FLAGS)
-flags.DEFINE_integer("row_buckets", 0,
-                     "host modes: HostTableTrainer(row_buckets=k), move ~the unique rows "
-                     "instead of B*T*H slots (0: off)", flag_values=FLAGS)
 flags.DEFINE_enum("table_dtype", "float32", ["float32", "bfloat16"],
                   "dtype of the tables (all placements; updated in f32, stored rounded): "
                   "bfloat16 halves the bytes each host gather / scatter moves", flag_values=FLAGS)
@@ -242,15 +235,6 @@ def make_hbm_step(args, offsets):
   return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
-def make_model_step(args):
-  def step(params, rows, inverses, tokens, targets):
-    loss, (gp, grows) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
-        params, rows, inverses, tokens, targets, args)
-    return sgd(params, gp), grows, loss
-  return jax.jit(step, donate_argnums=0)
-
-
-_MODEL_STEP = {}
 _T0 = time.perf_counter()
 
 
@@ -273,7 +257,7 @@ def _trace(args, name, run, state):
 
 def bench_hbm(args, params, tables, mapping, data, dev):
   offsets = {l: jnp.asarray(mapping.offsets(l), jnp.int32) for l in LAYERS}
-  states = {l: offload.init_state(CFG, tables[l]) for l in LAYERS}
+  states = {l: host_memory.init_state(CFG, tables[l]) for l in LAYERS}
   step = make_hbm_step(args, offsets)
   dd = [jax.device_put(b, dev) for b in data]  # device_put takes the whole pytree
   losses = []
@@ -295,71 +279,10 @@ def bench_hbm(args, params, tables, mapping, data, dev):
   return ms, [float(x) for x in losses], params, tables
 
 
-def _host_trainer(args, tables, mapping):
-  # allow_xla_host_writes: the separate / fused modes are measured (and their rows compared with
-  # HBM's) although the library refuses them on a GPU by default.
-  return offload.HostTableTrainer(CFG, tables, {l: mapping.offsets(l) for l in LAYERS},
-                                  row_buckets=args.row_buckets, allow_xla_host_writes=True)
-
-
 def bench_host(args, params, tables, mapping, data, dev):
-  trainer = _host_trainer(args, tables, mapping)
-  step = _MODEL_STEP.setdefault("step", make_model_step(args))
-  dd = [(jax.device_put(tok, dev), jax.device_put(tgt, dev)) for tok, tgt, _ in data]
-
-  losses = []
-
-  def run(n, handle, s0):
-    for s in range(s0, s0 + n):
-      tok, tgt = dd[s % len(dd)]
-      rows = trainer.rows(handle)
-      out = step(params_box[0], {l: r.rows_UxE for l, r in rows.items()},
-                 {l: r.inverse_BxTxH for l, r in rows.items()}, tok, tgt)
-      params_box[0], grows, loss = out
-      losses.append(loss)
-      # Host work for s+1 (NumPy unique) runs while the device executes step s.
-      nxt = trainer.prefetch(data[(s + 1) % len(data)][2])
-      trainer.apply_grad(handle, grows, LR)
-      handle = nxt
-    return handle, loss
-
-  params_box = [params]
-  handle = trainer.prefetch(data[0][2])
-  handle, loss = run(WARMUP, handle, 0)
-  jax.block_until_ready((loss, trainer.tables))
-  log(f"host: compiled + {WARMUP} warm-up steps")
-  t0 = time.perf_counter()
-  handle, loss = run(args.steps, handle, WARMUP)
-  jax.block_until_ready((loss, trainer.tables, handle.leaves))
-  ms = (time.perf_counter() - t0) / args.steps * 1e3
-
-  def more(n):
-    nxt, loss = run(n, handle, WARMUP + args.steps)
-    jax.block_until_ready((loss, trainer.tables, nxt.leaves))
-    return nxt
-  handle = _trace(args, "host separate", more, handle)
-  # Host-side pieces alone (serialised), for the analysis; the 2nd round is timed.
-  zero = lambda h: {l: jnp.zeros(h.leaves[l][0].shape, jnp.float32) for l in LAYERS}  # noqa
-  trainer.apply_grad(handle, zero(handle), LR)
-  jax.block_until_ready(trainer.tables)
-  for s in range(2):
-    t0 = time.perf_counter()
-    h = trainer.prefetch(data[s % len(data)][2])
-    jax.block_until_ready(h.leaves)
-    t1 = time.perf_counter()
-    trainer.apply_grad(h, zero(h), LR)
-    jax.block_until_ready(trainer.tables)
-    pre_ms, apply_ms = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
-  uniq = np.mean([offload.unique_rows_numpy(ids[l], mapping.offsets(l), mapping.num_rows(l))[2]
-                  for _, _, ids in data for l in LAYERS])
-  return ms, [float(x) for x in losses], params_box[0], pre_ms, apply_ms, uniq, trainer
-
-
-def bench_host_fused(args, params, tables, mapping, data, dev, threaded=False):
-  """As bench_host, through `HostTableTrainer.make_fused_step`: one program per step holding
-  the host scatter of step s-1 and the host gather of step s+1 beside step s (`threaded`:
-  `make_threaded_step`, NumPy gathers / scatters on worker threads beside the program)."""
-  trainer = _host_trainer(args, tables, mapping)
+  """The same steps as bench_hbm through `HostTables.make_step`: one program per step, the host
+  gather of step s+1 and the write of step s-1 on NumPy threads beside it."""
+  trainer = HostTables(CFG, tables, {l: mapping.offsets(l) for l in LAYERS})
 
   def model_step(p, batch, rows):
     tok, tgt = batch
@@ -368,9 +291,8 @@ def bench_host_fused(args, params, tables, mapping, data, dev, threaded=False):
         {l: r.inverse_BxTxH for l, r in rows.items()}, tok, tgt, args)
     return (sgd(p, gp), loss), grows, LR
 
-  name = "host threads" if threaded else "host fused"
-  run = (trainer.make_threaded_step if threaded else trainer.make_fused_step)(
-      model_step, donate_state=True)
+  name = "host threads"
+  run = trainer.make_step(model_step, donate_state=True)
   dd = [(jax.device_put(tok, dev), jax.device_put(tgt, dev)) for tok, tgt, _ in data]
 
   losses = []
@@ -382,11 +304,10 @@ def bench_host_fused(args, params, tables, mapping, data, dev, threaded=False):
       losses.append(loss)
     return handle, loss, p
 
-  # Committed params from the start: otherwise the first-step program, compiled for the
-  # uncommitted initial params, recompiles when the timed run restarts it after the flush.
+  # Committed params from the start, like the params every later step gets back.
   params = jax.device_put(params, dev)
   handle, loss, params = steps(WARMUP, trainer.prefetch(data[0][2]), 0, params)
-  jax.block_until_ready((loss, trainer.tables))    # `tables` flushes the pending update
+  jax.block_until_ready((loss, trainer.tables))    # `tables` waits for the host writes
   log(f"{name}: compiled + {WARMUP} warm-up steps")
   t0 = time.perf_counter()
   handle, loss, params = steps(args.steps, handle, WARMUP, params)
@@ -410,10 +331,10 @@ GEN_FETCH = {"direct": ("host, GPU reads the rows", "host_dir", "gen_dir"),
 
 def make_generator(args, params, tables, mapping, fetch="direct"):
   """A decoder of the stand-in model. fetch: 'direct' (CachedGenerator: the GPU reads the
-  token's rows from the host table inside the token's program, `offload.direct_rows`), 'step'
+  token's rows from the host table inside the token's program, `host_memory.direct_rows`), 'step'
   (XLA's host gather in the token's program), 'program' (that gather as its own program) or
   'threads' (ThreadedGenerator: NumPy threads, overlapping the stages before each Engram
-  layer). HBM tables: 'direct' (`offload.fetch_rows` in the token's program)."""
+  layer). HBM tables: 'direct' (`host_memory.fetch_rows` in the token's program)."""
   # The stand-in model is position-wise, so decoding needs no cache: each step is a one-token
   # forward on the rows just fetched for that token (EngramLM's caches: generate.engram_lm_decoder).
   def decode_fn(p, cache, tokens, positions, engram_inputs):
@@ -466,9 +387,9 @@ def probe(rows=16 * 2**20, slots=262144, mm_n=8192):
   fused with the host work annotated onto a second GPU stream
   (`compute_on('gpu_stream:1')`, XLA's explicit stream annotation)."""
   from jax.experimental.compute_on import compute_on
-  dev = offload.placement_sharding("device")
-  host = offload.placement_sharding("pinned_host")
-  table = offload.zeros((rows, E), np.float32, "pinned_host")
+  dev = host_memory.placement_sharding("device")
+  host = host_memory.placement_sharding("pinned_host")
+  table = host_memory.zeros((rows, E), np.float32, "pinned_host")
   ids = jax.device_put(np.sort(np.random.default_rng(0).choice(rows, slots, replace=False))
                        .astype(np.int32), host)
   take = lambda t, i: t.at[i].get(mode="promise_in_bounds")  # noqa: E731
@@ -527,13 +448,13 @@ def probe(rows=16 * 2**20, slots=262144, mm_n=8192):
       ok = bool(np.all(np.asarray(gather(box[0], ids)) == 1.0))
       print(f"    the stream-1 scatter wrote every row: {ok}", flush=True)
   # The threaded step's host side: NumPy on a view of the same pinned_host buffer, outside XLA.
-  view, ids_np = offload.host_view(box[0]), np.asarray(jax.device_get(ids))
+  view, ids_np = host_memory.host_view(box[0]), np.asarray(jax.device_get(ids))
   rows_np = np.empty((slots, E), np.float32)
   for threads in sorted({1, 8, os.cpu_count() or 1}):
-    worker = offload._HostWorker(threads)
+    worker = HostRowWorker(threads)
     timed(f"NumPy gather, {threads} threads", lambda: worker.gather(view, ids_np, rows_np))
     timed(f"NumPy scatter, {threads} threads", lambda: worker.scatter(view, ids_np, rows_np))
-  worker = offload._HostWorker(offload.default_host_threads())
+  worker = HostRowWorker(default_host_threads())
   timed("device_put of the gathered rows (pageable)", lambda: jax.device_put(rows_np, dev))
   on_device = jax.device_put(rows_np, dev)
   timed(f"device_get of {slots} rows", lambda: jax.device_get(on_device + 0))
@@ -547,18 +468,18 @@ def probe(rows=16 * 2**20, slots=262144, mm_n=8192):
   timed(f"matmul + NumPy gather, put, get, scatter ({worker.threads} threads) beside it", beside)
 
 
-MODES = ("hbm", "separate", "fused", "threads", "gen")
+MODES = ("hbm", "threads", "gen")
 
 
 def _check_ids(mapping, data, n=4096):
   """{layer: n sorted row ids} touched by the first batch: the rows compared across placements."""
-  return {l: offload.unique_rows_numpy(data[0][2][l], mapping.offsets(l),
+  return {l: unique_rows_numpy(data[0][2][l], mapping.offsets(l),
                                        mapping.num_rows(l))[0][:n] for l in LAYERS}
 
 
 def _rows_of(tables, ids):
   """{layer: those rows as NumPy}, from HBM or pinned_host tables (never copied whole)."""
-  return {l: np.asarray(offload.fetch_rows(t, jax.device_put(ids[l], t.sharding)))
+  return {l: np.asarray(host_memory.fetch_rows(t, jax.device_put(ids[l], t.sharding)))
           for l, t in tables.items()}
 
 
@@ -618,16 +539,16 @@ def main():
   CFG = table_optim.TableOptimizerConfig(
       kind=args.optimizer, **({"moment_dtype": "bfloat16"} if args.optimizer == "lazy_adam"
                               else {}))
-  dev = offload.placement_sharding("device")
+  dev = host_memory.placement_sharding("device")
   print(f"jax {jax.__version__} {jax.devices()[0].device_kind}; model d={args.d} "
         f"blocks={args.blocks} B={args.batch} T={args.seq} H={H} E={E}; tables "
         f"{args.table_dtype} {args.optimizer} "
         f"({table_optim.bytes_per_table_param(CFG, args.table_dtype, row_width=E):.2f}"
-        f" bytes/param); modes {modes}; tokens {args.tokens}; row buckets {args.row_buckets}; "
-        f"host limit {offload.host_memory_limit_bytes()[1]}",
+        f" bytes/param); modes {modes}; tokens {args.tokens}; "
+        f"host limit {host_memory.host_memory_limit_bytes()[1]}",
         flush=True)
   rows_out = []
-  tables_in = lambda mapping, placement: {l: offload.create_table(  # noqa: E731
+  tables_in = lambda mapping, placement: {l: host_memory.create_table(  # noqa: E731
       mapping.num_rows(l), E, args.table_dtype, placement, seed=l, chunk_rows=1 << 20)
       for l in LAYERS}  # same seeds: every placement starts from the same tables
   for gb in [float(s) for s in args.sizes_gb.split(",") if s]:
@@ -649,64 +570,39 @@ def main():
     _record_losses(rec, "hbm", hbm_losses, hbm_losses)
     del tables, params_h
     gc.collect()
-    if "separate" in modes:
+    if "threads" in modes:
       t1 = time.perf_counter()
       tables = tables_in(mapping, "pinned_host")
       rec["host_create_s"] = time.perf_counter() - t1
       log(f"{table_gb:.2f} GB: pinned_host tables created")
-      (rec["host_ms"], losses, params_h, rec["prefetch_ms"], rec["apply_ms"],
-       rec["unique_rows"], trainer) = bench_host(args, init_params(args), tables, mapping, data,
-                                                 dev)
-      rec["train_overhead_pct"] = 100 * (rec["host_ms"] / rec["hbm_ms"] - 1)
-      _record_losses(rec, "host", losses, hbm_losses)
-      rec["host_rows_maxdiff"] = _max_diff(_rows_of(trainer.tables, check_ids), hbm_rows)
-      del trainer, tables, params_h
-      gc.collect()
-    def one_program_mode(name, tables):  # fused or threads: time, losses, rows vs HBM
-      rec[f"{name}_ms"], losses, trainer = bench_host_fused(
-          args, init_params(args), tables, mapping, data, dev, threaded=name == "threads")
-      rec[f"{name}_overhead_pct"] = 100 * (rec[f"{name}_ms"] / rec["hbm_ms"] - 1)
-      _record_losses(rec, name, losses, hbm_losses)
-      rec[f"{name}_rows_maxdiff"] = _max_diff(_rows_of(trainer.tables, check_ids), hbm_rows)
-
-    if "threads" in modes:
-      tables = tables_in(mapping, "pinned_host")
-      one_program_mode("threads", tables)
-      del tables
-      gc.collect()
-    if "fused" in modes:
-      tables = tables_in(mapping, "pinned_host")
-      one_program_mode("fused", tables)
-      del tables
+      rec["threads_ms"], losses, trainer = bench_host(args, init_params(args), tables, mapping,
+                                                      data, dev)
+      rec["threads_overhead_pct"] = 100 * (rec["threads_ms"] / rec["hbm_ms"] - 1)
+      _record_losses(rec, "threads", losses, hbm_losses)
+      rec["threads_rows_maxdiff"] = _max_diff(_rows_of(trainer.tables, check_ids), hbm_rows)
+      del trainer, tables
       gc.collect()
     rec["total_s"] = time.perf_counter() - t0
     rows_out.append(rec)
     print(json.dumps(rec), flush=True)
     with open(os.path.join(args.out, "bench_offload.json"), "w") as f:
       json.dump(rows_out, f, indent=1)
-  print(f"\n{'table GB':>9} {'HBM ms':>8} {'sep. ms':>8} {'ovh %':>6} {'fused ms':>8} "
-        f"{'ovh %':>6} {'thr. ms':>8} {'ovh %':>6} | {'HBM tok/s':>9} {'dir. tok/s':>10} {'ovh %':>6} "
-        f"{'host tok/s':>10} {'ovh %':>6} {'sep. tok/s':>10} {'thr. tok/s':>10} {'ovh %':>6} | "
-        f"{'uniq rows':>9} "
-        f"{'prefetch':>8} {'apply':>7} | {'loss hbm':>8} {'sep.':>8} {'fused':>8} {'thr.':>8}")
+  print(f"\n{'table GB':>9} {'HBM ms':>8} {'thr. ms':>8} {'ovh %':>6} | {'HBM tok/s':>9} "
+        f"{'dir. tok/s':>10} {'ovh %':>6} {'host tok/s':>10} {'ovh %':>6} {'sep. tok/s':>10} "
+        f"{'thr. tok/s':>10} {'ovh %':>6} | {'loss hbm':>8} {'thr.':>8}")
   for r in rows_out:
-    print(f"{r['table_gb']:9.2f} {_fmt(r, 'hbm_ms', '8.2f')} {_fmt(r, 'host_ms', '8.2f')} "
-          f"{_fmt(r, 'train_overhead_pct', '6.1f')} {_fmt(r, 'fused_ms', '8.2f')} "
-          f"{_fmt(r, 'fused_overhead_pct', '6.1f')} {_fmt(r, 'threads_ms', '8.2f')} "
+    print(f"{r['table_gb']:9.2f} {_fmt(r, 'hbm_ms', '8.2f')} {_fmt(r, 'threads_ms', '8.2f')} "
           f"{_fmt(r, 'threads_overhead_pct', '6.1f')} | {_fmt(r, 'hbm_tok_s', '9.0f')} "
           f"{_fmt(r, 'host_dir_tok_s', '10.0f')} {_fmt(r, 'gen_dir_overhead_pct', '6.1f')} "
           f"{_fmt(r, 'host_tok_s', '10.0f')} {_fmt(r, 'gen_overhead_pct', '6.1f')} "
           f"{_fmt(r, 'host_sep_tok_s', '10.0f')} {_fmt(r, 'host_thr_tok_s', '10.0f')} "
-          f"{_fmt(r, 'gen_thr_overhead_pct', '6.1f')} | "
-          f"{_fmt(r, 'unique_rows', '9.0f')} {_fmt(r, 'prefetch_ms', '8.2f')} "
-          f"{_fmt(r, 'apply_ms', '7.2f')} | {_fmt(r, 'hbm_loss', '8.4f')} "
-          f"{_fmt(r, 'host_loss', '8.4f')} {_fmt(r, 'fused_loss', '8.4f')} "
+          f"{_fmt(r, 'gen_thr_overhead_pct', '6.1f')} | {_fmt(r, 'hbm_loss', '8.4f')} "
           f"{_fmt(r, 'threads_loss', '8.4f')}")
   print("\nAgreement with the HBM placement (same batches, same initial tables and weights): "
         "first-step losses; |loss diff| at the second step (after one update) / max over steps; "
         "max |row diff| of 4096 rows per table after the run")
   for r in rows_out:
-    for name in ("host", "fused", "threads"):
+    for name in ("threads",):
       if f"{name}_loss0" in r:
         print(f"  {r['table_gb']:6.2f} GB {name:>7}: loss0 {r['hbm_loss0']:.6f} vs "
               f"{r[name + '_loss0']:.6f}; |dloss| step 2 {r[name + '_loss1_diff']:.2e} / max "

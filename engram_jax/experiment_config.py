@@ -26,7 +26,7 @@ from engram_jax import tokenizer as tokenizer_lib
 from engram_jax.compression import CompressedTokenizer
 from engram_jax.config import EngramConfig, ModelConfig, MoEConfig
 from engram_jax.hashing import NgramHashMapping
-from engram_jax.offload import PLACEMENTS
+from engram_jax.host_memory import PLACEMENTS
 from engram_jax.optim import OptimConfig
 from engram_jax.table_optim import SPARSE_KINDS, TableOptimizerConfig
 
@@ -39,7 +39,7 @@ class Experiment:
     for the sparse table optimisers (tables live in the train state, not in the params).
   table_optim: None when the model has no Engram layer.
   table_placement: memory of the Engram tables, 'device' or 'pinned_host' (host tables live in
-    an `offload.HostTableTrainer` outside the train state; `engram.placement`).
+    a `host_tables.HostTables` outside the train state; `engram.placement`).
   hashing / compressor: None without Engram.
   """
 
@@ -152,30 +152,10 @@ def engram_placement(config: ml_collections.ConfigDict) -> str:
   return config.engram.get("placement", "device")
 
 
-HOST_STEPS = ("threads", "fused", "separate")
-
-
-def host_step(config: ml_collections.ConfigDict) -> str:
-  # Workdirs written before `engram.host_step` existed ran the separate programs.
-  return config.engram.get("host_step", "separate")
-
-
-def host_row_buckets(config: ml_collections.ConfigDict) -> int:
-  # Workdirs written before `engram.host_row_buckets` existed moved B*T*H slots per step.
-  return int(config.engram.get("host_row_buckets", 0))
-
-
 def _check_placement(config: ml_collections.ConfigDict, err) -> None:
   placement = engram_placement(config)
   if placement not in PLACEMENTS:
     raise err(f"engram.placement must be one of {PLACEMENTS}, got {placement!r}")
-  if host_step(config) not in HOST_STEPS:
-    raise err(f"engram.host_step must be one of {HOST_STEPS}, got {host_step(config)!r}")
-  if host_row_buckets(config) < 0:
-    raise err(f"engram.host_row_buckets must be >= 0, got {host_row_buckets(config)}")
-  if host_row_buckets(config) and host_step(config) == "separate":
-    raise err("engram.host_row_buckets > 0 needs engram.host_step='threads' or 'fused': the "
-              "separate step is compiled ahead of time for B*T*H row slots")
   if placement != "pinned_host" or not config.engram.enabled:
     return
   if config.table_optim.kind not in SPARSE_KINDS:
@@ -187,7 +167,7 @@ def _check_placement(config: ml_collections.ConfigDict, err) -> None:
     raise err("engram.placement='pinned_host' needs the hash ids on the host before the step "
               "(rows are deduplicated and gathered there): set engram.hash_on_device=False")
   if config.train.data_parallel != 1:
-    raise err(f"engram.placement='pinned_host' runs on one device (HostTableTrainer is not "
+    raise err(f"engram.placement='pinned_host' runs on one device (HostTables is not "
               f"sharded); got train.data_parallel={config.train.data_parallel}, set it to 1")
 
 

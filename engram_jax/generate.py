@@ -21,7 +21,7 @@ B*H rows per layer.
 
 How the rows of a pinned_host table reach the forward (`CachedGenerator(fetch=...)`):
 - 'direct' (default on GPUs): inside the token's program, from row ids that never leave the
-  device: `offload.direct_rows`, a Pallas-Triton gather that the GPU runs on the host table
+  device: `host_memory.direct_rows`, a Pallas-Triton gather that the GPU runs on the host table
   in place (pinned host memory is mapped into the GPU's address space; rows cross PCIe one
   request each). No host computation, no device-to-host transfer.
 - 'step' (default on CPU and TPU): the ids go to the host by a transfer of their own before the
@@ -58,7 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from engram_jax import offload
+from engram_jax import host_memory
+from engram_jax import host_tables
 from engram_jax.hashing import NgramHashMapping
 from pallas_kernels.engram_lookup.api import global_rows_N
 from pallas_kernels.engram_lookup.row_sparse import PrefetchedRows
@@ -107,10 +108,10 @@ class Generator:
     self.layers = tuple(sorted(tables))
     self.mapping = mapping
     self.n = mapping.max_ngram_size
-    self.placements = {l: offload.placement_of(t) for l, t in tables.items()}
+    self.placements = {l: host_memory.placement_of(t) for l, t in tables.items()}
     device = self.device = next(iter(tables.values())).sharding._device
-    self.dev = offload.placement_sharding("device", device)
-    self.home = {l: offload.placement_sharding(p, device) for l, p in self.placements.items()}
+    self.dev = host_memory.placement_sharding("device", device)
+    self.home = {l: host_memory.placement_sharding(p, device) for l, p in self.placements.items()}
     # NumPy, not device arrays: the jitted steps close over these, and a closed-over device
     # array becomes a program constant read back from the device (on a GPU a device-to-host
     # copy, which jax.transfer_guard("disallow") refuses).
@@ -140,7 +141,7 @@ class Generator:
     the tables as that step's arguments, so they are operands, not constants."""
     out = {}
     for l in self.layers:
-      rows = offload.fetch_rows(tables[l], ids_home[l])
+      rows = host_memory.fetch_rows(tables[l], ids_home[l])
       out[l] = rows.reshape(batch, -1, self.offsets[l].shape[0], rows.shape[-1])
     return out
 
@@ -237,7 +238,8 @@ class CachedGenerator(Generator):
     fetch: how token t's rows reach its forward.
       'direct': read inside the program of token t's forward from row ids that never leave
         the device; a pinned_host table is read by the GPU itself over PCIe
-        (`offload.direct_rows`), an HBM table by `offload.fetch_rows`. The prompt's rows too.
+        (`host_memory.direct_rows`), an HBM table by `host_memory.fetch_rows`. The prompt's
+        rows too.
       'step': also inside that program, but the row ids are first moved to the table's memory
         by a transfer of their own and XLA's host offloader gathers there (a host function on
         the GPU stream), then copies the rows to the device.
@@ -274,15 +276,15 @@ class CachedGenerator(Generator):
 
   def _read_direct_fn(self, rows_BxTxH: dict, tables: Mapping) -> dict:
     """Each layer's rows `[B, T, H, E]` for global row ids on the device: pinned_host tables
-    read by the GPU over PCIe, HBM tables by `offload.fetch_rows`; nothing touches the host."""
+    read by the GPU over PCIe, HBM tables by `host_memory.fetch_rows`; nothing touches the host."""
     out = {}
     for l in self.layers:
       b, t, h = rows_BxTxH[l].shape
       ids_N = rows_BxTxH[l].reshape(-1)
       if self.placements[l] == "pinned_host":
-        rows = offload.direct_rows(tables[l], ids_N, interpret=self.interpret)
+        rows = host_memory.direct_rows(tables[l], ids_N, interpret=self.interpret)
       else:
-        rows = offload.fetch_rows(tables[l], ids_N)
+        rows = host_memory.fetch_rows(tables[l], ids_N)
       out[l] = rows.reshape(b, t, h, rows.shape[-1])
     return out
 
@@ -387,7 +389,7 @@ class ThreadedGenerator(CachedGenerator):
   The program of token t runs: stage 0; a host callback that takes token t's rows (waiting for
   their gather if it is still running); stages 1..L; the sampling of token t+1; and a host
   callback that hands token t+1's row ids to a worker thread, which starts gathering them from
-  NumPy views of the pinned_host tables (`offload.host_view`) at once. So that gather runs
+  NumPy views of the pinned_host tables (`host_memory.host_view`) at once. So that gather runs
   while the device finishes token t's program and runs token t+1's stage 0, and the Python
   loop only dispatches programs, ahead of the device (no host round trip per token).
 
@@ -411,7 +413,7 @@ class ThreadedGenerator(CachedGenerator):
       stage) -> (hidden or logits_BxTxV, cache)`, as above (`engram_lm_stages` for EngramLM).
     init_cache, variables, tables, mapping, compression: as `CachedGenerator`; every table in
       'pinned_host' on one device.
-    threads: threads of the prompt's gathers (default `offload.default_host_threads()`).
+    threads: threads of the prompt's gathers (default `host_tables.default_host_threads()`).
   Same tokens as `CachedGenerator` over the same model (tests/test_generate.py). One call at a
   time per generator. After a call, `host_us_per_token` holds the worker's gather time and how
   long the program's rows callback waited for it, per new token.
@@ -429,7 +431,7 @@ class ThreadedGenerator(CachedGenerator):
                        f"tables {bad} are not (use CachedGenerator)")
     self.stage_fn = stage_fn
     # Its ordered queue gathers each token's rows; its pool, the prompt's.
-    self._worker = offload._HostWorker(threads or offload.default_host_threads())
+    self._worker = host_tables.HostRowWorker(threads or host_tables.default_host_threads())
     self._pending: dict[int, Future] = {}
     self._views: Optional[dict] = None
     self._spent = {"gather": 0.0, "rows callback waited": 0.0}
@@ -517,7 +519,7 @@ class ThreadedGenerator(CachedGenerator):
                                                                      temperature, seed)
     b, p = prompt.shape
     put = lambda x: jax.device_put(x, self.dev)  # noqa: E731
-    self._views = {l: offload.host_view(self.tables[l]) for l in self.layers}
+    self._views = {l: host_memory.host_view(self.tables[l]) for l in self.layers}
     self._pending.clear()
     self._spent = dict.fromkeys(self._spent, 0.0)
     prompt_rows = {}

@@ -10,16 +10,11 @@ pairs), evaluates every `eval_every` steps and at the end, and checkpoints every
 `checkpoint_every` steps, resuming automatically from `workdir`. MFU = tokens/s x
 `engram_jax.params.flops_per_token(...)['total']` / (peak FLOP/s x devices).
 
-With `engram.placement='pinned_host'` (`HostTablesTrainer`) the tables stay in host memory and
-a step is driven by `_HostTableSteps`. `engram.host_step='threads'` (default): one device
-program per step runs step s on its prefetched rows and updates those rows, while NumPy worker
-threads gather step s+1's rows from the host tables and write step s-1's update into them
-(`offload.HostTableTrainer.make_threaded_step`). 'fused': the same, but the host gather and
-scatter are XLA host compute inside the step's program (`make_fused_step`).
-'separate': the rows of step s are prefetched before step s is dispatched, step s+1's rows
-right after it, then step s's clipped row gradients update the host tables
-(`offload.HostTableTrainer.apply_grad`), each its own program. The host tables are
-checkpointed next to the orbax checkpoint (`workdir/host_tables/<step>/`).
+With `engram.placement='pinned_host'` (`HostPlacementTrainer`) the tables stay in host memory
+and a step is driven by `_HostTableSteps`: one device program per step runs step s on its
+prefetched rows and updates those rows, while NumPy worker threads gather step s+1's rows from
+the host tables and write step s-1's update into them (`host_tables.HostTables.make_step`). The
+host tables are checkpointed next to the orbax checkpoint (`workdir/host_tables/<step>/`).
 
 Dimension legend: B batch, T sequence length, H Engram hash heads.
 """
@@ -42,7 +37,7 @@ from engram_jax import evaluate as evaluate_lib
 from engram_jax import experiment_config
 from engram_jax import sharding as sharding_lib
 from engram_jax import table_optim
-from engram_jax.train_step import HostTablesTrainer, TrainState, Trainer  # noqa: F401
+from engram_jax.train_step import HostPlacementTrainer, TrainState, Trainer  # noqa: F401
 from engram_jax.train_step import without_engram_ids as _without_ids
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` prefix. CPU has no meaningful peak: the
@@ -202,7 +197,7 @@ def _check_finite(step: int, m: dict, ckpt: checkpoint_lib.Checkpointer):
 def setup(config: ml_collections.ConfigDict, *, check_data: bool = True):
   """(experiment, trainer, abstract state) for a config; nothing is allocated on device."""
   exp = experiment_config.resolve(config, check_data=check_data)
-  cls = HostTablesTrainer if exp.table_placement == "pinned_host" else Trainer
+  cls = HostPlacementTrainer if exp.table_placement == "pinned_host" else Trainer
   trainer = cls(config, exp, make_mesh(config))
   shapes = batch_shapes(exp, config, trainer.hash_on_device)
   abstract = trainer.prepare(config.seed, shapes)
@@ -268,7 +263,7 @@ def _restore(trainer: Trainer, ckpt: checkpoint_lib.Checkpointer, workdir: str, 
   checkpoint's orbax state holds no tables, a device one has no host_tables directory.
   """
   root = _host_tables_root(workdir)
-  if isinstance(trainer, HostTablesTrainer):
+  if isinstance(trainer, HostPlacementTrainer):
     checkpoint_lib.require_host_tables(root, step)
   elif checkpoint_lib.has_host_tables(root, step):
     raise ValueError(f"checkpoint step {step} in {workdir} was trained with "
@@ -276,7 +271,7 @@ def _restore(trainer: Trainer, ckpt: checkpoint_lib.Checkpointer, workdir: str, 
                      f"{checkpoint_lib.host_tables_directory(root, step)}, not in the orbax "
                      "state); set engram.placement='pinned_host' to resume or evaluate it")
   state = ckpt.restore(step, abstract, data_iterator)  # checks the hash fingerprint first
-  if isinstance(trainer, HostTablesTrainer):
+  if isinstance(trainer, HostPlacementTrainer):
     trainer.set_host(checkpoint_lib.restore_host_tables(
         root, step, trainer.exp.table_optim, trainer.host_offsets()))
   return state
@@ -285,13 +280,12 @@ def _restore(trainer: Trainer, ckpt: checkpoint_lib.Checkpointer, workdir: str, 
 def _eval_fns(trainer: Trainer, eval_c, batch_sh):
   """(eval_step(state, batch), put_batch) for `evaluate_lib.evaluate`, in either placement."""
   put = _put_fn(batch_sh)
-  if not isinstance(trainer, HostTablesTrainer):
+  if not isinstance(trainer, HostPlacementTrainer):
     return eval_c, put
 
   def eval_step(state, batch):
-    # Read right away (before any apply_grad): the handle is not patched by updates.
-    # B*T*H slots whatever engram.host_row_buckets: the eval step is compiled for them.
-    handle = trainer.host.prefetch(trainer.host_ids(batch), for_update=False, bucketed=False)
+    # Read right away (before the next step): the handle is not patched by updates.
+    handle = trainer.host.prefetch(trainer.host_ids(batch), for_update=False)
     return eval_c(state, put(_without_ids(batch)), trainer.host.rows(handle))
   return eval_step, lambda batch: batch  # the eval step puts the batch itself
 
@@ -308,76 +302,46 @@ class _DeviceSteps:
 
 
 class _HostTableSteps:
-  """One training step with host tables (the pipeline of engram_jax/offload.py).
+  """One training step with host tables: draw batch s+1, then one program runs step s and
+  updates the rows of s while NumPy threads gather the rows of s+1 (after writing s-1's update)
+  and then write s's (`HostTables.make_step`).
 
-  separate:  rows of s (prefetched earlier) -> step s dispatched -> prefetch s+1 -> apply_grad(s)
-  fused:     draw batch s+1 -> one program: scatter(s-1), gather(s+1), step s, update rows of s
-  threads:   draw batch s+1 -> one program: step s, update rows of s; NumPy threads: gather
-             s+1 (after scatter s-1), then scatter s
-
-  Separate: `prefetch(s+1)` deduplicates step s+1's ids on this thread while the device runs
-  step s and queues the host gather; `apply_grad(s)` patches its rows, so step s+1 reads the
-  table after step s exactly. Fused: step s+1's ids are deduplicated while step s-1 runs, and
-  the program patches step s+1's rows the same way. Threads: step s+1's ids are deduplicated
-  while step s runs, and step s+1's program patches its rows with step s's update. Without `lookahead` (checkpoint steps, the
-  last step) the next batch is not drawn, so the data iterator saved with step s stands exactly
-  after batch s.
+  Step s+1's ids are deduplicated while step s runs, and step s+1's program patches its rows
+  with step s's update. Without `lookahead` (checkpoint steps, the last step) the next batch is
+  not drawn, so the data iterator saved with step s stands exactly after batch s.
   """
 
-  def __init__(self, trainer: HostTablesTrainer, train_c, put, batches, mode: str = "separate"):
-    self._trainer, self._train_c, self._put, self._batches = trainer, train_c, put, batches
+  def __init__(self, trainer: HostPlacementTrainer, put, batches):
+    self._trainer, self._put, self._batches = trainer, put, batches
     self._ahead = None  # (batch without ids, PrefetchHandle) of the next step
-    self._fused = None
-    if mode in ("fused", "threads"):
-      def model_step(state, batch, rows):
-        state, metrics, row_grads = trainer.train_step(state, batch, rows)
-        return (state, metrics), row_grads, metrics["learning_rate"]
-      make = (trainer.host.make_threaded_step if mode == "threads"
-              else trainer.host.make_fused_step)
-      self._fused = make(model_step, donate_state=True)
 
-  def _draw(self):
-    batch = next(self._batches)
-    return _without_ids(batch), self._trainer.host.prefetch(self._trainer.host_ids(batch))
+    def model_step(state, batch, rows):
+      state, metrics, row_grads = trainer.train_step(state, batch, rows)
+      return (state, metrics), row_grads, metrics["learning_rate"]
+    self._run = trainer.host.make_step(model_step, donate_state=True)
 
   def __call__(self, state, step: int, lookahead: bool):
-    host = self._trainer.host
-    batch, handle = self._ahead or self._draw()
+    if self._ahead is None:
+      batch = next(self._batches)
+      self._ahead = (_without_ids(batch),
+                     self._trainer.host.prefetch(self._trainer.host_ids(batch)))
+    batch, handle = self._ahead
     self._ahead = None
-    if self._fused is not None:
-      nxt = next(self._batches) if lookahead else None
-      with self._trainer._context():  # the model traces under the mesh and logical rules
-        (state, metrics), nxt_handle = self._fused(
-            handle, None if nxt is None else self._trainer.host_ids(nxt), state,
-            self._put(batch), step=step - 1)
-      if nxt is not None:
-        self._ahead = (_without_ids(nxt), nxt_handle)
-      return state, metrics
-    state, metrics, row_grads = self._train_c(state, self._put(batch), host.rows(handle))
-    if lookahead:
-      self._ahead = self._draw()
-    # `step - 1` updates were applied before this one (what the device path passes).
-    host.apply_grad(handle, row_grads, metrics["learning_rate"], step=step - 1)
+    nxt = next(self._batches) if lookahead else None
+    with self._trainer._context():  # the model traces under the mesh and logical rules
+      # `step - 1` updates were applied before this one (what the device path passes).
+      (state, metrics), nxt_handle = self._run(
+          handle, None if nxt is None else self._trainer.host_ids(nxt), state,
+          self._put(batch), step=step - 1)
+    if nxt is not None:
+      self._ahead = (_without_ids(nxt), nxt_handle)
     return state, metrics
-
-
-def check_host_step(config: ml_collections.ConfigDict, platform: str) -> None:
-  """Refuses `engram.host_step` 'fused' / 'separate' with pinned_host tables on a GPU, before
-  anything is built: those steps write the tables through XLA host compute, which wrote wrong
-  rows on the H200 (experiments/check_host_rows; offload.HostTableTrainer refuses them too)."""
-  if (experiment_config.engram_placement(config) == "pinned_host" and platform == "gpu"
-      and experiment_config.host_step(config) != "threads"):
-    raise ValueError(
-        f"engram.host_step={experiment_config.host_step(config)!r} with pinned_host tables is "
-        "refused on a GPU: its XLA host-compute writes gave wrong rows on the H200 "
-        "(experiments/check_host_rows); use engram.host_step='threads'")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from `workdir` if it holds checkpoints) and evaluates; returns final
   metrics: train loss of the last interval, eval loss/perplexity, steps, wall time, params."""
   t_start = time.perf_counter()
-  check_host_step(config, jax.devices()[0].platform)
   os.makedirs(workdir, exist_ok=True)
   exp, trainer, abstract = setup(config)
   with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -403,7 +367,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       os.path.join(workdir, "checkpoints"), fingerprint=exp.fingerprint(),
       save_every=config.train.checkpoint_every, keep=config.train.keep_checkpoints,
       async_save=config.train.async_checkpoint)
-  on_host = isinstance(trainer, HostTablesTrainer)
+  on_host = isinstance(trainer, HostPlacementTrainer)
   latest = ckpt.latest_step()
   if latest is not None:
     log(f"resuming from checkpoint step {latest} in {ckpt.directory} ...")
@@ -411,16 +375,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     state = trainer.init_state()
 
-  fused = on_host and experiment_config.host_step(config) in ("threads", "fused")
-  log("compiling train and eval steps ..." if not fused else
-      "compiling the eval step (the fused host-table train step compiles at its first call) ...")
+  log("compiling train and eval steps ..." if not on_host else
+      "compiling the eval step (the host-table train step compiles at its first call) ...")
   t0 = time.perf_counter()
-  train_c, eval_c, batch_sh = trainer.compile(abstract, trainer.shapes, train=not fused)
+  train_c, eval_c, batch_sh = trainer.compile(abstract, trainer.shapes, train=not on_host)
   log(f"compiled in {time.perf_counter() - t0:.1f}s")
   put = _put_fn(batch_sh)
   if on_host:
-    run_step = _HostTableSteps(trainer, train_c, put, train_iter,
-                               mode=experiment_config.host_step(config))
+    run_step = _HostTableSteps(trainer, put, train_iter)
   else:
     run_step = _DeviceSteps(train_c, put, train_iter)
   eval_step, eval_put = _eval_fns(trainer, eval_c, batch_sh)

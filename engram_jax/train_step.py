@@ -16,9 +16,10 @@ jitted steps that `engram_jax.train` drives:
            router biases (collection 'moe_stats') are updated by the forward pass.
   clip     one global norm over dense and row-sparse gradients (identical in both table modes).
 
-`HostTablesTrainer` (engram.placement='pinned_host', sparse optimisers only) keeps the tables in
-an `offload.HostTableTrainer` outside the state; its compiled step takes the batch's
-`PrefetchedRows` and returns the clipped row gradients for the host update (engram_jax/train.py).
+`HostPlacementTrainer` (engram.placement='pinned_host', sparse optimisers only) keeps the tables
+in a `host_tables.HostTables` outside the state; its model step takes the batch's
+`PrefetchedRows` and returns the clipped row gradients, which `HostTables.make_step` applies to
+the rows in the same program (engram_jax/train.py drives it).
 
 Both table modes start from identical values: the state is always initialised with tables as
 params, and the sparse mode moves them out of the param tree. Shardings come from the logical
@@ -41,7 +42,8 @@ import numpy as np
 import optax
 
 from engram_jax import experiment_config
-from engram_jax import offload
+from engram_jax import host_memory
+from engram_jax import host_tables
 from engram_jax import optim
 from engram_jax import sharding as sharding_lib
 from engram_jax import table_optim
@@ -327,20 +329,20 @@ class Trainer:
     return train_c, eval_c, batch_sh
 
 
-class HostTablesTrainer(Trainer):
+class HostPlacementTrainer(Trainer):
   """`Trainer` for `engram.placement='pinned_host'`: tables outside the jitted state.
 
-  The Engram tables and their row-sparse optimiser state live in `self.host`, an
-  `offload.HostTableTrainer` in pinned host memory; the TrainState holds everything else
-  (`tables` / `table_opt` are empty). The compiled step takes the batch's `PrefetchedRows` as an
-  argument and returns the globally clipped row gradients; the loop (engram_jax/train.py)
-  prefetches the next batch's rows while a step runs and applies the gradients on the host
-  with `self.host.apply_grad`. Forward, loss, clipping and dense update are the base class's
-  (`_step_on_rows`), and the table arithmetic is `table_optim`'s in both placements, so a run
-  equals the 'device' placement's.
+  The Engram tables and their row-sparse optimiser state live in `self.host`, a
+  `host_tables.HostTables` in pinned host memory; the TrainState holds everything else
+  (`tables` / `table_opt` are empty). `train_step` takes the batch's `PrefetchedRows` as an
+  argument and returns the globally clipped row gradients; the loop (engram_jax/train.py) runs
+  it as the model step of `self.host.make_step`, which updates the rows in the same program and
+  writes them back to the host tables. Forward, loss, clipping and dense update are the base
+  class's (`_step_on_rows`), and the table arithmetic is `table_optim`'s in both placements, so
+  a run equals the 'device' placement's.
   """
 
-  host: Optional[offload.HostTableTrainer] = None
+  host: Optional[host_tables.HostTables] = None
 
   def prepare(self, seed: int, batch_shapes: dict) -> TrainState:
     abstract = super().prepare(seed, batch_shapes)
@@ -354,24 +356,24 @@ class HostTablesTrainer(Trainer):
 
     The tables are drawn by the model's initialiser on the device and then copied, so that a
     host run starts from exactly the device run's tables; HBM therefore holds each table once
-    during initialisation (tables beyond HBM would need `offload.create_table` in both modes).
+    during initialisation (tables beyond HBM would need `host_memory.create_table` in both modes).
     """
     state = self._init_in(self._full_shardings)
-    host = offload.placement_sharding("pinned_host")
+    host = host_memory.placement_sharding("pinned_host")
     tables = {}
     for k, table in state.tables.items():
-      offload.check_host_allocation(table.nbytes, what=f"Engram table of layer {k}",
+      host_memory.check_host_allocation(table.nbytes, what=f"Engram table of layer {k}",
                                     already_allocated=sum(t.nbytes for t in tables.values()))
       tables[int(k)] = jax.device_put(table, host).block_until_ready()
       table.delete()  # the device copy: from here on the host table is the only one
     # Zero optimiser state allocated on the host directly (== table_optim.init_table_state).
-    self.set_host(offload.HostTableTrainer(self.exp.table_optim, tables, self.host_offsets()))
+    self.set_host(host_tables.HostTables(self.exp.table_optim, tables, self.host_offsets()))
     return state.replace(tables={}, table_opt={})
 
   def host_offsets(self) -> dict:
     return {l: self.exp.hashing.offsets(l) for l in self.layer_ids}
 
-  def set_host(self, host: offload.HostTableTrainer) -> None:
+  def set_host(self, host: host_tables.HostTables) -> None:
     if host.layers != tuple(sorted(self.layer_ids)):
       raise ValueError(f"host tables for layers {host.layers}, model has {self.layer_ids}")
     for l in host.layers:
@@ -379,18 +381,17 @@ class HostTablesTrainer(Trainer):
       if tuple(host.tables[l].shape) != want:
         raise ValueError(f"host table of layer {l} has shape {tuple(host.tables[l].shape)}, "
                          f"the config's hashing needs {want}")
-    host.row_buckets = experiment_config.host_row_buckets(self.config)
     self.host = host
 
   def host_ids(self, batch: dict) -> dict:
-    """The pipeline's NumPy hash ids {layer: [B, T, H]} (what `host.prefetch` deduplicates)."""
+    """The pipeline's NumPy hash ids {layer: [B, T, H]} (what `host` deduplicates)."""
     if "engram_ids" not in batch:
       raise ValueError("batch has no 'engram_ids': engram.placement='pinned_host' needs the "
                        "pipeline's hash ids (engram.hash_on_device=False)")
     return {int(l): np.asarray(v) for l, v in batch["engram_ids"].items()}
 
   def train_step(self, state: TrainState, batch: dict, rows: dict):
-    """(state, metrics, {layer: clipped f32 [U, E] row gradient}); `rows` from `host.rows`."""
+    """(state, metrics, {layer: clipped f32 [U, E] row gradient}); `rows` from `host`."""
     return self._step_on_rows(state, batch, None, rows)
 
   def eval_step(self, state: TrainState, batch: dict, rows: dict) -> dict:
@@ -404,8 +405,8 @@ class HostTablesTrainer(Trainer):
     return without_engram_ids(batch_shapes)
 
   def _extra_step_args(self, batch_shapes: dict) -> tuple:
-    # Rows arrive where HostTableTrainer puts them: the first device's memory.
-    dev = offload.placement_sharding("device")
+    # Rows arrive where HostTables puts them: the first device's memory.
+    dev = host_memory.placement_sharding("device")
     b, t = batch_shapes["inputs"].shape
     h = self.exp.model.engram.num_heads
     u = b * t * h

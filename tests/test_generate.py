@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engram_jax import offload
+from engram_jax import host_memory
 from engram_jax.generate import (CachedGenerator, Generator, ThreadedGenerator, engram_lm_decoder,
                                  engram_lm_stages)
 from engram_jax.hashing import NgramHashMapping
@@ -28,11 +28,11 @@ def _setup(placement, layer_ids=ENGRAM.layer_ids):
   cfg = tiny_cfg(engram_table_placement="external",  # the conv history must matter:
                  engram=ENGRAM.replace(zero_init_conv=False, layer_ids=layer_ids))
   mapping = NgramHashMapping.from_config(cfg.engram, V, 0)
-  tables = {l: offload.create_table(mapping.num_rows(l), cfg.engram.head_dim, jnp.float32,
+  tables = {l: host_memory.create_table(mapping.num_rows(l), cfg.engram.head_dim, jnp.float32,
                                     placement, seed=l) for l in cfg.engram.layer_ids}
   x = jax.random.randint(jax.random.key(0), (B, P + NEW), 0, V)
   ids = {l: jnp.asarray(v, jnp.int32) for l, v in mapping.hash_numpy(np.asarray(x)).items()}
-  init_tables = {l: offload.create_table(mapping.num_rows(l), cfg.engram.head_dim, jnp.float32,
+  init_tables = {l: host_memory.create_table(mapping.num_rows(l), cfg.engram.head_dim, jnp.float32,
                                          "device", seed=l) for l in cfg.engram.layer_ids}
   rows = {l: prefetch_rows(init_tables[l], ids[l],
                            jnp.asarray(head_offsets(cfg.engram_head_sizes_for(l))))
@@ -132,12 +132,12 @@ def test_direct_fetch_reads_host_tables_in_place_from_device_ids():
 def test_fetch_auto_and_refusals():
   cfg = tiny_cfg(engram_table_placement="external")
   mapping = NgramHashMapping.from_config(cfg.engram, V, 0)
-  tables = {l: offload.create_table(mapping.num_rows(l), cfg.engram.head_dim, jnp.float32,
+  tables = {l: host_memory.create_table(mapping.num_rows(l), cfg.engram.head_dim, jnp.float32,
                                     "pinned_host", seed=l) for l in cfg.engram.layer_ids}
   make = lambda t, **kw: CachedGenerator(None, None, None, t, mapping, **kw)  # noqa: E731
   on_gpu = jax.default_backend() == "gpu"
   assert make(tables).fetch == ("direct" if on_gpu else "step")
-  device_tables = {l: jax.device_put(t, offload.placement_sharding("device"))
+  device_tables = {l: jax.device_put(t, host_memory.placement_sharding("device"))
                    for l, t in tables.items()}
   assert make(device_tables).fetch == "direct"
   with pytest.raises(ValueError, match="fetch must be"):
@@ -229,7 +229,7 @@ def test_threaded_generator_reads_the_tables_as_they_are_now():
   gen = ThreadedGenerator(*engram_lm_stages(cfg)[::-1], variables, tables, mapping)
   before = gen(prompt, NEW)
   for t in tables.values():
-    view = offload.host_view(t)
+    view = host_memory.host_view(t)
     view[:] = np.random.default_rng(9).normal(size=view.shape).astype(view.dtype) * 30
   after = gen(prompt, NEW)
   init_cache, decode_fn = engram_lm_decoder(cfg)

@@ -19,7 +19,6 @@ from engram_jax import checkpoint
 from engram_jax import data as data_lib
 from engram_jax import evaluate
 from engram_jax import experiment_config
-from engram_jax import offload
 from engram_jax import train
 from tests.test_train import _config, _losses
 
@@ -39,32 +38,21 @@ def _host_config(**overrides):
 def _host_tables(workdir, step):
   """{name: array} of the host tables + state saved at `step` (read into device memory)."""
   directory = checkpoint.host_tables_directory(os.path.join(workdir, "host_tables"), step)
-  return {k: np.asarray(v) for k, v in offload.restore_arrays(directory, "device").items()}
+  return {k: np.asarray(v) for k, v in checkpoint.restore_arrays(directory, "device").items()}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   out = {}
-  # 'pinned_host' runs the default threaded host step, 'pinned_host_fused' the fused program,
-  # 'pinned_host_separate' the separate programs, 'pinned_host_buckets' the fused step moving
-  # only ~the unique rows (engram.host_row_buckets).
-  for name, placement, host_step, buckets in (
-      ("device", "device", "threads", 0), ("pinned_host", "pinned_host", "threads", 0),
-      ("pinned_host_fused", "pinned_host", "fused", 0),
-      ("pinned_host_separate", "pinned_host", "separate", 0),
-      ("pinned_host_buckets", "pinned_host", "fused", 16)):
-    workdir = str(tmp_path_factory.mktemp(name))
-    final = train.train_and_evaluate(_host_config(**{
-        "engram.placement": placement, "engram.host_step": host_step,
-        "engram.host_row_buckets": buckets}), workdir)
-    out[name] = {"workdir": workdir, "final": final, "losses": _losses(workdir)[0]}
+  for placement in ("device", "pinned_host"):
+    workdir = str(tmp_path_factory.mktemp(placement))
+    final = train.train_and_evaluate(_host_config(**{"engram.placement": placement}), workdir)
+    out[placement] = {"workdir": workdir, "final": final, "losses": _losses(workdir)[0]}
   return out
 
 
-@pytest.mark.parametrize("host_run", ["pinned_host", "pinned_host_fused", "pinned_host_separate",
-                                      "pinned_host_buckets"])
-def test_host_placement_equals_device_placement(runs, host_run):
-  dev, host = runs["device"], runs[host_run]
+def test_host_placement_equals_device_placement(runs):
+  dev, host = runs["device"], runs["pinned_host"]
   assert len(host["losses"]) == STEPS
   np.testing.assert_allclose(host["losses"], dev["losses"], rtol=1e-6, atol=0)
   np.testing.assert_allclose(host["final"]["eval_loss"], dev["final"]["eval_loss"], rtol=1e-6)
@@ -151,10 +139,6 @@ def test_resuming_a_host_run_on_the_device_is_refused(runs, tmp_path):
     ({"engram.hash_on_device": True}, r"set engram.hash_on_device=False"),
     ({"train.data_parallel": 2}, r"train.data_parallel=2"),
     ({"engram.placement": "hbm"}, r"engram.placement must be one of"),
-    ({"engram.host_step": "overlapped"}, r"engram.host_step must be one of"),
-    ({"engram.host_row_buckets": -1}, r"engram.host_row_buckets must be >= 0"),
-    ({"engram.host_step": "separate", "engram.host_row_buckets": 4},
-     r"host_row_buckets > 0 needs engram.host_step='threads' or 'fused'"),
 ])
 def test_unsupported_host_configs_are_refused(overrides, match):
   config = _config()
@@ -166,17 +150,23 @@ def test_unsupported_host_configs_are_refused(overrides, match):
     experiment_config.check_config(config)
 
 
-@pytest.mark.parametrize("host_step, refused", [("threads", False), ("fused", True),
-                                                ("separate", True)])
-def test_xla_host_steps_are_refused_on_a_gpu_before_anything_is_built(host_step, refused):
+@pytest.mark.parametrize("key", ["host_step", "host_row_buckets", "allow_xla_host_writes"])
+def test_removed_host_step_keys_are_refused_by_name(key):
+  """Host tables have one step; a config (or --config override) still setting a removed key
+  fails naming it, not silently."""
   config = _config()
-  config.engram.placement = "pinned_host"
-  config.engram.host_step = host_step
-  train.check_host_step(config, "cpu")                # the CPU backend's results are exact
-  if refused:
-    with pytest.raises(ValueError, match="use engram.host_step='threads'"):
-      train.check_host_step(config, "gpu")
-  else:
-    train.check_host_step(config, "gpu")
-  config.engram.placement = "device"
-  train.check_host_step(config, "gpu")                # HBM tables: nothing to refuse
+  with pytest.raises(KeyError, match=rf'Key "{key}" does not exist'):
+    config.engram[key] = "threads"
+
+
+def test_gate_view_reads_host_tables_like_device_tables(runs):
+  """experiments/paper/gate_view on a pinned_host workdir: the gates of the device run."""
+  from experiments.paper import gate_view
+  gates = {}
+  for name in ("device", "pinned_host"):
+    workdir = runs[name]["workdir"]
+    trainer, state, _ = train.restore_for_eval(evaluate.load_workdir_config(workdir), workdir)
+    tokens, gates[name] = gate_view.gate_values(trainer, state, "In the beginning God created")
+  assert len(tokens) > 3 and sorted(gates["pinned_host"]) == sorted(gates["device"])
+  for l, g_TxM in gates["device"].items():
+    np.testing.assert_allclose(gates["pinned_host"][l], g_TxM, rtol=1e-5, atol=1e-6)

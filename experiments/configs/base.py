@@ -94,24 +94,10 @@ def get_config(arg=None):
   c.engram.lookup_implementation = ""  # '' -> automatic
   c.engram.hash_on_device = False  # False: hash ids computed in the grain pipeline
   # Where the tables and their optimiser state live: 'device' (HBM, in the train state) or
-  # 'pinned_host' (host DRAM, engram_jax.offload.HostTableTrainer; rows of step s+1 are
-  # prefetched while step s runs). pinned_host needs a row-sparse table_optim.kind, pipeline
-  # hashing and one device.
+  # 'pinned_host' (host DRAM, engram_jax.host_tables.HostTables: each step is one device program
+  # while NumPy worker threads gather the next step's rows and write the previous update back).
+  # pinned_host needs a row-sparse table_optim.kind, pipeline hashing and one device.
   c.engram.placement = "device"
-  # pinned_host only: 'threads' runs each step as one device program while NumPy worker threads
-  # gather the next step's rows from the host tables and write the previous update into them
-  # (offload.HostTableTrainer.make_threaded_step; H200, bench_offload's ~3.5B stand-in at 32 GB:
-  # +0.6% per step over HBM tables); 'fused' puts that host work into the step's program as XLA
-  # host compute (make_fused_step; +4.6-4.8%); 'separate' dispatches gather, step and update as
-  # their own programs (XLA runs them in order on the GPU stream: the host time adds). On the
-  # H200 'fused' and 'separate' wrote wrong rows over 8-step chains (experiments/check_host_rows;
-  # README, "Host-offloaded tables"), so the trainer refuses them on GPUs; CPU results are exact.
-  c.engram.host_step = "threads"
-  # pinned_host, threads or fused: 0 moves B*T*H row slots per step and layer; k > 0 moves the
-  # step's unique rows rounded up to a multiple of B*T*H / k (offload.HostTableTrainer
-  # row_buckets: less host traffic, up to k compiled shapes of the step). Slower on the H200
-  # so far with 'fused': bench_offload's ~3.5B stand-in, 8 GB, 16 buckets +39% vs +4.4% without.
-  c.engram.host_row_buckets = 0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.kind = "adamw"

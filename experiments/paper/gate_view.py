@@ -32,7 +32,7 @@ import numpy as np
 from engram_jax import evaluate
 from engram_jax import tokenizer as tokenizer_lib
 from engram_jax import train
-from engram_jax.train_step import HostTablesTrainer
+from engram_jax.train_step import HostPlacementTrainer
 from pallas_kernels.engram_lookup.row_sparse import prefetch_rows
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (config.json, checkpoints).")
@@ -55,9 +55,11 @@ def gate_values(trainer, state, text: str) -> tuple[list[str], dict[int, np.ndar
   segments_1xT = np.ones_like(inputs_1xT)
   positions_1xT = np.arange(ids_T.size, dtype=np.int32)[None]
   ids = train.engram_hash_fn(exp, hash_on_device=False)(inputs_1xT, segments_1xT)
-  if isinstance(trainer, HostTablesTrainer):
-    engram_inputs = trainer.host.rows(trainer.host.prefetch(ids, for_update=False,
-                                                            bucketed=False))
+  if isinstance(trainer, HostPlacementTrainer):
+    rows = trainer.host.rows(trainer.host.prefetch(ids, for_update=False))
+    # On the run's (one-device) mesh: the model's sharding constraints need mesh shardings.
+    engram_inputs = jax.device_put(rows, jax.sharding.NamedSharding(
+        trainer.mesh, jax.sharding.PartitionSpec()))
   elif exp.sparse_tables:
     engram_inputs = {l: prefetch_rows(state.tables[str(l)], ids[l], trainer.offsets[l])
                      for l in trainer.layer_ids}
