@@ -378,8 +378,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   metrics: train loss of the last interval, eval loss/perplexity, steps, wall time, params."""
   t_start = time.perf_counter()
   check_host_step(config, jax.devices()[0].platform)
+  exp, trainer, abstract = setup(config)  # validates: a refused config creates no workdir
   os.makedirs(workdir, exist_ok=True)
-  exp, trainer, abstract = setup(config)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
   summary = model_summary(exp, config.data.seq_len)
