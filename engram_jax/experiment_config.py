@@ -5,6 +5,11 @@ and returns an `Experiment`: ModelConfig (with MoEConfig, EngramConfig and the r
 table sizes), OptimConfig, TableOptimizerConfig, and the hashing objects whose fingerprints go
 into every checkpoint. Layers never see the ConfigDict.
 
+`check_config(config)` runs at load time (every config file's `get_config`, the entry points
+after the command-line overrides, `resolve`): each field against its rule in `FIELD_RULES`,
+then the combinations of fields. Every error is a one-line `ConfigError` that names the field
+path and what it allows.
+
 Conventions of the ConfigDict (experiments/configs/base.py): '' and 0 stand for "automatic"
 where a dataclass field is Optional (attention_impl, lookup_implementation, conv_dilation,
 vocab_size, file lists).
