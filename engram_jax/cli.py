@@ -2,8 +2,9 @@
 
 `run(main)` stands in for `absl.app.run(main)` in experiments/*.py:
   * a flag that cannot be parsed (an unknown config key such as `--config.train.foo=1`, a value
-    of the wrong type, a config file whose `get_config` refuses its own values) prints one line
-    that names the flag or the full key path and exits with status 1 before `main` runs;
+    of the wrong type, a config file that is missing or whose `get_config` refuses its own
+    values) prints one line that names the flag or the full key path and exits with status 1
+    before `main` runs;
   * `experiment_config.ConfigError` (a field out of its range, a missing data file) and
     `FileNotFoundError` raised by `main` print their message as one line and exit with status 1.
     Entry points validate the config before they create the workdir, so a refused run leaves
@@ -20,6 +21,7 @@ from typing import Callable, Optional, Sequence
 
 from absl import app
 from absl import flags
+import ml_collections
 from ml_collections.config_flags import config_flags
 
 from engram_jax import experiment_config
@@ -75,6 +77,8 @@ def unknown_override(argv: Sequence[str], flag_values=flags.FLAGS) -> Optional[s
       config = flag.parser.parse(source)
     except Exception:  # pylint: disable=broad-except  # the caller reports the original error
       return None
+    if not isinstance(config, ml_collections.ConfigDict):  # not loadable: reported elsewhere
+      return None
     for path in paths:
       problem = experiment_config.unknown_key(config, path)
       if problem is not None:
@@ -82,10 +86,33 @@ def unknown_override(argv: Sequence[str], flag_values=flags.FLAGS) -> Optional[s
   return None
 
 
+def _load_error(error: OSError) -> str:
+  # The loader's message lists the paths it tried; its last line says why each failed.
+  cause = _innermost(error, OSError)
+  lines = [l.strip() for l in str(cause).splitlines() if l.strip()]
+  return f"cannot load the config file: {lines[-1] if lines else cause}"
+
+
+def _unloadable_config(flag_values=flags.FLAGS) -> Optional[str]:
+  """One line for a config flag whose file could not be loaded, or None. ml_collections defers
+  that error to the first access of the config, which would be a traceback inside `main`."""
+  for name in flag_values:
+    flag = flag_values[name]
+    if not config_flags.is_config_flag(flag) or flag.value is None:
+      continue
+    try:
+      flag.value.keys()  # raises the loader's OSError if the file could not be loaded
+    except OSError as e:
+      return f"--{flag.name}: {_load_error(e)}"
+    except AttributeError:  # a config object without keys(): nothing to check
+      continue
+  return None
+
+
 def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl's flag parsing with every failure reported in one line (see the module docstring)."""
   try:
-    return flags.FLAGS(list(argv))
+    args = flags.FLAGS(list(argv))
   except Exception as e:  # pylint: disable=broad-except
     config_error = _innermost(e, experiment_config.ConfigError)
     if config_error is not None:
@@ -93,11 +120,18 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     unknown = unknown_override(argv)
     if unknown is not None:
       fail(unknown)
+    load_error = _innermost(e, OSError)
+    if load_error is not None:
+      fail(_load_error(load_error))
     if isinstance(e, flags.Error):
       lines = [l for l in str(e).splitlines() if l.strip()]
       # A traceback quoted in the message ends with the line that says what went wrong.
       fail(lines[-1] if len(lines) > 1 else str(e))
     raise
+  unloadable = _unloadable_config()
+  if unloadable is not None:
+    fail(unloadable)
+  return args
 
 
 def one_line_errors(main: Callable) -> Callable:

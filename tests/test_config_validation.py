@@ -164,6 +164,12 @@ def test_train_cli_prints_one_line_and_creates_no_workdir(tmp_path, flag, named)
   assert not workdir.exists()
 
 
+def test_missing_config_file_is_one_line(tmp_path):
+  line = _one_line(_run("experiments.train", "--config=no/such/config.py",
+                        f"--workdir={tmp_path / 'run'}", "--config.train.num_steps=3"))
+  assert "no/such/config.py" in line and not (tmp_path / "run").exists()
+
+
 def test_quickstart_checks_both_configs_before_any_workdir(tmp_path):
   # 5 steps is shorter than the warmup (30): refused before the Engram model trains.
   line = _one_line(_run("experiments.quickstart", f"--workdir={tmp_path / 'qs'}",
