@@ -25,6 +25,9 @@ TORCH_F32_EPS = 1.1920928955078125e-07
 LookupImpl = Optional[Literal["xla", "pallas"]]
 GateKind = Literal["multi", "shared", "none"]
 GATE_KINDS = ("multi", "shared", "none")
+# Per-head tables stay below 2**31 rows, with room for the prime search above the base size,
+# so hash ids and global rows fit in int32.
+MAX_ENGRAM_VOCAB_SIZE = 2**31 - 2**20 - 1
 
 
 def _err(field: str, msg: str) -> ValueError:
@@ -103,7 +106,7 @@ class EngramConfig:
           f"({self.max_ngram_size - 1}), got {len(self.engram_vocab_size)}")
     if any(v < 2 for v in self.engram_vocab_size):
       raise _err("engram_vocab_size", f"every entry must be >= 2, got {self.engram_vocab_size}")
-    if max(self.engram_vocab_size) >= 2**31 - 2**20:
+    if max(self.engram_vocab_size) > MAX_ENGRAM_VOCAB_SIZE:
       raise _err("engram_vocab_size",
                  "per-head tables must stay below 2**31 rows so hash ids fit in int32")
     if self.n_head_per_ngram < 1:
@@ -182,7 +185,7 @@ class EngramConfig:
 DTypeName = Literal["float32", "bfloat16"]
 RematPolicy = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                       "nothing_saveable"]
-_REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                    "nothing_saveable")
 
 
@@ -346,8 +349,8 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in ("float32", "bfloat16"):
         raise e(name, f"must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")
-    if self.remat_policy not in _REMAT_POLICIES:
-      raise e("remat_policy", f"must be one of {_REMAT_POLICIES}, got {self.remat_policy!r}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise e("remat_policy", f"must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
     if self.attention_impl not in (None, "xla", "cudnn"):
       raise e("attention_impl", f"must be None, 'xla' or 'cudnn', got {self.attention_impl!r}")
     if self.engram_table_placement not in ("param", "external"):

@@ -5,6 +5,11 @@ and returns an `Experiment`: ModelConfig (with MoEConfig, EngramConfig and the r
 table sizes), OptimConfig, TableOptimizerConfig, and the hashing objects whose fingerprints go
 into every checkpoint. Layers never see the ConfigDict.
 
+`check_config(config)` runs at load time (every config file's `get_config`, the entry points
+after the command-line overrides, `resolve`): each field against its rule in `FIELD_RULES`,
+then the combinations of fields. Every error is a one-line `ConfigError` that names the field
+path and what it allows.
+
 Conventions of the ConfigDict (experiments/configs/base.py): '' and 0 stand for "automatic"
 where a dataclass field is Optional (attention_impl, lookup_implementation, conv_dilation,
 vocab_size, file lists).
@@ -17,18 +22,24 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Optional
+import re
+from typing import Any, Callable, Optional, Sequence
 
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from engram_jax import data as data_lib
+from engram_jax import distributed
 from engram_jax import tokenizer as tokenizer_lib
 from engram_jax.compression import CompressedTokenizer
-from engram_jax.config import EngramConfig, ModelConfig, MoEConfig
+from engram_jax.config import (GATE_KINDS, MAX_ENGRAM_VOCAB_SIZE, REMAT_POLICIES, EngramConfig,
+                               ModelConfig, MoEConfig)
 from engram_jax.hashing import NgramHashMapping
 from engram_jax.host_memory import PLACEMENTS
 from engram_jax.optim import OptimConfig
-from engram_jax.table_optim import SPARSE_KINDS, TableOptimizerConfig
+from engram_jax.table_optim import (BIAS_CORRECTIONS, KINDS as TABLE_OPTIM_KINDS, MOMENT_DTYPES,
+                                    SPARSE_KINDS, TableOptimizerConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +84,7 @@ def _check_files(paths, what: str) -> tuple[str, ...]:
   paths = (paths,) if isinstance(paths, str) else tuple(paths)
   missing = [p for p in paths if not os.path.isfile(p)]
   if missing:
-    raise FileNotFoundError(f"config.data.{what}: file(s) not found: {missing}")
+    raise ConfigFileError(f"config.data.{what}: file(s) not found: {missing}")
   return paths
 
 
@@ -152,10 +163,285 @@ def engram_placement(config: ml_collections.ConfigDict) -> str:
   return config.engram.get("placement", "device")
 
 
+# ---- load-time validation of every field ---------------------------------------------------
+
+
+class ConfigError(ValueError):
+  """A config that cannot run. The message is one line that names the field path and what it
+  allows; the entry points print it without a traceback (engram_jax/cli.py)."""
+
+
+class ConfigFileError(ConfigError, FileNotFoundError):
+  """A file the config names (data, tokenizer) does not exist."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+  """A field's type (`kind`, `is_kind`) and allowed range (`allowed`, `in_range`)."""
+  kind: str
+  is_kind: Callable[[Any], bool]
+  allowed: str
+  in_range: Callable[[Any], bool] = lambda v: True
+
+  def error(self, value) -> Optional[str]:
+    """None for an allowed value, else 'must be ..., got ...' (the type is named only when
+    it is wrong)."""
+    if not self.is_kind(value):
+      return f"must be {self.kind} {self.allowed}".rstrip() + f", got {value!r}"
+    if not self.in_range(value):
+      return f"must be {self.allowed}, got {value!r}"
+    return None
+
+
+# jax.random.PRNGKey and NumPy's default_rng both take every seed in [0, 2**31 - 1].
+_SEED_MAX = 2**31 - 1
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v) -> bool:
+  return _is_int(v) or isinstance(v, (float, np.floating))
+
+
+def _bounds(lo, hi, lo_open: bool = False, hi_open: bool = False):
+  """(text, predicate) of lo <= v <= hi (either side open or absent)."""
+  if hi is None:
+    text = f"{'>' if lo_open else '>='} {lo}"
+  else:
+    text = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+  def ok(v):
+    above = v > lo if lo_open else v >= lo
+    return above and (hi is None or (v < hi if hi_open else v <= hi))
+  return text, ok
+
+
+def _note(note: str) -> str:
+  return f" ({note})" if note else ""
+
+
+def _int(lo: int, hi: Optional[int] = None, note: str = "") -> _Rule:
+  text, ok = _bounds(lo, hi)
+  return _Rule("an int", _is_int, text + _note(note), ok)
+
+
+def _number(lo: float, hi: Optional[float] = None, *, lo_open: bool = False,
+            hi_open: bool = False, note: str = "") -> _Rule:
+  """A finite int or float within the bounds: NaN and inf are never allowed."""
+  text, ok = _bounds(lo, hi, lo_open, hi_open)
+  return _Rule("a number", _is_number, f"finite and {text}" + _note(note),
+               lambda v: bool(np.isfinite(v)) and ok(v))
+
+
+def _bool() -> _Rule:
+  return _Rule("True or False", lambda v: isinstance(v, (bool, np.bool_)), "")
+
+
+def _str(note: str = "", non_empty: bool = False) -> _Rule:
+  return _Rule("a string", lambda v: isinstance(v, str),
+               ("non-empty" if non_empty else "") + _note(note),
+               lambda v: bool(v) or not non_empty)
+
+
+def _choice(options: Sequence[str], note: str = "") -> _Rule:
+  options = tuple(options)
+  return _Rule("a string", lambda v: isinstance(v, str), f"one of {options}" + _note(note),
+               lambda v: v in options)
+
+
+def _files() -> _Rule:
+  # Existence is checked by `resolve` (evaluation replaces the files of a workdir's config).
+  return _Rule("a path or a tuple of paths",
+               lambda v: isinstance(v, str) or (isinstance(v, (tuple, list))
+                                                and all(isinstance(p, str) for p in v)),
+               "(() = the embedded corpus)")
+
+
+def _ints(lo: int, hi: Optional[int] = None) -> _Rule:
+  text, ok = _bounds(lo, hi)
+  return _Rule("a tuple of ints",
+               lambda v: isinstance(v, (tuple, list)) and all(_is_int(x) for x in v),
+               f"non-empty, every entry {text}",
+               lambda v: len(v) > 0 and all(ok(x) for x in v))
+
+
+def _fractions() -> _Rule:
+  return _Rule("a tuple of numbers",
+               lambda v: isinstance(v, (tuple, list)) and all(_is_number(x) for x in v),
+               "increasing fractions in (0, 1)",
+               lambda v: all(0 < x < 1 for x in v) and list(v) == sorted(v))
+
+
+_DTYPES = ("float32", "bfloat16")
+_AUTO = "'' = automatic"
+
+# One rule per field of experiments/configs/base.py; `check_fields` applies them. A field
+# absent from a config (the config.json of a workdir written before the field existed) takes
+# its default in the converters above and is skipped. `train.data_parallel` is checked with the
+# batch size in `check_config`.
+FIELD_RULES: dict[str, _Rule] = {
+    "name": _str(non_empty=True),
+    "seed": _int(0, _SEED_MAX),
+    "data.train_files": _files(),
+    "data.eval_files": _files(),
+    "data.tokenizer_path": _str("'' = the shipped tokenizer"),
+    "data.seq_len": _int(2),
+    "data.batch_size": _int(1),
+    "data.shuffle_seed": _int(0, _SEED_MAX),
+    "model.vocab_size": _int(0, 2**31, note="0 = the tokenizer's vocabulary"),
+    "model.num_layers": _int(1),
+    "model.hidden_size": _int(1),
+    "model.num_heads": _int(1),
+    "model.num_kv_heads": _int(1),
+    "model.head_dim": _int(2),
+    "model.ffn_hidden_size": _int(1),
+    "model.num_dense_layers": _int(0),
+    "model.hc_mult": _int(1),
+    "model.sinkhorn_iters": _int(1),
+    "model.rope_theta": _number(0, lo_open=True),
+    "model.norm_eps": _number(0, lo_open=True),
+    "model.dtype": _choice(_DTYPES),
+    "model.param_dtype": _choice(_DTYPES),
+    "model.scan_layers": _bool(),
+    "model.remat_policy": _choice(REMAT_POLICIES),
+    "model.tie_embeddings": _bool(),
+    "model.attention_impl": _choice(("", "xla", "cudnn"), _AUTO),
+    "model.moe.enabled": _bool(),
+    "model.moe.num_experts": _int(1),
+    "model.moe.num_shared_experts": _int(0),
+    "model.moe.top_k": _int(1),
+    "model.moe.expert_hidden_size": _int(1),
+    "model.moe.score_func": _choice(("sigmoid", "softmax")),
+    "model.moe.routing": _choice(("aux_free", "plain")),
+    "model.moe.aux_loss_coef": _number(0),
+    "model.moe.bias_update_rate": _number(0),
+    "model.moe.routed_scaling_factor": _number(0, lo_open=True),
+    "model.moe.dispatch": _choice(("ragged", "capacity")),
+    "model.moe.capacity_factor": _number(0, lo_open=True),
+    "model.moe.matmul_implementation": _choice(("", "xla", "mosaic_gpu"), _AUTO),
+    "engram.enabled": _bool(),
+    "engram.engram_vocab_size": _ints(2, MAX_ENGRAM_VOCAB_SIZE),
+    "engram.max_ngram_size": _int(2),
+    "engram.n_embed_per_ngram": _int(1),
+    "engram.n_head_per_ngram": _int(1),
+    "engram.layer_ids": _ints(0),
+    "engram.pad_id": _int(0),
+    "engram.seed": _int(0, _SEED_MAX),
+    "engram.kernel_size": _int(1),
+    "engram.signed_sqrt_gate": _bool(),
+    "engram.gate": _choice(GATE_KINDS),
+    "engram.use_short_conv": _bool(),
+    "engram.compress_tokenizer": _bool(),
+    "engram.zero_init_conv": _bool(),
+    "engram.conv_dilation": _int(0, note="0 = max_ngram_size"),
+    "engram.table_init_std": _number(0),
+    "engram.segment_reset": _bool(),
+    "engram.lookup_implementation": _choice(("", "xla", "pallas"), _AUTO),
+    "engram.hash_on_device": _bool(),
+    "engram.placement": _choice(PLACEMENTS),
+    "optim.kind": _choice(("adamw", "muon")),
+    "optim.learning_rate": _number(0, lo_open=True),
+    "optim.warmup_steps": _int(0),
+    "optim.schedule": _choice(("step", "cosine", "constant")),
+    "optim.decay_boundaries": _fractions(),
+    "optim.decay_factor": _number(0, 1, lo_open=True),
+    "optim.min_lr_ratio": _number(0, 1),
+    "optim.b1": _number(0, 1, hi_open=True),
+    "optim.b2": _number(0, 1, hi_open=True),
+    "optim.eps": _number(0, lo_open=True),
+    "optim.weight_decay": _number(0),
+    "optim.grad_clip_norm": _number(0, note="0 disables clipping"),
+    "table_optim.kind": _choice(TABLE_OPTIM_KINDS),
+    "table_optim.lr_multiplier": _number(0, lo_open=True),
+    "table_optim.b1": _number(0, 1, hi_open=True),
+    "table_optim.b2": _number(0, 1, hi_open=True),
+    "table_optim.eps": _number(0, lo_open=True),
+    "table_optim.weight_decay": _number(0),
+    "table_optim.moment_dtype": _choice(MOMENT_DTYPES),
+    "table_optim.bias_correction": _choice(BIAS_CORRECTIONS),
+    "train.num_steps": _int(1),
+    "train.log_every": _int(1),
+    "train.eval_every": _int(0, note="0 = the final evaluation only"),
+    "train.num_eval_batches": _int(0, note="0 = the whole held-out set"),
+    "train.checkpoint_every": _int(1),
+    "train.keep_checkpoints": _int(1),
+    "train.async_checkpoint": _bool(),
+    "train.peak_flops": _number(0, note="0 = from the device kind"),
+    "train.distributed": _choice(distributed.MODES),
+    "train.inject_nan_at_step": _int(0, note="0 = never"),
+}
+
+_MISSING = object()
+
+
+def _field(config: ml_collections.ConfigDict, path: str):
+  node = config
+  for key in path.split("."):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)) or key not in node:
+      return _MISSING
+    node = node[key]
+  return node
+
+
+def _representable(x: float, dtype: str) -> bool:
+  """x is finite and nonzero once cast to `dtype` (optax computes the schedule in float32)."""
+  with np.errstate(over="ignore", under="ignore"):
+    cast = np.asarray(x, dtype=np.float32).astype(jnp.dtype(dtype))
+  return bool(np.isfinite(cast) and cast != 0)
+
+
+def _check_learning_rates(config: ml_collections.ConfigDict) -> Optional[str]:
+  lr, dtype = config.optim.learning_rate, config.model.param_dtype
+  rates = [("optim.learning_rate", lr)]
+  if config.engram.enabled:
+    multiplier = config.table_optim.lr_multiplier
+    rates += [("table_optim.lr_multiplier", multiplier),
+              ("optim.learning_rate * table_optim.lr_multiplier", lr * multiplier)]
+  for what, rate in rates:
+    if not all(_representable(rate, d) for d in ("float32", dtype)):
+      return (f"{what} must be finite and > 0 in float32 and in model.param_dtype={dtype!r}, "
+              f"got {rate!r}")
+  return None
+
+
+def check_fields(config: ml_collections.ConfigDict) -> None:
+  """Every field against its rule in `FIELD_RULES`, then the learning rates against the
+  parameter dtype; raises a one-line ConfigError naming the first bad field."""
+  name = _field(config, "name")
+  prefix = f"config {name!r}: " if isinstance(name, str) else ""
+  for path, rule in FIELD_RULES.items():
+    value = _field(config, path)
+    if value is _MISSING:
+      continue
+    problem = rule.error(value)
+    if problem is not None:
+      raise ConfigError(f"{prefix}{path} {problem}")
+  problem = _check_learning_rates(config)
+  if problem is not None:
+    raise ConfigError(prefix + problem)
+
+
+def unknown_key(config: ml_collections.ConfigDict, path: str) -> Optional[str]:
+  """None if `path` ('train.num_steps') names a field of `config`, else a one-line message
+  naming the first part of the path that does not exist and the fields that do there."""
+  node, walked = config, []
+  for key in path.split("."):
+    if not isinstance(node, ml_collections.ConfigDict):
+      return (f"unknown config key {path!r}: {'.'.join(walked)} is a value, not a section")
+    if key not in node:
+      where = ".".join(walked) or "the config"
+      return (f"unknown config key {path!r}: {where} has no field {key!r} (its fields: "
+              f"{', '.join(sorted(node.keys()))})")
+    node = node[key]
+    walked.append(key)
+  return None
+
+
 def _check_placement(config: ml_collections.ConfigDict, err) -> None:
+  # The values themselves are checked by FIELD_RULES; these are their combinations.
   placement = engram_placement(config)
-  if placement not in PLACEMENTS:
-    raise err(f"engram.placement must be one of {PLACEMENTS}, got {placement!r}")
   if placement != "pinned_host" or not config.engram.enabled:
     return
   if config.table_optim.kind not in SPARSE_KINDS:
@@ -171,12 +457,23 @@ def _check_placement(config: ml_collections.ConfigDict, err) -> None:
               f"sharded); got train.data_parallel={config.train.data_parallel}, set it to 1")
 
 
+_DATACLASS_SECTIONS = {"EngramConfig": "engram", "ModelConfig": "model", "MoEConfig": "model.moe",
+                       "OptimConfig": "optim", "TableOptimizerConfig": "table_optim"}
+
+
+def config_path_of(message: str) -> str:
+  """A dataclass's error ('MoEConfig.top_k: ...') with the config path it comes from
+  ('model.moe.top_k: ...')."""
+  return re.sub(r"^(\w+)\.", lambda m: _DATACLASS_SECTIONS.get(m.group(1), m.group(1)) + ".",
+                message)
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Cross-field invariants, then every dataclass's own validation; raises ValueError."""
-  err = lambda m: ValueError(f"config {config.name!r}: {m}")  # noqa: E731
+  """Every field's own rule (`check_fields`), the cross-field invariants, then every
+  dataclass's own validation; raises a one-line ConfigError that names the field path."""
+  check_fields(config)
+  err = lambda m: ConfigError(f"config {config.name!r}: {m}")  # noqa: E731
   _check_placement(config, err)
-  if config.data.seq_len < 2 or config.data.batch_size < 1:
-    raise err("data.seq_len must be >= 2 and data.batch_size >= 1")
   if config.engram.enabled and max(config.engram.layer_ids) >= config.model.num_layers:
     raise err(f"engram.layer_ids {tuple(config.engram.layer_ids)} must be < model.num_layers "
               f"({config.model.num_layers})")
@@ -194,9 +491,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
               f"train.data_parallel={config.train.data_parallel}")
   # Field-level checks of the dataclasses, at load time (the vocabulary comes from the
   # tokenizer later; any positive placeholder validates the rest).
-  model_config(config, vocab_size=max(config.model.vocab_size, 1))
-  optim_config(config)
-  table_optim_config(config)
+  try:
+    model_config(config, vocab_size=max(config.model.vocab_size, 1))
+    optim_config(config)
+    table_optim_config(config)
+  except ValueError as e:
+    raise err(config_path_of(str(e))) from e
 
 
 def resolve(config: ml_collections.ConfigDict, *, check_data: bool = True) -> Experiment:
@@ -204,8 +504,8 @@ def resolve(config: ml_collections.ConfigDict, *, check_data: bool = True) -> Ex
   check_config(config)
   tokenizer_path = config.data.tokenizer_path or tokenizer_lib.default_tokenizer_path()
   if not os.path.isfile(tokenizer_path):
-    raise FileNotFoundError(f"config.data.tokenizer_path: no tokenizer file at "
-                            f"{tokenizer_path!r}")
+    raise ConfigFileError(f"config.data.tokenizer_path: no tokenizer file at "
+                          f"{tokenizer_path!r}")
   defaults = data_lib.default_corpus_paths()
   train_files = tuple(config.data.train_files) or tuple(defaults["train"])
   eval_files = tuple(config.data.eval_files) or tuple(defaults["valid"])
@@ -214,8 +514,8 @@ def resolve(config: ml_collections.ConfigDict, *, check_data: bool = True) -> Ex
     eval_files = _check_files(eval_files, "eval_files")
   vocab_size = tokenizer_lib.load_tokenizer(tokenizer_path).get_vocab_size(with_added_tokens=True)
   if config.model.vocab_size and config.model.vocab_size < vocab_size:
-    raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
-                     f"tokenizer's vocabulary ({vocab_size})")
+    raise ConfigError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
+                      f"tokenizer's vocabulary ({vocab_size})")
 
   table_cfg = table_optim_config(config) if config.engram.enabled else None
   sparse = table_cfg is not None and table_cfg.kind in SPARSE_KINDS
@@ -223,8 +523,11 @@ def resolve(config: ml_collections.ConfigDict, *, check_data: bool = True) -> Ex
   hashing = compressor = None
   if model.engram is not None:
     compressor = load_compressor(tokenizer_path, model.engram.compress_tokenizer)
-    hashing = NgramHashMapping.from_config(model.engram, len(compressor),
-                                           compressor.compress_pad_id(model.engram.pad_id))
+    try:
+      hashing = NgramHashMapping.from_config(model.engram, len(compressor),
+                                             compressor.compress_pad_id(model.engram.pad_id))
+    except ValueError as e:  # its messages start with the engram field they concern
+      raise ConfigError(f"config {config.name!r}: engram.{e}") from e
     model = model.replace(engram_head_sizes=tuple(
         tuple(int(s) for s in hashing.head_sizes(l)) for l in model.engram.layer_ids))
   return Experiment(model=model, optim=optim_config(config), table_optim=table_cfg,

@@ -62,6 +62,7 @@ from engram_jax import host_memory
 from engram_jax import host_tables
 from engram_jax.hashing import NgramHashMapping
 from pallas_kernels.engram_lookup.api import global_rows_N
+from pallas_kernels.engram_lookup.reference import global_rows_numpy
 from pallas_kernels.engram_lookup.row_sparse import PrefetchedRows
 
 LogitsFn = Callable[[jax.Array, Mapping[int, PrefetchedRows]], jax.Array]
@@ -193,8 +194,8 @@ class Generator:
     comp = prompt if self.compression is None else self.compression[prompt]
     ids = self.mapping.hash_numpy(comp)
     put = lambda x: jax.device_put(x, self.dev)  # noqa: E731
-    rows = {l: np.clip(ids[l] + self.offsets[l], 0, self.tables[l].shape[0] - 1
-                       ).astype(np.int32) for l in self.layers}
+    rows = {l: global_rows_numpy(ids[l], self.offsets[l], self.tables[l].shape[0]
+                                 ).astype(np.int32) for l in self.layers}
     hist = np.full((b, self.n), self.mapping.pad_id, np.int32)
     k = min(self.n, p)
     hist[:, self.n - k:] = comp[:, p - k:]

@@ -11,7 +11,8 @@ table size. All of this follows the official demo bit for bit.
 Two implementations give identical ids:
   * `hash_numpy`: int64 NumPy on the host (the input pipeline; checks every id);
   * `hash`: jit-able JAX that never needs `jax_enable_x64`. The 64-bit products, XORs and the
-    floor-mod are emulated on (hi, lo) uint32 pairs.
+    floor-mod are emulated on (hi, lo) uint32 pairs. Concrete ids are checked as in
+    `hash_numpy`; traced ids are trusted.
 
 Optional `segment_ids` make packed documents independent: a shifted token from another segment
 than the current position is replaced by `pad_id`, so each document's n-grams start from padding
@@ -220,7 +221,8 @@ class NgramHashMapping:
     if ids.ndim != 2:
       raise ValueError(f"ids: expected rank 2 [B, T], got shape {ids.shape}")
     if check_values and ids.size:
-      lo, hi = int(ids.min()), int(ids.max())
+      # An explicit fetch of two scalars for a device array (allowed under transfer_guard).
+      lo, hi = (int(v) for v in jax.device_get((ids.min(), ids.max())))
       if lo < 0:
         raise ValueError(f"ids: negative id {lo}; hash compressed ids, not padding markers")
       if hi >= self.tokenizer_vocab_size:
@@ -266,14 +268,16 @@ class NgramHashMapping:
   def hash(self, ids, segment_ids=None) -> dict[int, jax.Array]:
     """Device path: {layer_id: int32[B, T, H]}, equal to `hash_numpy`; jit-able, 32-bit only.
 
-    Id values are range-checked only for NumPy inputs; traced ids are trusted (out-of-range
-    ids give in-range but meaningless rows).
+    Concrete ids (NumPy or a committed `jax.Array`) are range-checked as in `hash_numpy`: a
+    negative id or one >= the tokenizer vocabulary raises. Traced ids (under jit) are trusted:
+    checking them would need a host round trip inside the program, and an out-of-range id only
+    gives in-range but meaningless rows.
     """
     if not isinstance(ids, (np.ndarray, jax.Array)):
       ids = np.asarray(ids)
     if segment_ids is not None and not isinstance(segment_ids, (np.ndarray, jax.Array)):
       segment_ids = np.asarray(segment_ids)
-    self._check_inputs(ids, segment_ids, check_values=isinstance(ids, np.ndarray))
+    self._check_inputs(ids, segment_ids, check_values=not isinstance(ids, jax.core.Tracer))
     if isinstance(ids, np.ndarray):
       ids = ids.astype(np.int32)  # values checked above; avoids the int64 -> int32 warning
     x_BxT = jnp.asarray(ids).astype(jnp.uint32)

@@ -342,8 +342,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from `workdir` if it holds checkpoints) and evaluates; returns final
   metrics: train loss of the last interval, eval loss/perplexity, steps, wall time, params."""
   t_start = time.perf_counter()
+  exp, trainer, abstract = setup(config)  # validates: a refused config creates no workdir
   os.makedirs(workdir, exist_ok=True)
-  exp, trainer, abstract = setup(config)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
   summary = model_summary(exp, config.data.seq_len)

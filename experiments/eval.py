@@ -10,6 +10,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from engram_jax import cli
 from engram_jax import train
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (holds config.json).")
@@ -17,6 +18,8 @@ _DATA = flags.DEFINE_multi_string("data", None, "Text (.txt[.gz]) or JSONL files
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Override the run's batch size (0 = keep).")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 0, "Evaluate at most this many batches.")
 flags.mark_flags_as_required(["workdir", "data"])
+flags.register_validator("batch_size", lambda v: v >= 0, "--batch_size must be >= 0")
+flags.register_validator("num_batches", lambda v: v >= 0, "--num_batches must be >= 0")
 
 
 def main(argv):
@@ -29,4 +32,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

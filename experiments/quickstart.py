@@ -14,6 +14,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from engram_jax import cli
+from engram_jax import experiment_config
 from engram_jax import plotting
 from engram_jax import train
 from experiments.configs import quickstart
@@ -22,6 +24,7 @@ from experiments.configs import quickstart_moe
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (one subdirectory per model).")
 _STEPS = flags.DEFINE_integer("num_steps", 0, "Override the number of steps (0 = config's).")
 flags.mark_flags_as_required(["workdir"])
+flags.register_validator("num_steps", lambda v: v >= 0, "--num_steps must be >= 0")
 
 
 def main(argv):
@@ -30,10 +33,12 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
   t0 = time.perf_counter()
   runs = {"engram": quickstart.get_config(), "moe": quickstart_moe.get_config()}
-  results = {}
-  for name, config in runs.items():
+  for config in runs.values():
     if _STEPS.value:
       config.train.num_steps = config.train.checkpoint_every = _STEPS.value
+    experiment_config.check_config(config)  # both, before either workdir exists
+  results = {}
+  for name, config in runs.items():
     results[name] = train.train_and_evaluate(config, os.path.join(_WORKDIR.value, name))
   png = plotting.plot_loss_curves(
       {f"{n} ({runs[n].name})": os.path.join(_WORKDIR.value, n) for n in runs},
@@ -47,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

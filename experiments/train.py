@@ -9,7 +9,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from engram_jax import cli
 from engram_jax import distributed
+from engram_jax import experiment_config
 from engram_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -22,9 +24,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+  # The overrides are applied after get_config's own check; nothing exists in the workdir yet.
+  experiment_config.check_config(_CONFIG.value)
   distributed.initialize(_CONFIG.value.train.distributed)  # before anything touches a device
   distributed.run(train.train_and_evaluate, _CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

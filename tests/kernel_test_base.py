@@ -37,10 +37,35 @@ def random_case(seed: int, rows_per_head: int, width: int, dtype, batch: int = 2
   return table_RxE, ids_BxTxH, offsets_H
 
 
+def clamped_rows(ids_BxTxH, offsets_H, num_rows: int) -> np.ndarray:
+  """NumPy oracle of the global rows: head h owns rows [offsets[h], offsets[h+1]) (the last head
+  up to R); its id is clamped into them, in int64, then the offset is added."""
+  ids = np.asarray(ids_BxTxH).astype(np.int64)
+  starts = [int(o) for o in np.asarray(offsets_H)]
+  ends = starts[1:] + [num_rows]
+  rows = np.empty(ids.shape, np.int64)
+  for h, (start, end) in enumerate(zip(starts, ends)):
+    rows[..., h] = start + np.clip(ids[..., h], 0, end - start - 1)
+  return rows
+
+
+OVERFLOW_HEAD_SIZES = (5, 7, 3)
+OVERFLOW_IDS = [[[-1, 7, 3], [2**31 - 1, -2**31, 2**31 - 2], [5, 6, 0], [4, 2**31 - 13, 2]]]
+
+
+def overflow_case(width: int = 16):
+  """A table of heads with 5, 7 and 3 rows (R = 15), ids [1, 4, 3] at and past every head's
+  range and near int32's limits, and the offsets."""
+  offsets_H = np.concatenate([[0], np.cumsum(OVERFLOW_HEAD_SIZES)[:-1]]).astype(np.int32)
+  num_rows = sum(OVERFLOW_HEAD_SIZES)
+  table_RxE = jnp.arange(num_rows * width, dtype=jnp.float32).reshape(num_rows, width)
+  return table_RxE, jnp.asarray(OVERFLOW_IDS, jnp.int32), jnp.asarray(offsets_H)
+
+
 def reference_lookup(table_RxE, ids_BxTxH, offsets_H):
-  """NumPy oracle: clamped global rows, heads concatenated."""
+  """NumPy oracle: rows clamped per head (`clamped_rows`), heads concatenated."""
   table = np.asarray(table_RxE.astype(jnp.float32))
-  rows = np.clip(np.asarray(ids_BxTxH) + np.asarray(offsets_H), 0, table.shape[0] - 1)
+  rows = clamped_rows(ids_BxTxH, offsets_H, table.shape[0])
   b, t, h = rows.shape
   return table[rows].reshape(b, t, h * table.shape[1])
 
@@ -95,7 +120,7 @@ class LookupTestBase:
                                    atol=tol, err_msg=f"E={width} {jnp.dtype(dtype).name}")
         # Rows no lookup reads get exactly zero.
         touched = np.zeros(table.shape[0], bool)
-        touched[np.clip(np.asarray(ids + offsets), 0, table.shape[0] - 1).ravel()] = True
+        touched[clamped_rows(ids, offsets, table.shape[0]).ravel()] = True
         assert not np.asarray(grad.astype(jnp.float32))[~touched].any()
 
   def test_grad_is_deterministic(self):

@@ -12,7 +12,8 @@ from pallas_kernels.engram_lookup import engram_lookup, segment_sum
 from pallas_kernels.engram_lookup.configs import (GpuLookupConfig, GpuSegmentSumConfig,
                                                   TpuLookupConfig)
 from pallas_kernels.engram_lookup.gpu import column_chunks
-from tests.kernel_test_base import LookupTestBase, random_case, reference_lookup
+from tests.kernel_test_base import (LookupTestBase, clamped_rows, overflow_case, random_case,
+                                     reference_lookup)
 
 
 class TestReference(LookupTestBase):
@@ -42,10 +43,11 @@ class TestGpuKernel(LookupTestBase):
     # 36M rows x 64 bf16 = 4.6 GB > 2^32 bytes: the 64-bit offset path of the lowering.
     num_rows, width = 36_000_000, 64
     table = jnp.zeros((num_rows, width), jnp.bfloat16)
-    ids = jnp.array([[[num_rows - 1, num_rows - 2, 0, num_rows // 2]]], jnp.int32)
+    # One head that owns the whole table, four lookups.
+    ids = jnp.array([[[num_rows - 1], [num_rows - 2], [0], [num_rows // 2]]], jnp.int32)
     table = table.at[ids.ravel()].set(
         jnp.arange(4, dtype=jnp.bfloat16)[:, None] + 1)
-    out = engram_lookup(table, ids, jnp.zeros((4,), jnp.int32), implementation="pallas")
+    out = engram_lookup(table, ids, jnp.zeros((1,), jnp.int32), implementation="pallas")
     np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)).reshape(4, width),
                                   np.repeat(np.arange(1, 5, dtype=np.float32)[:, None],
                                             width, 1))
@@ -80,6 +82,52 @@ def test_clear_errors(bad, error, match):
   args.update({k: v for k, v in bad.items() if k in args})
   with pytest.raises(error, match=match):
     engram_lookup(args["table"], args["ids"], args["offsets"], **kwargs)
+
+
+OVERFLOW_CASES = {
+    "xla": dict(implementation="xla"),
+    "interpret_gpu": dict(implementation="pallas", interpret=True, pallas_backend="gpu",
+                          backward="pallas", gpu_config=GpuLookupConfig(block_rows=16)),
+    "interpret_tpu": dict(implementation="pallas", interpret=True, pallas_backend="tpu",
+                          tpu_config=TpuLookupConfig(block_rows=16, max_rows_per_call=16)),
+    "gpu": dict(implementation="pallas"),
+}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.gpu] if c == "gpu" else [])
+                                  for c in OVERFLOW_CASES])
+def test_each_id_clamps_into_its_own_head_at_int32_limits(case):
+  """An id past its head's rows reads that head's last row (not the next head's), and ids near
+  2**31 do not wrap to row 0 of head 0, forward and gradient alike."""
+  table, ids, offsets = overflow_case()
+  rows = clamped_rows(ids, offsets, table.shape[0])
+  # The oracle's own promise, spelled out: head 0 id -1 -> row 0, head 1 id 7 -> its last
+  # row 11, head 2 id 2**31 - 2 -> its last row 14, head 1 id -2**31 -> its first row 5.
+  assert rows[0, 0].tolist() == [0, 11, 14] and rows[0, 1].tolist() == [4, 5, 14]
+  lookup = lambda t: engram_lookup(t, ids, offsets, **OVERFLOW_CASES[case])  # noqa: E731
+  np.testing.assert_array_equal(np.asarray(lookup(table)), reference_lookup(table, ids, offsets))
+  cot = jax.random.normal(jax.random.key(0), (1, 4, 3 * table.shape[1]))
+  grad = np.asarray(jax.grad(lambda t: jnp.vdot(lookup(t), cot))(table))
+  want = np.zeros(table.shape, np.float32)
+  np.add.at(want, rows.ravel(), np.asarray(cot).reshape(-1, table.shape[1]))
+  np.testing.assert_allclose(grad, want, rtol=1e-6, atol=1e-6)
+
+
+def test_uint32_ids_above_int32_clamp_into_their_head():
+  table, _, offsets = overflow_case()
+  ids = jnp.asarray([[[2**32 - 1, 2**31, 2**31 + 5]]], jnp.uint32)
+  out = engram_lookup(table, ids, offsets, implementation="xla")
+  np.testing.assert_array_equal(np.asarray(out), reference_lookup(table, ids, offsets))
+  assert clamped_rows(ids, offsets, table.shape[0]).tolist() == [[[4, 11, 14]]]
+
+
+def test_64_bit_ids_are_refused():
+  table, ids, offsets = overflow_case()
+  with pytest.raises(TypeError, match="32-bit"):
+    engram_lookup(table, np.asarray(ids, np.int64), offsets)
+  from pallas_kernels.engram_lookup import api
+  with pytest.raises(TypeError, match="32-bit"):
+    api.global_rows_N(np.asarray(ids, np.uint64), offsets, table.shape[0])
 
 
 @pytest.mark.parametrize("width", [32, 80])

@@ -196,6 +196,21 @@ def test_invalid_ids_raise(path):
     fn(np.array([[1, 2]]), np.array([[1.0, 2.0]]))
 
 
+def test_hash_checks_concrete_device_ids_and_trusts_traced_ones():
+  mapping = _mapping("bigram")
+  with pytest.raises(ValueError, match="ids: id 1000 >= tokenizer_vocab_size"):
+    mapping.hash(jnp.array([[1, 1000]], jnp.int32))
+  with pytest.raises(ValueError, match="ids: negative id -1"):
+    mapping.hash(jnp.array([[1, -1]], jnp.int32))
+  good = jnp.array([[1, 2, 3]], jnp.int32)
+  for layer, r in mapping.hash(good).items():
+    np.testing.assert_array_equal(np.asarray(r), mapping.hash_numpy(np.asarray(good))[layer])
+  # Under jit the ids are traced: no check, in-range rows.
+  traced = jax.jit(mapping.hash)(jnp.array([[1, 1000]], jnp.int32))
+  for layer, r in traced.items():
+    assert ((np.asarray(r) >= 0) & (np.asarray(r) < np.asarray(mapping.head_sizes(layer)))).all()
+
+
 def test_invalid_construction_raises():
   good = dict(engram_vocab_size=(100, 100), max_ngram_size=3, n_head_per_ngram=2,
               layer_ids=(0,), pad_id=0, seed=0, tokenizer_vocab_size=50)

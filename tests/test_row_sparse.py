@@ -13,15 +13,16 @@ from pallas_kernels.engram_lookup import (RowSparse, densify, expand_rows, prefe
                                           reference, row_sparse_grad, unique_rows)
 from pallas_kernels.engram_lookup.row_sparse import segment_sum_sorted
 from tests.jaxpr_util import jaxpr_eqns
-from tests.kernel_test_base import GRAD_TOLERANCE, random_case
+from tests.kernel_test_base import GRAD_TOLERANCE, clamped_rows, overflow_case, random_case
 
 
 def test_unique_rows_sorted_padded_and_inverse():
   table, ids, offsets = random_case(0, 16, 64, jnp.float32)
-  ids = ids.at[0, 2, 1].set(999)  # Clamped to the last row.
+  ids = ids.at[0, 2, 1].set(999)  # Clamped to the last row of its head (1).
   num_rows = table.shape[0]
   row_ids_U, inverse_BxTxH = unique_rows(ids, offsets, num_rows)
-  rows = np.clip(np.asarray(ids + offsets), 0, num_rows - 1)
+  rows = clamped_rows(ids, offsets, num_rows)
+  assert rows[0, 2, 1] == 2 * 16 - 1
   want = np.unique(rows)
   got = np.asarray(row_ids_U)
   assert got.shape == (rows.size,)
@@ -115,3 +116,18 @@ def test_prefetch_plan_skips_the_backward_sort_with_equal_sums(backward):
   pre = prefetch_rows(table, ids, offsets)
   with pytest.raises(ValueError, match="plan describes"):
     expand_rows(pre.rows_UxE[:-1], pre.inverse_BxTxH, plan=pre.plan)
+
+
+def test_row_sparse_path_clamps_each_id_into_its_own_head_at_int32_limits():
+  """prefetch_rows / expand_rows and the host pipeline's NumPy twin read the rows of the dense
+  lookup's per-head rule, with ids near 2**31 and past their head's rows."""
+  from engram_jax import offload
+  table, ids, offsets = overflow_case()
+  want = clamped_rows(ids, offsets, table.shape[0])
+  pre = prefetch_rows(table, ids, offsets)
+  np.testing.assert_array_equal(np.asarray(pre.row_ids_U)[np.asarray(pre.inverse_BxTxH)], want)
+  out = expand_rows(pre.rows_UxE, pre.inverse_BxTxH, plan=pre.plan)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(table)[want].reshape(1, 4, -1))
+  row_ids_U, inverse, _ = offload.unique_rows_numpy(np.asarray(ids, np.int64), offsets,
+                                                    table.shape[0])
+  np.testing.assert_array_equal(row_ids_U[inverse], want)

@@ -1,7 +1,7 @@
 """Public entry point of the Engram lookup: validation, dispatch and the custom VJP.
 
 The model calls only this module. `engram_lookup(table, ids, offsets)` returns
-`table[clip(ids + offsets)]` flattened over heads to `[B, T, H*E]`:
+`table[offsets + clamp(ids)]` flattened over heads to `[B, T, H*E]`:
 
   implementation=None      'pallas' on TPU; on GPU 'pallas' when E is a power of two and 'xla'
                            otherwise (the kernel reads other widths in several power-of-two
@@ -14,9 +14,14 @@ The model calls only this module. `engram_lookup(table, ids, offsets)` returns
                            which kernel to interpret; the TPU kernel interprets with
                            `pltpu.InterpretParams()`).
 
-Out-of-range rows are clamped into `[0, R)` in every implementation (the reference's rule):
-a wrong id reads (and, in the backward, writes the gradient of) the first or last row, never
-memory outside the table.
+Clamping (reference.py's rule, every implementation): heads own consecutive blocks of the
+table (head h: rows `[offsets[h], offsets[h+1])`, the last head up to R), and each id is
+clamped into its own head's rows before the offset is added. A wrong id reads (and, in the
+backward, writes the gradient of) its own head's first or last row, never another head's row
+or memory outside the table, and the int32 sum cannot wrap. The kernels receive these clamped
+ids (their own clip into `[0, R)` is a bounds guard). Ids must be 32-bit or narrower integers:
+64-bit ids are refused (TypeError), because without `jax_enable_x64` jnp wraps them to int32
+before any clamp.
 
 Gradient: every implementation is wrapped in one `jax.custom_vjp`. The table cotangent is built
 row-sparse first (lookups sorted by row, f32 segment sums per distinct row, segment_sum.py),
@@ -103,8 +108,7 @@ def validate(table_RxE: jax.Array, ids_BxTxH: jax.Array, offsets_H: jax.Array):
     raise ValueError(f"table rows must be in [1, 2^31), got {table_RxE.shape[0]}")
   if ids_BxTxH.ndim != 3:
     raise ValueError(f"ids must be [B, T, H], got shape {ids_BxTxH.shape}")
-  if not jnp.issubdtype(ids_BxTxH.dtype, jnp.integer):
-    raise TypeError(f"ids must be integers, got {ids_BxTxH.dtype}")
+  reference.check_id_dtype(ids_BxTxH.dtype)
   if offsets_H.shape != (ids_BxTxH.shape[-1],):
     raise ValueError(f"offsets must be [H]={ids_BxTxH.shape[-1]}, got {offsets_H.shape}")
   if not jnp.issubdtype(offsets_H.dtype, jnp.integer):
@@ -113,7 +117,8 @@ def validate(table_RxE: jax.Array, ids_BxTxH: jax.Array, offsets_H: jax.Array):
 
 def gather_flat(table_RxE: jax.Array, ids_N: jax.Array, offsets_H: jax.Array,
                 plan: LookupPlan) -> jax.Array:
-  """Forward only: `[N, E]` rows of `clip(ids_N + offsets[n % H])`, no custom VJP."""
+  """Forward only: `[N, E]` rows of `offsets[n % H] + ids_N`, no custom VJP; ids_N are int32
+  local ids already clamped into their heads (`reference.clamp_to_heads`)."""
   if plan.forward == "gpu":
     return gpu.gather(table_RxE, ids_N, offsets_H, config=plan.gpu_config,
                       interpret=bool(plan.interpret))
@@ -129,9 +134,9 @@ def gather_flat(table_RxE: jax.Array, ids_N: jax.Array, offsets_H: jax.Array,
 
 
 def global_rows_N(ids_BxTxH: jax.Array, offsets_H: jax.Array, num_rows: int) -> jax.Array:
-  """Flattened clamped global rows, the rows every implementation reads."""
-  rows = ids_BxTxH.astype(jnp.int32) + jnp.asarray(offsets_H, jnp.int32)
-  return jnp.clip(rows, 0, num_rows - 1).reshape(-1)
+  """Flattened int32 global rows, each id clamped into its own head first: the rows every
+  implementation reads (`reference.global_rows`)."""
+  return reference.global_rows(ids_BxTxH, offsets_H, num_rows).reshape(-1)
 
 
 def dense_table_grad(g_NxE: jax.Array, rows_N: jax.Array, num_rows: int, dtype,
@@ -146,7 +151,8 @@ def dense_table_grad(g_NxE: jax.Array, rows_N: jax.Array, num_rows: int, dtype,
 
 def _lookup_impl(plan, table_RxE, ids_BxTxH, offsets_H):
   b, t, h = ids_BxTxH.shape
-  out_NxE = gather_flat(table_RxE, ids_BxTxH.reshape(-1).astype(jnp.int32), offsets_H, plan)
+  ids_N = reference.clamp_to_heads(ids_BxTxH, offsets_H, table_RxE.shape[0]).reshape(-1)
+  out_NxE = gather_flat(table_RxE, ids_N, offsets_H, plan)
   return out_NxE.reshape(b, t, h * table_RxE.shape[1])
 
 
@@ -179,8 +185,9 @@ def engram_lookup(table_RxE: jax.Array, ids_BxTxH: jax.Array, offsets_H: jax.Arr
                   tpu_config: Optional[TpuLookupConfig] = None) -> jax.Array:
   """Gathers one row per (token, head) and concatenates heads: returns `[B, T, H*E]`.
 
-  `ids_BxTxH` are per-head local row ids, `offsets_H` each head's first table row; global rows
-  are clamped into `[0, R)`. Differentiable w.r.t. the table (dense `[R, E]` cotangent).
+  `ids_BxTxH` are per-head local row ids (integers of at most 32 bits), `offsets_H` each
+  head's first table row; an id outside its head's rows is clamped to the nearest valid row of
+  that head. Differentiable w.r.t. the table (dense `[R, E]` cotangent).
   See the module docstring for the options.
   """
   offsets_H = jnp.asarray(offsets_H)

@@ -58,7 +58,8 @@ def _gather_kernel(ids_ref, offsets_ref, table_ref, out_ref, *, num_heads: int,
 
 def gather(table_RxE: jax.Array, ids_N: jax.Array, offsets_H: jax.Array, *,
            config: GpuLookupConfig = GpuLookupConfig(), interpret: bool = False) -> jax.Array:
-  """`table[clip(ids_N + offsets[n % H])]` as `[N, E]`; ids_N are int32 local ids."""
+  """`table[clip(ids_N + offsets[n % H])]` as `[N, E]`; ids_N are int32 local ids, already
+  clamped into their heads by `api` (the clip into `[0, R)` is a bounds guard)."""
   num_rows, width = table_RxE.shape
   n = ids_N.shape[0]
   block_rows = config.block_rows

@@ -15,8 +15,8 @@ step splits the lookup in two:
 
 U is static (= B*T*H) so everything jits. Unused slots at the end of `row_ids_U` hold
 `num_rows` (one past the last row): gathers fill them with zeros and optimiser scatters must use
-`mode='drop'`, so padding never touches the table. Rows are clamped into `[0, num_rows)` first,
-the same rule as the dense reference lookup.
+`mode='drop'`, so padding never touches the table. Each id is clamped into its own head's rows
+first, the same rule as the dense reference lookup (reference.py).
 
 Dimension legend: B batch, T time, H hash heads, E row width, U = B*T*H lookup slots, R rows.
 """
@@ -94,12 +94,12 @@ def _expand(backward, rows_UxE, inverse_BxTxH, plan):
   b, t, h = inverse_BxTxH.shape
   del backward, plan
   # The inverse index is always in range; the forward is the same gather as the dense lookup
-  # (the Pallas kernel on GPU) with zero offsets.
+  # (the Pallas kernel on GPU), over one "head" that owns all U rows.
   width = rows_UxE.shape[-1]
   plan = api.resolve_plan(width, implementation=None if width % 8 == 0 else "xla",
                           backward="xla")
-  out_NxE = api.gather_flat(rows_UxE, inverse_BxTxH.reshape(-1), jnp.zeros((h,), jnp.int32),
-                            plan)
+  out_NxE = api.gather_flat(rows_UxE, inverse_BxTxH.reshape(-1).astype(jnp.int32),
+                            jnp.zeros((1,), jnp.int32), plan)
   return out_NxE.reshape(b, t, h * rows_UxE.shape[-1])
 
 

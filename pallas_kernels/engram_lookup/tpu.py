@@ -1,6 +1,6 @@
 """TPU forward of the Engram lookup: a Mosaic-TPU gather by row DMAs (paged-attention pattern).
 
-The global row ids (ids + head offsets, clamped into `[0, R)` by XLA before the call) are
+The global row ids (head offsets + ids clamped into their heads, by XLA before the call) are
 scalar-prefetched into SMEM. The table stays in HBM (`memory_space=pl.ANY`). Grid step i owns
 the output block `[block_rows, E]` in VMEM: it starts one async DMA per row, HBM row ->
 block row, all on one DMA semaphore so `block_rows` copies are in flight at once, then waits
@@ -83,7 +83,8 @@ def _gather_call(rows_M, table_RxE, out_NxE, *, first_block: int, block_rows: in
 
 def gather(table_RxE: jax.Array, ids_N: jax.Array, offsets_H: jax.Array, *,
            config: TpuLookupConfig = TpuLookupConfig(), interpret=False) -> jax.Array:
-  """`table[clip(ids_N + offsets[n % H])]` as `[N, E]`; ids_N are int32 local ids.
+  """`table[clip(ids_N + offsets[n % H])]` as `[N, E]`; ids_N are int32 local ids, already
+  clamped into their heads by `api` (the clip into `[0, R)` is a bounds guard).
 
   `interpret`: False on TPU; `pltpu.InterpretParams()` (or True) to run on CPU.
   """
