@@ -40,9 +40,11 @@ from engram_jax import checkpoint as checkpoint_lib
 from engram_jax import data as data_lib
 from engram_jax import evaluate as evaluate_lib
 from engram_jax import experiment_config
+from engram_jax import sharded_train_step
 from engram_jax import sharding as sharding_lib
 from engram_jax import table_optim
 from engram_jax.train_step import HostTablesTrainer, TrainState, Trainer  # noqa: F401
+from engram_jax.sharded_train_step import ShardedTablesTrainer
 from engram_jax.train_step import without_engram_ids as _without_ids
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` prefix. CPU has no meaningful peak: the
@@ -74,12 +76,40 @@ def log(msg: str) -> None:
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """A data-parallel mesh over `train.data_parallel` devices (-1 = all)."""
+  """The device mesh of `train.mesh` (axis sizes, one may be -1 = the devices the rest leave).
+
+  Fewer devices than exist are taken from the front (one process only: a multi-process mesh
+  must span every process's devices). The global batch must split evenly over the batch axes,
+  and host tables (engram.placement='pinned_host') need a one-device mesh.
+  """
+  sizes = experiment_config.mesh_axis_sizes(config)
   devices = jax.devices()
-  n = len(devices) if config.train.data_parallel == -1 else config.train.data_parallel
-  if n > len(devices):
-    raise ValueError(f"config.train.data_parallel={n} but only {len(devices)} devices exist")
-  return sharding_lib.make_mesh({"data": n}, devices[:n])
+  known = int(np.prod([s for s in sizes.values() if s != -1]))
+  if -1 in sizes.values():
+    if len(devices) % known:
+      raise ValueError(f"config.train.mesh={sizes}: the {len(devices)} devices are not "
+                       f"divisible by the product of the other axes ({known})")
+  elif known > len(devices):
+    raise ValueError(f"config.train.mesh={sizes} needs {known} devices, only {len(devices)} "
+                     "exist")
+  elif known < len(devices):
+    if jax.process_count() > 1:
+      raise ValueError(f"config.train.mesh={sizes} uses {known} of the {len(devices)} devices "
+                       f"of a {jax.process_count()}-process job; the mesh must span every "
+                       "device (set one train.mesh field to -1)")
+    devices = devices[:known]
+  mesh = sharding_lib.make_mesh(sizes, devices)
+  split = int(np.prod([mesh.shape[a] for a in sharding_lib.batch_axes(mesh)]))
+  if config.data.batch_size % split:
+    raise ValueError(f"data.batch_size={config.data.batch_size} must be divisible by the "
+                     f"{split} batch shards of train.mesh={dict(mesh.shape)} (data x fsdp x "
+                     "expert)")
+  if (experiment_config.engram_placement(config) == "pinned_host" and config.engram.enabled
+      and mesh.size > 1):
+    raise ValueError(f"engram.placement='pinned_host' runs on one device (HostTableTrainer is "
+                     f"not sharded); train.mesh={sizes} gives {mesh.size} devices, set every "
+                     "train.mesh field to 1")
+  return mesh
 
 
 def batch_shapes(exp: experiment_config.Experiment, config, hash_on_device: bool) -> dict:
@@ -199,11 +229,20 @@ def _check_finite(step: int, m: dict, ckpt: checkpoint_lib.Checkpointer):
       "table_optim.lr_multiplier, or raise optim.warmup_steps.")
 
 
+def trainer_class(exp: experiment_config.Experiment, mesh: jax.sharding.Mesh) -> type:
+  """Host tables, row-sharded tables (row-sparse optimisers on > 1 device), or `Trainer`."""
+  if exp.table_placement == "pinned_host":
+    return HostTablesTrainer
+  if exp.sparse_tables and mesh.size > 1:
+    return ShardedTablesTrainer
+  return Trainer
+
+
 def setup(config: ml_collections.ConfigDict, *, check_data: bool = True):
   """(experiment, trainer, abstract state) for a config; nothing is allocated on device."""
   exp = experiment_config.resolve(config, check_data=check_data)
-  cls = HostTablesTrainer if exp.table_placement == "pinned_host" else Trainer
-  trainer = cls(config, exp, make_mesh(config))
+  mesh = make_mesh(config)
+  trainer = trainer_class(exp, mesh)(config, exp, mesh)
   shapes = batch_shapes(exp, config, trainer.hash_on_device)
   abstract = trainer.prepare(config.seed, shapes)
   trainer.shapes = shapes
@@ -443,6 +482,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def record(step, metrics):
     _check_finite(step, metrics, ckpt)
+    sharded_train_step.check_overflow(step, metrics)
     mlog.add(step, metrics)
     if step % config.train.log_every == 0 or step == num_steps:
       mlog.emit(step, num_steps)
