@@ -160,11 +160,56 @@ def model_summary(exp: experiment_config.Experiment, seq_len: int) -> dict:
   return out
 
 
+def _bytes_per_device(tree) -> int:
+  """Bytes that the most loaded device holds of the arrays `tree` describes (abstract arrays
+  with shardings: the shard shape of each leaf)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+    total += int(np.prod(shape)) * np.dtype(x.dtype).itemsize
+  return total
+
+
+def _is_table(path) -> bool:
+  names = tuple(getattr(k, "key", None) for k in path)
+  return names[-3:] == ("engram", "memory", "table")
+
+
+def run_summary(trainer: Trainer, abstract: TrainState, params_summary: dict) -> dict:
+  """What `WORKDIR/run_summary.json` records: the mesh, the job, parameter counts and the bytes
+  per device of the dense parameters, the Engram tables and the tables' optimiser state (from
+  the shardings of the abstract state; 'dense_adam' tables are params, counted as tables, and
+  their optax moments as dense optimiser state)."""
+  leaves = jax.tree_util.tree_flatten_with_path(abstract.params)[0]
+  tables_in_params = [x for p, x in leaves if _is_table(p)]
+  dense_params = [x for p, x in leaves if not _is_table(p)]
+  host_bytes = 0
+  if isinstance(trainer, HostTablesTrainer):
+    e = trainer.exp.model.engram
+    host_bytes = sum(trainer.exp.hashing.num_rows(l) * e.head_dim *
+                     np.dtype(trainer._row_dtype[l]).itemsize for l in trainer.layer_ids)  # pylint: disable=protected-access
+  return {
+      "mesh": {a: int(n) for a, n in trainer.mesh.shape.items()},
+      "num_processes": jax.process_count(),
+      "num_devices": int(trainer.mesh.size),
+      "device_kind": jax.devices()[0].device_kind,
+      "trainer": type(trainer).__name__,
+      "params": params_summary,
+      "dense_param_bytes_per_device": _bytes_per_device(dense_params),
+      "dense_opt_state_bytes_per_device": _bytes_per_device(abstract.opt_state),
+      "engram_table_bytes_per_device": _bytes_per_device(
+          (tables_in_params, abstract.tables)),
+      "table_state_bytes_per_device": _bytes_per_device(abstract.table_opt),
+      "engram_table_bytes_host": host_bytes,
+  }
+
+
 class _MetricsLog:
-  """Interval means of the step metrics; one stdout line and one JSONL record per interval."""
+  """Interval means of the step metrics; one stdout line and one JSONL record per interval
+  (the record from process 0 only: every process of a job holds the same metrics)."""
 
   def __init__(self, path: str, tokens_per_step: int, flops_per_token: float, peak: float):
-    self._file = open(path, "a")
+    self._file = open(path, "a") if jax.process_index() == 0 else None
     self._tokens_per_step, self._flops, self._peak = tokens_per_step, flops_per_token, peak
     self.reset_timer()
     self._sums: dict = {}
@@ -181,6 +226,8 @@ class _MetricsLog:
     self._steps_in_timer += 1
 
   def write(self, record: dict):
+    if self._file is None:
+      return
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
 
@@ -212,7 +259,8 @@ class _MetricsLog:
     self.reset_timer()
 
   def close(self):
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
 
 
 def _check_finite(step: int, m: dict, ckpt: checkpoint_lib.Checkpointer):
@@ -419,9 +467,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   check_host_step(config, jax.devices()[0].platform)
   os.makedirs(workdir, exist_ok=True)
   exp, trainer, abstract = setup(config)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
   summary = model_summary(exp, config.data.seq_len)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    with open(os.path.join(workdir, "run_summary.json"), "w") as f:
+      json.dump(run_summary(trainer, abstract, summary), f, indent=2)
   table_mode = "none"
   if exp.table_optim is not None:
     summary["table_bytes_per_param"] = table_optim.bytes_per_table_param(
@@ -519,7 +570,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   final = {"steps": num_steps, "train_loss": mlog.last.get("loss", float("nan")),
            **eval_metrics, "wall_seconds": time.perf_counter() - t_start, **summary}
-  with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-    json.dump(final, f, indent=2)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+      json.dump(final, f, indent=2)
   log(f"done: {json.dumps({k: final[k] for k in ('steps', 'train_loss', 'eval_loss')})}")
   return final
