@@ -10,6 +10,15 @@ pairs), evaluates every `eval_every` steps and at the end, and checkpoints every
 `checkpoint_every` steps, resuming automatically from `workdir`. MFU = tokens/s x
 `engram_jax.params.flops_per_token(...)['total']` / (peak FLOP/s x devices).
 
+The device mesh is `train.mesh` (`make_mesh`; default every device on 'fsdp'): dense
+parameters and optimiser state follow the logical rules of engram_jax/sharding.py, the batch is
+split over data x fsdp x expert, and with a row-sparse table optimiser on more than one device
+the tables are row-sharded (`ShardedTablesTrainer`, engram_jax/sharded_train_step.py; a
+non-zero `engram/overflow` metric stops the run). Process 0 writes `workdir/run_summary.json`
+(mesh, job size, parameter counts, bytes per device of dense parameters, tables and table
+state) before training, and the metrics files; every process reads its own data shard and
+writes its part of each checkpoint.
+
 With `engram.placement='pinned_host'` (`HostTablesTrainer`) the tables stay in host memory and
 a step is driven by `_HostTableSteps`. `engram.host_step='threads'` (default): one device
 program per step runs step s on its prefetched rows and updates those rows, while NumPy worker
@@ -38,6 +47,7 @@ import numpy as np
 
 from engram_jax import checkpoint as checkpoint_lib
 from engram_jax import data as data_lib
+from engram_jax import distributed
 from engram_jax import evaluate as evaluate_lib
 from engram_jax import experiment_config
 from engram_jax import sharded_train_step
@@ -464,7 +474,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from `workdir` if it holds checkpoints) and evaluates; returns final
   metrics: train loss of the last interval, eval loss/perplexity, steps, wall time, params."""
   t_start = time.perf_counter()
+  # Before anything touches a device: joins the job that train.distributed or the ENGRAM_*
+  # environment names (engram_jax/distributed.py), if any and not yet joined.
+  distributed.initialize(config.train.get("distributed", ""))
   check_host_step(config, jax.devices()[0].platform)
+  if jax.process_count() > 1 and not config.train.num_eval_batches:
+    raise ValueError("train.num_eval_batches=0 (the whole held-out set) is refused in a "
+                     f"{jax.process_count()}-process job: the processes' data shards may hold "
+                     "different numbers of batches, and every process must run the same "
+                     "number of eval steps; set train.num_eval_batches > 0")
   os.makedirs(workdir, exist_ok=True)
   exp, trainer, abstract = setup(config)
   summary = model_summary(exp, config.data.seq_len)
