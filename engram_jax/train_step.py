@@ -20,6 +20,10 @@ jitted steps that `engram_jax.train` drives:
 an `offload.HostTableTrainer` outside the state; its compiled step takes the batch's
 `PrefetchedRows` and returns the clipped row gradients for the host update (engram_jax/train.py).
 
+`sharded_train_step.ShardedTablesTrainer` (row-sparse optimisers on a mesh of > 1 device)
+overrides the lookup hooks (`_prefetch`, `_engram_inputs`, `_row_grads_for_update`) to split
+every table by rows over the devices.
+
 Both table modes start from identical values: the state is always initialised with tables as
 params, and the sparse mode moves them out of the param tree. Shardings come from the logical
 axis names of every parameter (engram_jax/sharding.py rules); the state is donated.
@@ -251,7 +255,8 @@ class Trainer:
 
     `prefetched` {layer: PrefetchedRows} (sparse modes; `ids` unused then) or {} (dense_adam:
     the model looks the ids up in its params). Returns the state with everything but the tables
-    advanced, the metrics, and {layer: clipped f32 [U, E] gradient w.r.t. the prefetched rows}.
+    advanced, the metrics, and {layer: clipped f32 [U, E] gradient w.r.t. the prefetched rows}
+    (row-sharded tables: the owners' clipped `RowSparse`, engram_jax/sharded_train_step.py).
     """
     rows = {str(l): p.rows_UxE for l, p in prefetched.items()}
 
