@@ -45,11 +45,12 @@ MODES = ("", "cluster")
 
 
 def initialize(mode: str = "") -> None:
-  """Joins the multi-process job described by the environment or `mode` (see module doc)."""
+  """Joins the multi-process job described by the environment or `mode` (see module doc);
+  nothing when this process already joined one (`train_and_evaluate` calls it too)."""
   if mode not in MODES:
     raise ValueError(f"train.distributed must be one of {MODES}, got {mode!r}")
   coordinator = os.environ.get(ENV_COORDINATOR)
-  if coordinator is None and not mode:
+  if (coordinator is None and not mode) or jax.distributed.is_initialized():
     return
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if coordinator is None:

@@ -279,8 +279,8 @@ _AUTO = "'' = automatic"
 
 # One rule per field of experiments/configs/base.py; `check_fields` applies them. A field
 # absent from a config (the config.json of a workdir written before the field existed) takes
-# its default in the converters above and is skipped. `train.data_parallel` is checked with the
-# batch size in `check_config`.
+# its default in the converters above and is skipped. The `train.mesh` axes are checked together
+# (at most one -1) and with the batch size in `_check_mesh`.
 FIELD_RULES: dict[str, _Rule] = {
     "name": _str(non_empty=True),
     "seed": _int(0, _SEED_MAX),
@@ -341,6 +341,7 @@ FIELD_RULES: dict[str, _Rule] = {
     "engram.lookup_implementation": _choice(("", "xla", "pallas"), _AUTO),
     "engram.hash_on_device": _bool(),
     "engram.placement": _choice(PLACEMENTS),
+    "engram.shard_capacity_factor": _number(0, note="0 = worst-case buffers"),
     "optim.kind": _choice(("adamw", "muon")),
     "optim.learning_rate": _number(0, lo_open=True),
     "optim.warmup_steps": _int(0),
@@ -452,9 +453,45 @@ def _check_placement(config: ml_collections.ConfigDict, err) -> None:
   if config.engram.hash_on_device:
     raise err("engram.placement='pinned_host' needs the hash ids on the host before the step "
               "(rows are deduplicated and gathered there): set engram.hash_on_device=False")
-  if config.train.data_parallel != 1:
+  sizes = mesh_axis_sizes(config)
+  if -1 not in sizes.values() and int(np.prod(list(sizes.values()))) != 1:
     raise err(f"engram.placement='pinned_host' runs on one device (HostTables is not "
-              f"sharded); got train.data_parallel={config.train.data_parallel}, set it to 1")
+              f"sharded); got train.mesh={sizes}, set every train.mesh field to 1")
+
+
+MESH_FIELDS = ("data", "fsdp", "tensor", "expert")
+# Mesh axes the batch is split over (the 'batch' rule of engram_jax/sharding.py).
+BATCH_MESH_FIELDS = ("data", "fsdp", "expert")
+
+
+def mesh_axis_sizes(config: ml_collections.ConfigDict) -> dict:
+  """`train.mesh` as {axis: size}, -1 = the devices the other axes leave.
+
+  A workdir's config.json from before `train.mesh` names `train.data_parallel` data devices.
+  """
+  train = config.train
+  if "mesh" not in train:
+    return {"data": int(train.get("data_parallel", 1)), "fsdp": 1, "tensor": 1, "expert": 1}
+  return {a: int(train.mesh[a]) for a in MESH_FIELDS}
+
+
+def _check_mesh(config: ml_collections.ConfigDict, err) -> None:
+  """Every `train.mesh` field >= 1 or -1, at most one -1, the batch divisible by the known
+  batch axes (the device count, and so the size of a -1 axis, is checked when the mesh is
+  built: engram_jax/train.make_mesh)."""
+  sizes = mesh_axis_sizes(config)
+  for axis, size in sizes.items():
+    if size == 0 or size < -1:
+      raise err(f"train.mesh.{axis}={size} must be >= 1, or -1 for the devices the other "
+                "axes leave")
+  fill = [a for a, s in sizes.items() if s == -1]
+  if len(fill) > 1:
+    raise err(f"at most one train.mesh field may be -1, got -1 for "
+              f"{', '.join('train.mesh.' + a for a in fill)}")
+  split = int(np.prod([s for a, s in sizes.items() if a in BATCH_MESH_FIELDS and s != -1]))
+  if config.data.batch_size % split:
+    raise err(f"data.batch_size={config.data.batch_size} must be divisible by train.mesh."
+              f"data x fsdp x expert = {split} (the batch is split over those axes)")
 
 
 _DATACLASS_SECTIONS = {"EngramConfig": "engram", "ModelConfig": "model", "MoEConfig": "model.moe",
@@ -484,11 +521,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for name in ("log_every", "checkpoint_every"):
     if config.train[name] < 1:
       raise err(f"train.{name} must be >= 1")
-  if config.train.data_parallel == 0 or config.train.data_parallel < -1:
-    raise err("train.data_parallel must be >= 1, or -1 for all devices")
-  if config.train.data_parallel > 0 and config.data.batch_size % config.train.data_parallel:
-    raise err(f"data.batch_size={config.data.batch_size} must be divisible by "
-              f"train.data_parallel={config.train.data_parallel}")
+  _check_mesh(config, err)
   # Field-level checks of the dataclasses, at load time (the vocabulary comes from the
   # tokenizer later; any positive placeholder validates the rest).
   try:

@@ -60,6 +60,7 @@ import numpy as np
 from engram_jax import table_optim
 from engram_jax.host_memory import (fetch_rows, host_view, init_state, placement_of,
                                     placement_sharding, zeros)
+from pallas_kernels.engram_lookup import reference as lookup_reference
 from pallas_kernels.engram_lookup.row_sparse import PrefetchedRows, RowSparse
 
 
@@ -69,7 +70,7 @@ def unique_rows_numpy(ids_BxTxH: np.ndarray, offsets_H: np.ndarray,
   ids = np.asarray(ids_BxTxH)
   if ids.ndim != 3 or ids.shape[-1] != len(offsets_H):
     raise ValueError(f"ids must be [B, T, H={len(offsets_H)}], got shape {ids.shape}")
-  rows_N = np.clip(ids.astype(np.int64) + np.asarray(offsets_H, np.int64), 0, num_rows - 1)
+  rows_N = lookup_reference.global_rows_numpy(ids, offsets_H, num_rows)  # clamped per head
   uniq, inverse = np.unique(rows_N.reshape(-1), return_inverse=True)
   row_ids_U = np.full(rows_N.size, num_rows, np.int32)
   row_ids_U[:uniq.size] = uniq

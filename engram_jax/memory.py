@@ -10,6 +10,7 @@ Two placements:
   'external' the table lives elsewhere (pinned host, a row-sparse optimiser state); the caller
              gathers the unique rows of the batch ahead of time and passes a `PrefetchedRows`.
              The gradient with respect to `rows_UxE` is then the row-sparse table gradient.
+             Or the caller expands the rows itself and passes `MemoryVectors`.
 
 This module knows nothing about hashing: it receives the per-layer head sizes and the per-head
 ids, so it can be tested (and used) with any small tables.
@@ -20,7 +21,7 @@ R rows of the table (sum of head_sizes), U unique rows of a batch.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import flax.linen as nn
 import jax
@@ -36,7 +37,18 @@ TABLE_PLACEMENTS = ("param", "external")
 # The lookup forms global row ids in int32.
 _MAX_ROWS = 2**31 - 1
 
-EngramInput = Union[jax.Array, PrefetchedRows]
+
+
+class MemoryVectors(NamedTuple):
+  """Memory vectors `[B, T, H*E]` that the caller already expanded from its rows ('external').
+
+  Row-sharded tables expand every batch shard's own rows inside an explicit shard_map
+  (engram_jax/sharded_tables.expand); the module then only casts them.
+  """
+  e_BxTxF: jax.Array
+
+
+EngramInput = Union[jax.Array, PrefetchedRows, MemoryVectors]
 
 
 def head_offsets(head_sizes: tuple[int, ...]) -> np.ndarray:
@@ -114,6 +126,11 @@ class MultiHeadMemory(nn.Module):
       ids_BxTxH = self._check_ids(engram_input, "engram_input (hash ids)")
       e_BxTxF = engram_lookup(self.table, ids_BxTxH, jnp.asarray(self.offsets, jnp.int32),
                               implementation=self.config.lookup_implementation)
+    elif isinstance(engram_input, MemoryVectors):
+      e_BxTxF = engram_input.e_BxTxF
+      if e_BxTxF.ndim != 3 or e_BxTxF.shape[-1] != self.config.memory_dim:
+        raise ValueError(f"engram_input.e_BxTxF must be [B, T, H*E={self.config.memory_dim}], "
+                         f"got shape {e_BxTxF.shape}")
     else:
       if not isinstance(engram_input, PrefetchedRows):
         raise ValueError("engram_input: table_placement='external' expects PrefetchedRows "

@@ -110,3 +110,26 @@ def batch_sharding(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES, ndim: int = 
                    ) -> NamedSharding:
   """Sharding of `[B, T, ...]` batch arrays (batch split, the rest replicated)."""
   return NamedSharding(mesh, logical_spec(("batch", "length") + (None,) * (ndim - 2), rules))
+
+
+def batch_axes(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> tuple[str, ...]:
+  """Mesh axes the 'batch' logical axis splits over, in mesh order."""
+  axes = logical_spec(("batch",), rules)[0] or ()
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  return tuple(a for a in mesh.axis_names if a in axes)
+
+
+def fit_to_shape(sharding: NamedSharding, shape: Sequence[int]) -> NamedSharding:
+  """`sharding` with every dimension whose mesh axes do not divide it left whole.
+
+  `jax.jit` refuses argument and output shardings that split a dimension unevenly; the
+  dimensions this leaves whole are small ones (a single kv head under 'tensor', a prime number
+  of Engram table rows under 'fsdp' in 'dense_adam' mode).
+  """
+  spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+  fitted = []
+  for dim, axes in zip(shape, spec):
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    size = int(np.prod([sharding.mesh.shape[a] for a in names]))
+    fitted.append(axes if dim % size == 0 else None)
+  return NamedSharding(sharding.mesh, PartitionSpec(*fitted))

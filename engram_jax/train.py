@@ -10,6 +10,15 @@ pairs), evaluates every `eval_every` steps and at the end, and checkpoints every
 `checkpoint_every` steps, resuming automatically from `workdir`. MFU = tokens/s x
 `engram_jax.params.flops_per_token(...)['total']` / (peak FLOP/s x devices).
 
+The device mesh is `train.mesh` (`make_mesh`; default every device on 'fsdp'): dense
+parameters and optimiser state follow the logical rules of engram_jax/sharding.py, the batch is
+split over data x fsdp x expert, and with a row-sparse table optimiser on more than one device
+the tables are row-sharded (`ShardedTablesTrainer`, engram_jax/sharded_train_step.py; a
+non-zero `engram/overflow` metric stops the run). Process 0 writes `workdir/run_summary.json`
+(mesh, job size, parameter counts, bytes per device of dense parameters, tables and table
+state) before training, and the metrics files; every process reads its own data shard and
+writes its part of each checkpoint.
+
 With `engram.placement='pinned_host'` (`HostPlacementTrainer`) the tables stay in host memory
 and a step is driven by `_HostTableSteps`: one device program per step runs step s on its
 prefetched rows and updates those rows, while NumPy worker threads gather step s+1's rows from
@@ -33,11 +42,14 @@ import numpy as np
 
 from engram_jax import checkpoint as checkpoint_lib
 from engram_jax import data as data_lib
+from engram_jax import distributed
 from engram_jax import evaluate as evaluate_lib
 from engram_jax import experiment_config
+from engram_jax import sharded_train_step
 from engram_jax import sharding as sharding_lib
 from engram_jax import table_optim
 from engram_jax.train_step import HostPlacementTrainer, TrainState, Trainer  # noqa: F401
+from engram_jax.sharded_train_step import ShardedTablesTrainer
 from engram_jax.train_step import without_engram_ids as _without_ids
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` prefix. CPU has no meaningful peak: the
@@ -69,12 +81,40 @@ def log(msg: str) -> None:
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """A data-parallel mesh over `train.data_parallel` devices (-1 = all)."""
+  """The device mesh of `train.mesh` (axis sizes, one may be -1 = the devices the rest leave).
+
+  Fewer devices than exist are taken from the front (one process only: a multi-process mesh
+  must span every process's devices). The global batch must split evenly over the batch axes,
+  and host tables (engram.placement='pinned_host') need a one-device mesh.
+  """
+  sizes = experiment_config.mesh_axis_sizes(config)
   devices = jax.devices()
-  n = len(devices) if config.train.data_parallel == -1 else config.train.data_parallel
-  if n > len(devices):
-    raise ValueError(f"config.train.data_parallel={n} but only {len(devices)} devices exist")
-  return sharding_lib.make_mesh({"data": n}, devices[:n])
+  known = int(np.prod([s for s in sizes.values() if s != -1]))
+  if -1 in sizes.values():
+    if len(devices) % known:
+      raise ValueError(f"config.train.mesh={sizes}: the {len(devices)} devices are not "
+                       f"divisible by the product of the other axes ({known})")
+  elif known > len(devices):
+    raise ValueError(f"config.train.mesh={sizes} needs {known} devices, only {len(devices)} "
+                     "exist")
+  elif known < len(devices):
+    if jax.process_count() > 1:
+      raise ValueError(f"config.train.mesh={sizes} uses {known} of the {len(devices)} devices "
+                       f"of a {jax.process_count()}-process job; the mesh must span every "
+                       "device (set one train.mesh field to -1)")
+    devices = devices[:known]
+  mesh = sharding_lib.make_mesh(sizes, devices)
+  split = int(np.prod([mesh.shape[a] for a in sharding_lib.batch_axes(mesh)]))
+  if config.data.batch_size % split:
+    raise ValueError(f"data.batch_size={config.data.batch_size} must be divisible by the "
+                     f"{split} batch shards of train.mesh={dict(mesh.shape)} (data x fsdp x "
+                     "expert)")
+  if (experiment_config.engram_placement(config) == "pinned_host" and config.engram.enabled
+      and mesh.size > 1):
+    raise ValueError(f"engram.placement='pinned_host' runs on one device (HostTables is "
+                     f"not sharded); train.mesh={sizes} gives {mesh.size} devices, set every "
+                     "train.mesh field to 1")
+  return mesh
 
 
 def batch_shapes(exp: experiment_config.Experiment, config, hash_on_device: bool) -> dict:
@@ -125,11 +165,56 @@ def model_summary(exp: experiment_config.Experiment, seq_len: int) -> dict:
   return out
 
 
+def _bytes_per_device(tree) -> int:
+  """Bytes that the most loaded device holds of the arrays `tree` describes (abstract arrays
+  with shardings: the shard shape of each leaf)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+    total += int(np.prod(shape)) * np.dtype(x.dtype).itemsize
+  return total
+
+
+def _is_table(path) -> bool:
+  names = tuple(getattr(k, "key", None) for k in path)
+  return names[-3:] == ("engram", "memory", "table")
+
+
+def run_summary(trainer: Trainer, abstract: TrainState, params_summary: dict) -> dict:
+  """What `WORKDIR/run_summary.json` records: the mesh, the job, parameter counts and the bytes
+  per device of the dense parameters, the Engram tables and the tables' optimiser state (from
+  the shardings of the abstract state; 'dense_adam' tables are params, counted as tables, and
+  their optax moments as dense optimiser state)."""
+  leaves = jax.tree_util.tree_flatten_with_path(abstract.params)[0]
+  tables_in_params = [x for p, x in leaves if _is_table(p)]
+  dense_params = [x for p, x in leaves if not _is_table(p)]
+  host_bytes = 0
+  if isinstance(trainer, HostPlacementTrainer):
+    e = trainer.exp.model.engram
+    host_bytes = sum(trainer.exp.hashing.num_rows(l) * e.head_dim *
+                     np.dtype(trainer._row_dtype[l]).itemsize for l in trainer.layer_ids)  # pylint: disable=protected-access
+  return {
+      "mesh": {a: int(n) for a, n in trainer.mesh.shape.items()},
+      "num_processes": jax.process_count(),
+      "num_devices": int(trainer.mesh.size),
+      "device_kind": jax.devices()[0].device_kind,
+      "trainer": type(trainer).__name__,
+      "params": params_summary,
+      "dense_param_bytes_per_device": _bytes_per_device(dense_params),
+      "dense_opt_state_bytes_per_device": _bytes_per_device(abstract.opt_state),
+      "engram_table_bytes_per_device": _bytes_per_device(
+          (tables_in_params, abstract.tables)),
+      "table_state_bytes_per_device": _bytes_per_device(abstract.table_opt),
+      "engram_table_bytes_host": host_bytes,
+  }
+
+
 class _MetricsLog:
-  """Interval means of the step metrics; one stdout line and one JSONL record per interval."""
+  """Interval means of the step metrics; one stdout line and one JSONL record per interval
+  (the record from process 0 only: every process of a job holds the same metrics)."""
 
   def __init__(self, path: str, tokens_per_step: int, flops_per_token: float, peak: float):
-    self._file = open(path, "a")
+    self._file = open(path, "a") if jax.process_index() == 0 else None
     self._tokens_per_step, self._flops, self._peak = tokens_per_step, flops_per_token, peak
     self.reset_timer()
     self._sums: dict = {}
@@ -146,6 +231,8 @@ class _MetricsLog:
     self._steps_in_timer += 1
 
   def write(self, record: dict):
+    if self._file is None:
+      return
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
 
@@ -177,7 +264,8 @@ class _MetricsLog:
     self.reset_timer()
 
   def close(self):
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
 
 
 def _check_finite(step: int, m: dict, ckpt: checkpoint_lib.Checkpointer):
@@ -194,11 +282,20 @@ def _check_finite(step: int, m: dict, ckpt: checkpoint_lib.Checkpointer):
       "table_optim.lr_multiplier, or raise optim.warmup_steps.")
 
 
+def trainer_class(exp: experiment_config.Experiment, mesh: jax.sharding.Mesh) -> type:
+  """Host tables, row-sharded tables (row-sparse optimisers on > 1 device), or `Trainer`."""
+  if exp.table_placement == "pinned_host":
+    return HostPlacementTrainer
+  if exp.sparse_tables and mesh.size > 1:
+    return ShardedTablesTrainer
+  return Trainer
+
+
 def setup(config: ml_collections.ConfigDict, *, check_data: bool = True):
   """(experiment, trainer, abstract state) for a config; nothing is allocated on device."""
   exp = experiment_config.resolve(config, check_data=check_data)
-  cls = HostPlacementTrainer if exp.table_placement == "pinned_host" else Trainer
-  trainer = cls(config, exp, make_mesh(config))
+  mesh = make_mesh(config)
+  trainer = trainer_class(exp, mesh)(config, exp, mesh)
   shapes = batch_shapes(exp, config, trainer.hash_on_device)
   abstract = trainer.prepare(config.seed, shapes)
   trainer.shapes = shapes
@@ -342,11 +439,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from `workdir` if it holds checkpoints) and evaluates; returns final
   metrics: train loss of the last interval, eval loss/perplexity, steps, wall time, params."""
   t_start = time.perf_counter()
+  # Before anything touches a device: joins the job that train.distributed or the ENGRAM_*
+  # environment names (engram_jax/distributed.py), if any and not yet joined.
+  distributed.initialize(config.train.get("distributed", ""))
+  if jax.process_count() > 1 and not config.train.num_eval_batches:
+    raise ValueError("train.num_eval_batches=0 (the whole held-out set) is refused in a "
+                     f"{jax.process_count()}-process job: the processes' data shards may hold "
+                     "different numbers of batches, and every process must run the same "
+                     "number of eval steps; set train.num_eval_batches > 0")
   exp, trainer, abstract = setup(config)  # validates: a refused config creates no workdir
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
   summary = model_summary(exp, config.data.seq_len)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    with open(os.path.join(workdir, "run_summary.json"), "w") as f:
+      json.dump(run_summary(trainer, abstract, summary), f, indent=2)
   table_mode = "none"
   if exp.table_optim is not None:
     summary["table_bytes_per_param"] = table_optim.bytes_per_table_param(
@@ -405,6 +513,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def record(step, metrics):
     _check_finite(step, metrics, ckpt)
+    sharded_train_step.check_overflow(step, metrics)
     mlog.add(step, metrics)
     if step % config.train.log_every == 0 or step == num_steps:
       mlog.emit(step, num_steps)
@@ -441,7 +550,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   final = {"steps": num_steps, "train_loss": mlog.last.get("loss", float("nan")),
            **eval_metrics, "wall_seconds": time.perf_counter() - t_start, **summary}
-  with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-    json.dump(final, f, indent=2)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+      json.dump(final, f, indent=2)
   log(f"done: {json.dumps({k: final[k] for k in ('steps', 'train_loss', 'eval_loss')})}")
   return final

@@ -21,6 +21,10 @@ in a `host_tables.HostTables` outside the state; its model step takes the batch'
 `PrefetchedRows` and returns the clipped row gradients, which `HostTables.make_step` applies to
 the rows in the same program (engram_jax/train.py drives it).
 
+`sharded_train_step.ShardedTablesTrainer` (row-sparse optimisers on a mesh of > 1 device)
+overrides the lookup hooks (`_prefetch`, `_engram_inputs`, `_row_grads_for_update`) to split
+every table by rows over the devices.
+
 Both table modes start from identical values: the state is always initialised with tables as
 params, and the sparse mode moves them out of the param tree. Shardings come from the logical
 axis names of every parameter (engram_jax/sharding.py rules); the state is donated.
@@ -48,7 +52,8 @@ from engram_jax import optim
 from engram_jax import sharding as sharding_lib
 from engram_jax import table_optim
 from engram_jax.model import EngramLM
-from pallas_kernels.engram_lookup.row_sparse import PrefetchedRows, prefetch_rows, row_sparse_grad
+from pallas_kernels.engram_lookup.row_sparse import (PrefetchedRows, RowSparse, prefetch_rows,
+                                                     row_sparse_grad)
 
 
 @flax.struct.dataclass
@@ -166,10 +171,12 @@ class Trainer:
     self._rng = jax.random.PRNGKey(seed)
     with self._context():
       abstract_boxed = jax.eval_shape(self._boxed_init, self._rng, self._dummy())
-    self.state_shardings = self._shardings(abstract_boxed)
+    unboxed = nn.unbox(abstract_boxed)
+    self.state_shardings = jax.tree.map(lambda s, x: sharding_lib.fit_to_shape(s, x.shape),
+                                        self._shardings(abstract_boxed), unboxed)
     self.tx = self._make_tx(nn.unbox(abstract_boxed.params))
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        nn.unbox(abstract_boxed), self.state_shardings)
+                        unboxed, self.state_shardings)
 
   def _dummy(self):
     return {k: jnp.zeros(v.shape, v.dtype) for k, v in self._dummy_shapes.items()}
@@ -250,15 +257,13 @@ class Trainer:
 
     `prefetched` {layer: PrefetchedRows} (sparse modes; `ids` unused then) or {} (dense_adam:
     the model looks the ids up in its params). Returns the state with everything but the tables
-    advanced, the metrics, and {layer: clipped f32 [U, E] gradient w.r.t. the prefetched rows}.
+    advanced, the metrics, and {layer: clipped f32 [U, E] gradient w.r.t. the prefetched rows}
+    (row-sharded tables: the owners' clipped `RowSparse`, engram_jax/sharded_train_step.py).
     """
     rows = {str(l): p.rows_UxE for l, p in prefetched.items()}
 
     def loss_fn(params, rows):
-      if prefetched:
-        engram_inputs = {l: p._replace(rows_UxE=rows[str(l)]) for l, p in prefetched.items()}
-      else:
-        engram_inputs = ids
+      engram_inputs = self._engram_inputs(prefetched, rows) if prefetched else ids
       loss, stats, model_state = self._forward(params, state.model_state, batch, engram_inputs,
                                                train=True)
       if self.nan_step:
@@ -267,9 +272,10 @@ class Trainer:
 
     (loss, (stats, model_state)), (grads, row_grads) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(state.params, rows)
+    row_grads = self._row_grads_for_update(prefetched, row_grads)
     keys = sorted(row_grads)
     grads, clipped_rows, grad_norm = optim.clip_by_global_norm(
-        grads, [row_grads[k] for k in keys], self.exp.optim.grad_clip_norm)
+        grads, [_values(row_grads[k]) for k in keys], self.exp.optim.grad_clip_norm)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     lr = self.schedule(state.step)
@@ -277,8 +283,26 @@ class Trainer:
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               model_state=model_state or state.model_state, rng=rng)
     metrics = dict(stats, loss=loss, grad_norm=grad_norm, learning_rate=lr)
-    row_grads = {int(k): g.astype(jnp.float32) for k, g in zip(keys, clipped_rows)}
+    row_grads = {int(k): _with_values(row_grads[k], g.astype(jnp.float32))
+                 for k, g in zip(keys, clipped_rows)}
+    metrics.update(self._lookup_metrics(prefetched))
     return new_state, metrics, row_grads
+
+  def _engram_inputs(self, prefetched: dict, rows: dict) -> dict:
+    """{layer: what the model reads} for `prefetched` with its rows replaced by `rows`
+    {str(layer): [U, E]} (the differentiated copies)."""
+    return {l: p._replace(rows_UxE=rows[str(l)]) for l, p in prefetched.items()}
+
+  def _row_grads_for_update(self, prefetched: dict, row_grads: dict) -> dict:
+    """{str(layer): the gradient the global clip and the table update see}: here the
+    gradient w.r.t. the prefetched rows; a `RowSparse` clips its values."""
+    del prefetched
+    return row_grads
+
+  def _lookup_metrics(self, prefetched: dict) -> dict:
+    """Metrics of the step's table lookups (none for single-device tables)."""
+    del prefetched
+    return {}
 
   def eval_step(self, state: TrainState, batch: dict) -> dict:
     ids = self.engram_ids(batch)
@@ -316,15 +340,17 @@ class Trainer:
     extra = self._extra_step_args(batch_shapes)
     extra_sh = tuple(jax.tree.map(lambda x: x.sharding, a) for a in extra)
     in_sh = (self.state_shardings, batch_sh) + extra_sh
+    # Metrics replicated: every process reads them (a multi-process job included).
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     train_c = eval_c = None
     with self._context():
       if train:
         train_c = jax.jit(self.train_step, in_shardings=in_sh,
-                          out_shardings=(self.state_shardings, None) + (None,) *
+                          out_shardings=(self.state_shardings, replicated) + (None,) *
                           self._extra_train_outputs, donate_argnums=(0,)).lower(
                               abstract_state, abstract_batch, *extra).compile()
       if evaluate:
-        eval_c = jax.jit(self.eval_step, in_shardings=in_sh).lower(
+        eval_c = jax.jit(self.eval_step, in_shardings=in_sh, out_shardings=replicated).lower(
             abstract_state, abstract_batch, *extra).compile()
     return train_c, eval_c, batch_sh
 
@@ -432,6 +458,14 @@ class _Contexts:
   def __exit__(self, *exc):
     self._r.__exit__(*exc)
     self._m.__exit__(*exc)
+
+
+def _values(grad):
+  return grad.values_UxE if isinstance(grad, RowSparse) else grad
+
+
+def _with_values(grad, values):
+  return grad._replace(values_UxE=values) if isinstance(grad, RowSparse) else values
 
 
 def _gate_stats(intermediates, mask_BxT) -> dict:

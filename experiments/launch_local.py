@@ -1,11 +1,14 @@
 """Run one training job as several local CPU processes (a pod layout on one machine).
 
   python -m experiments.launch_local --num_processes=2 --devices_per_process=4 -- \
-      --config=experiments/configs/tiny_test.py --workdir=/tmp/mp
+      --config=experiments/configs/tiny_test.py --workdir=/tmp/mp \
+      --config.train.mesh.fsdp=-1 --config.data.batch_size=8
 
 Everything after `--` goes to `experiments.train` in every process. Output is forwarded with a
 `[p<i>]` prefix; if any process fails, the others are killed and the exit status is the
-failure's (engram_jax/distributed.py).
+failure's (engram_jax/distributed.py). The mesh must span all N x K devices (tiny_test pins one
+device, hence the override); each process reads its own data shard, and a relaunch with the same
+flags resumes from the workdir's last checkpoint (tests/test_launch_local.py).
 """
 
 import sys

@@ -20,8 +20,10 @@ from experiments.paper.configs import paper, paper_moe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Checked together with the batch size in `check_config`, not by a field rule of its own.
-CHECKED_WITH_OTHER_FIELDS = {"train.data_parallel"}
+# Checked together (at most one -1) and with the batch size in `_check_mesh`, not by a field
+# rule of their own.
+CHECKED_WITH_OTHER_FIELDS = {"train.mesh.data", "train.mesh.fsdp", "train.mesh.tensor",
+                             "train.mesh.expert"}
 
 
 def _override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:

@@ -121,13 +121,13 @@ def test_prefetch_plan_skips_the_backward_sort_with_equal_sums(backward):
 def test_row_sparse_path_clamps_each_id_into_its_own_head_at_int32_limits():
   """prefetch_rows / expand_rows and the host pipeline's NumPy twin read the rows of the dense
   lookup's per-head rule, with ids near 2**31 and past their head's rows."""
-  from engram_jax import offload
+  from engram_jax import host_tables
   table, ids, offsets = overflow_case()
   want = clamped_rows(ids, offsets, table.shape[0])
   pre = prefetch_rows(table, ids, offsets)
   np.testing.assert_array_equal(np.asarray(pre.row_ids_U)[np.asarray(pre.inverse_BxTxH)], want)
   out = expand_rows(pre.rows_UxE, pre.inverse_BxTxH, plan=pre.plan)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(table)[want].reshape(1, 4, -1))
-  row_ids_U, inverse, _ = offload.unique_rows_numpy(np.asarray(ids, np.int64), offsets,
-                                                    table.shape[0])
+  row_ids_U, inverse, _ = host_tables.unique_rows_numpy(np.asarray(ids, np.int64), offsets,
+                                                        table.shape[0])
   np.testing.assert_array_equal(row_ids_U[inverse], want)

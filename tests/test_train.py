@@ -116,8 +116,8 @@ def test_hash_on_device_equals_pipeline_hashing(reference, tmp_path):
   np.testing.assert_allclose(on_device, reference["losses"][:5], rtol=1e-5)
 
 
-def test_two_device_data_parallel_matches_one_device(reference, tmp_path):
-  train.train_and_evaluate(_config(**{"train.data_parallel": 2, "train.num_steps": 5}),
+def test_two_device_data_mesh_matches_one_device(reference, tmp_path):
+  train.train_and_evaluate(_config(**{"train.mesh.data": 2, "train.num_steps": 5}),
                            str(tmp_path))
   dp, _ = _losses(str(tmp_path))
   np.testing.assert_allclose(dp, reference["losses"][:5], rtol=1e-4)

@@ -137,15 +137,18 @@ def test_resuming_a_host_run_on_the_device_is_refused(runs, tmp_path):
     ({"table_optim.kind": "dense_adam"},
      r"engram.placement='pinned_host' needs a row-sparse table optimiser.*'dense_adam'"),
     ({"engram.hash_on_device": True}, r"set engram.hash_on_device=False"),
-    ({"train.data_parallel": 2}, r"train.data_parallel=2"),
+    ({"train.mesh.data": 2}, r"train.mesh=\{.data.: 2.*set every train.mesh field to 1"),
     ({"engram.placement": "hbm"}, r"engram.placement must be one of"),
 ])
 def test_unsupported_host_configs_are_refused(overrides, match):
   config = _config()
   config.engram.placement = "pinned_host"
   for key, value in overrides.items():
-    section, field = key.split(".")
-    config[section][field] = value
+    *parents, field = key.split(".")
+    node = config
+    for name in parents:
+      node = node[name]
+    node[field] = value
   with pytest.raises(ValueError, match=match):
     experiment_config.check_config(config)
 

@@ -33,7 +33,7 @@ def get_config(arg=None):
   c.data.eval_files = ()         # () -> default_corpus_paths()['valid']
   c.data.tokenizer_path = ""     # '' -> engram_jax.tokenizer.default_tokenizer_path()
   c.data.seq_len = 512
-  c.data.batch_size = 32         # global batch (split over the mesh's data axis)
+  c.data.batch_size = 32         # global batch (split over train.mesh data x fsdp x expert)
   c.data.shuffle_seed = 0
 
   c.model = ml_collections.ConfigDict()
@@ -98,6 +98,10 @@ def get_config(arg=None):
   # while NumPy worker threads gather the next step's rows and write the previous update back).
   # pinned_host needs a row-sparse table_optim.kind, pipeline hashing and one device.
   c.engram.placement = "device"
+  # Row-sharded tables (a mesh of > 1 device): 0 sizes the all-to-all request buffers for the
+  # worst case (nothing can overflow); f > 0 sizes them for f x the expected rows per owner
+  # (less traffic; rows beyond stop the run: engram_jax/sharded_tables.py).
+  c.engram.shard_capacity_factor = 0.0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.kind = "adamw"
@@ -131,7 +135,16 @@ def get_config(arg=None):
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 2
   c.train.async_checkpoint = True
-  c.train.data_parallel = 1      # devices on the mesh's data axis; -1 = all devices
+  # Device mesh (engram_jax/sharding.py): axis sizes, one of them may be -1 = the devices the
+  # others leave. The batch is split over data x fsdp x expert; dense parameters and their
+  # optimiser state over fsdp (gathered at use), heads / FFN width / vocabulary over tensor,
+  # routed experts over expert; every Engram table and its optimiser state is split by rows
+  # over all devices (engram_jax/sharded_tables.py). Default: every device on fsdp.
+  c.train.mesh = ml_collections.ConfigDict()
+  c.train.mesh.data = 1
+  c.train.mesh.fsdp = -1
+  c.train.mesh.tensor = 1
+  c.train.mesh.expert = 1
   c.train.peak_flops = 0.0       # 0 -> from the device kind (engram_jax.train.PEAK_FLOPS)
   # Multi-process jobs (engram_jax/distributed.py): '' joins the job named by the ENGRAM_*
   # environment (experiments/launch_local.py sets it), if any; 'cluster' lets JAX detect

@@ -38,4 +38,7 @@ def get_config(arg=None):
   c.train.num_eval_batches = 2
   c.train.checkpoint_every = 10
   c.train.async_checkpoint = False
+  # One device, so that runs compare across machines; tests/test_train_mesh.py trains it on
+  # meshes (--config.train.mesh.fsdp=-1 for every device).
+  c.train.mesh.fsdp = 1
   return base.lock(c)
