@@ -46,7 +46,8 @@ class WindowedDecoder:
                mapping: NgramHashMapping, compression: Optional[np.ndarray] = None):
     self.logits_fn, self.tables, self.mapping = logits_fn, dict(tables), mapping
     self.layers = tuple(sorted(tables))
-    device = next(iter(tables.values())).sharding._device if tables else jax.devices()[0]
+    devices = {d for t in tables.values() for d in t.sharding.device_set}
+    device = devices.pop() if devices else jax.devices()[0]
     self.dev = offload.placement_sharding("device", device)
     self.home = {l: offload.placement_sharding(offload.placement_of(t), device)
                  for l, t in tables.items()}
