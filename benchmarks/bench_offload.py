@@ -30,8 +30,9 @@ bytes. Decoding (`gen`): the HBM tables and, for each of `--gen_fetch`, the pinn
 decoded by `engram_jax.generate.Decoder` (the prompt in one forward, then a one-token
 forward per step; the stand-in model is position-wise, so it needs no cache) with the token's
 rows read by the GPU from the host table inside the token's program (`direct`, `dir. tok/s`) or
-by XLA's host gather inside it (`step`, `host tok/s`). Tokens/s count the new tokens over the whole call, prompt forward included; every
-decoder must sample the HBM decoder's tokens (`same_tokens`).
+by XLA's host gather inside it (`step`, `host tok/s`). Tokens/s count the new tokens over the
+whole call, prompt forward included; every decoder must sample the HBM decoder's tokens
+(`same_tokens`).
 
 Timing: after WARMUP = 4 warm-up steps (one pass over the 4 batches, so every shape
 `--row_buckets` can give is compiled), `--steps` steps with one block_until_ready at the end;
