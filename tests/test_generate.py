@@ -60,7 +60,7 @@ def test_cached_generation_equals_windowed_generation(placement, fetch):
   windowed = WindowedDecoder(logits_fn, tables, mapping)(prompt, NEW)
   init_cache, decode_fn = engram_lm_decoder(cfg)
   gen = Decoder(decode_fn, init_cache, variables, tables, mapping, fetch=fetch,
-                        interpret=INTERPRET)
+                interpret=INTERPRET)
   assert gen.fetch == fetch
   with jax.transfer_guard("disallow"):
     cached = gen(prompt, NEW)
@@ -235,3 +235,39 @@ def test_decoder_without_engram_layers_equals_the_oracle():
     got = decoder(prompt, NEW, **kw)
     np.testing.assert_array_equal(got, windowed(prompt, NEW, **kw))
   assert len(set(got[:, P:].ravel().tolist())) > 1
+
+
+@pytest.mark.parametrize("layer_ids", [(1,), (1, 2, 3)])
+def test_host_table_decoding_equals_the_oracle_greedy_and_sampled(layer_ids):
+  """pinned_host tables under the automatic fetch, one or several Engram layers."""
+  cfg, mapping, tables, variables = _setup("pinned_host", layer_ids)
+  prompt = np.random.default_rng(4).integers(0, V, (B, P)).astype(np.int32)
+  init_cache, decode_fn = engram_lm_decoder(cfg)
+  decoder = Decoder(decode_fn, init_cache, variables, tables, mapping)
+  model = EngramLM(cfg)
+  windowed = WindowedDecoder(lambda tok, rows: model.apply(variables, tok, engram_inputs=rows)[0],
+                             tables, mapping)
+  with jax.transfer_guard("disallow"):
+    got = decoder(prompt, NEW)
+    sampled = decoder(prompt, NEW, temperature=1.0, seed=5)
+  np.testing.assert_array_equal(got, windowed(prompt, NEW))
+  np.testing.assert_array_equal(sampled, windowed(prompt, NEW, temperature=1.0, seed=5))
+  assert len(set(got[:, P:].ravel().tolist())) > 1
+  assert not np.array_equal(sampled, got)
+
+
+def test_decoder_reads_the_tables_as_they_are_now():
+  """The tables are arguments of every program, not copies: a table changed in place (as the
+  threaded host-table step writes it) changes the next decoding."""
+  cfg, mapping, tables, variables = _setup("pinned_host")
+  prompt = np.random.default_rng(4).integers(0, V, (B, P)).astype(np.int32)
+  init_cache, decode_fn = engram_lm_decoder(cfg)
+  decoder = Decoder(decode_fn, init_cache, variables, tables, mapping)
+  before = decoder(prompt, NEW)
+  for t in tables.values():
+    view = offload.host_view(t)
+    view[:] = np.random.default_rng(9).normal(size=view.shape).astype(view.dtype) * 30
+  after = decoder(prompt, NEW)
+  np.testing.assert_array_equal(
+      after, Decoder(decode_fn, init_cache, variables, tables, mapping)(prompt, NEW))
+  assert not np.array_equal(before, after)
