@@ -20,14 +20,12 @@ and projected into the residual stream before blocks 1 and `blocks//2`, a vocabu
 cross-entropy. Tokens are Zipf(1.1)-distributed over a 32k vocabulary and hashed with the real
 `NgramHashMapping` (N=3, K=8: H=16 heads, E=64) sized so the two tables hold the requested
 bytes. Decoding (`gen`): the HBM tables and, for each of `--gen_fetch`, the pinned_host tables,
-decoded by `engram_jax.generate.CachedGenerator` (the prompt in one forward, then a one-token
+decoded by `engram_jax.generate.Decoder` (the prompt in one forward, then a one-token
 forward per step; the stand-in model is position-wise, so it needs no cache) with the token's
-rows read by the GPU from the host table inside the token's program (`direct`, `dir. tok/s`), by
-XLA's host gather inside it (`step`, `host tok/s`) or in a program of its own (`program`,
-`sep. tok/s`), or by `generate.ThreadedGenerator` (`threads`, `thr. tok/s`: NumPy on a worker
-thread, handed over by host callbacks; it logs its gather time and the rows callback's wait
-per token). Tokens/s count the new tokens over the whole call, prompt forward included; every
-decoder must sample the HBM decoder's tokens (`same_tokens`).
+rows read by the GPU from the host table inside the token's program (`direct`, `dir. tok/s`) or
+by XLA's host gather inside it (`step`, `host tok/s`). Tokens/s count the new tokens over the
+whole call, prompt forward included; every decoder must sample the HBM decoder's tokens
+(`same_tokens`).
 
 Timing: after WARMUP = 4 warm-up steps (one pass over the 4 batches), `--steps` steps with one
 block_until_ready at the end; decoding: one warm-up call per decoder, then `--gen_reps` rounds
@@ -66,7 +64,7 @@ import numpy as np
 
 from benchmarks import common
 from engram_jax import host_memory, table_optim
-from engram_jax.generate import CachedGenerator, ThreadedGenerator
+from engram_jax.generate import Decoder
 from engram_jax.hashing import NgramHashMapping
 from engram_jax.host_tables import (HostRowWorker, HostTables, default_host_threads,
                                     unique_rows_numpy)
@@ -95,9 +93,9 @@ flags.DEFINE_integer("gen_batch", 64, "decoding: sequences", flag_values=FLAGS)
 flags.DEFINE_integer("gen_prompt", 112, "decoding: prompt tokens", flag_values=FLAGS)
 flags.DEFINE_integer("gen_new", 64, "decoding: new tokens", flag_values=FLAGS)
 flags.DEFINE_integer("gen_reps", 3, "timed decoding calls (median)", flag_values=FLAGS)
-flags.DEFINE_string("gen_fetch", "direct,step,program,threads",
-                    "gen: which host-table decoders run (comma list of direct, step, program, "
-                    "threads; see make_generator)", flag_values=FLAGS)
+flags.DEFINE_string("gen_fetch", "direct,step",
+                    "gen: which host-table decoders run (comma list of direct, step; see "
+                    "make_generator)", flag_values=FLAGS)
 flags.DEFINE_bool("probe", False, "time the host gather/scatter first", flag_values=FLAGS)
 flags.DEFINE_string("modes", "hbm,threads,gen",
                     "what to run per size: hbm (baseline, always), threads, gen",
@@ -191,24 +189,6 @@ def forward(params, tokens_BxT, rows, inverses, args):
         x = _inject(params, x, l, rows[l], inverses[l])
     x = _blocks(params, x, args, i, i + 1)
   return (x @ params["out"]).astype(jnp.float32)
-
-
-def stage_fn(args):
-  """`forward` split at the Engram layers, for `generate.ThreadedGenerator`: stage 0 embeds and
-  runs the blocks before the first injection; stage k injects layer LAYERS[k-1]'s rows and
-  runs the blocks up to the next injection (the last one also the head). Same arithmetic."""
-  at = inject_at(args)
-  bounds = [at[l] for l in LAYERS] + [args.blocks]
-
-  def fn(p, cache, tokens, positions, hidden, engram_inputs, stage):
-    del positions
-    if stage == 0:
-      return _blocks(p, p["emb"][tokens], args, 0, bounds[0]), cache
-    l = LAYERS[stage - 1]
-    x = _inject(p, hidden, l, engram_inputs[l].rows_UxE, engram_inputs[l].inverse_BxTxH)
-    x = _blocks(p, x, args, bounds[stage - 1], bounds[stage])
-    return ((x @ p["out"]).astype(jnp.float32) if stage == len(LAYERS) else x), cache
-  return fn
 
 
 def loss_fn(params, rows, inverses, tokens, targets, args):
@@ -322,30 +302,25 @@ def bench_host(args, params, tables, mapping, data, dev):
   return ms, [float(x) for x in losses], trainer
 
 
-# --gen_fetch choice -> (log label, record key prefix, overhead key prefix or None)
+# --gen_fetch choice -> (log label, record key prefix, overhead key prefix)
 GEN_FETCH = {"direct": ("host, GPU reads the rows", "host_dir", "gen_dir"),
-             "step": ("host, fetch in step", "host", "gen"),
-             "program": ("host, separate fetch", "host_sep", None),
-             "threads": ("host, threads", "host_thr", "gen_thr")}
+             "step": ("host, fetch in step", "host", "gen")}
 
 
 def make_generator(args, params, tables, mapping, fetch="direct"):
-  """A decoder of the stand-in model. fetch: 'direct' (CachedGenerator: the GPU reads the
-  token's rows from the host table inside the token's program, `host_memory.direct_rows`), 'step'
-  (XLA's host gather in the token's program), 'program' (that gather as its own program) or
-  'threads' (ThreadedGenerator: NumPy threads, overlapping the stages before each Engram
-  layer). HBM tables: 'direct' (`host_memory.fetch_rows` in the token's program)."""
+  """A decoder of the stand-in model. fetch: 'direct' (the GPU reads the token's rows from the
+  host table inside the token's program, `host_memory.direct_rows`) or 'step' (XLA's host
+  gather in the token's program). HBM tables: 'direct' (`host_memory.fetch_rows` in the token's
+  program)."""
   # The stand-in model is position-wise, so decoding needs no cache: each step is a one-token
   # forward on the rows just fetched for that token (EngramLM's caches: generate.engram_lm_decoder).
   def decode_fn(p, cache, tokens, positions, engram_inputs):
     del positions
     return forward(p, tokens, {l: r.rows_UxE for l, r in engram_inputs.items()},
                    {l: r.inverse_BxTxH for l, r in engram_inputs.items()}, args), cache
-  if fetch == "threads":
-    return ThreadedGenerator(stage_fn(args), lambda p, b, t: {}, params, tables, mapping)
   # On CPU (the test suite's smoke run) 'direct''s GPU kernel runs in the Pallas interpreter.
-  return CachedGenerator(decode_fn, lambda p, b, t: {}, params, tables, mapping, fetch=fetch,
-                         interpret=jax.default_backend() == "cpu")
+  return Decoder(decode_fn, lambda p, b, t: {}, params, tables, mapping, fetch=fetch,
+                 interpret=jax.default_backend() == "cpu")
 
 
 def bench_gen(args, gens: dict) -> dict:
@@ -371,10 +346,6 @@ def bench_gen(args, gens: dict) -> dict:
       _, rows, wall_ms = common.traced(lambda gen=gen: gen(prompt, args.gen_new))
       log(f"generate ({name}): 1 traced call, per new token\n"
           + common.format_rows(rows, wall_ms, args.gen_new))
-    if isinstance(gen, ThreadedGenerator):
-      log(f"generate ({name}): us per token: " + ", ".join(
-          f"{k} {v:.1f}" for k, v in gen.host_us_per_token.items()))
-      gen.close()
     log(f"generate ({name}): calls {', '.join(f'{t * 1e3:.1f}' for t in times[name])} ms")
     result[name] = (args.gen_batch * args.gen_new / float(np.median(times[name])), first[name])
   return result
@@ -518,8 +489,7 @@ def decode_gen(args, rec, hbm_tables, host_tables, mapping):
     label, key, pct = GEN_FETCH[fetch]
     tok_s, tokens = result[label]
     rec[f"{key}_tok_s"] = tok_s
-    if pct:
-      rec[f"{pct}_overhead_pct"] = 100 * (rec["hbm_tok_s"] / tok_s - 1)
+    rec[f"{pct}_overhead_pct"] = 100 * (rec["hbm_tok_s"] / tok_s - 1)
     same = same and bool(np.array_equal(hbm_tokens, tokens))
   rec["same_tokens"] = same
 
@@ -588,15 +558,14 @@ def main():
     with open(os.path.join(args.out, "bench_offload.json"), "w") as f:
       json.dump(rows_out, f, indent=1)
   print(f"\n{'table GB':>9} {'HBM ms':>8} {'thr. ms':>8} {'ovh %':>6} | {'HBM tok/s':>9} "
-        f"{'dir. tok/s':>10} {'ovh %':>6} {'host tok/s':>10} {'ovh %':>6} {'sep. tok/s':>10} "
-        f"{'thr. tok/s':>10} {'ovh %':>6} | {'loss hbm':>8} {'thr.':>8}")
+        f"{'dir. tok/s':>10} {'ovh %':>6} {'host tok/s':>10} {'ovh %':>6} | {'loss hbm':>8} "
+        f"{'thr.':>8}")
   for r in rows_out:
     print(f"{r['table_gb']:9.2f} {_fmt(r, 'hbm_ms', '8.2f')} {_fmt(r, 'threads_ms', '8.2f')} "
           f"{_fmt(r, 'threads_overhead_pct', '6.1f')} | {_fmt(r, 'hbm_tok_s', '9.0f')} "
           f"{_fmt(r, 'host_dir_tok_s', '10.0f')} {_fmt(r, 'gen_dir_overhead_pct', '6.1f')} "
-          f"{_fmt(r, 'host_tok_s', '10.0f')} {_fmt(r, 'gen_overhead_pct', '6.1f')} "
-          f"{_fmt(r, 'host_sep_tok_s', '10.0f')} {_fmt(r, 'host_thr_tok_s', '10.0f')} "
-          f"{_fmt(r, 'gen_thr_overhead_pct', '6.1f')} | {_fmt(r, 'hbm_loss', '8.4f')} "
+          f"{_fmt(r, 'host_tok_s', '10.0f')} {_fmt(r, 'gen_overhead_pct', '6.1f')} | "
+          f"{_fmt(r, 'hbm_loss', '8.4f')} "
           f"{_fmt(r, 'threads_loss', '8.4f')}")
   print("\nAgreement with the HBM placement (same batches, same initial tables and weights): "
         "first-step losses; |loss diff| at the second step (after one update) / max over steps; "

@@ -159,23 +159,8 @@ class EngramLM(nn.Module):
   @nn.compact
   def __call__(self, inputs_BxT: jax.Array, *, segment_ids: Optional[jax.Array] = None,
                positions: Optional[jax.Array] = None,
-               engram_inputs: Optional[Mapping[int, Any]] = None, deterministic: bool = True,
-               layers: Optional[tuple[int, int]] = None,
-               hidden_BxTxMxD: Optional[jax.Array] = None):
-    """`layers=(a, b)` runs blocks [a, b) only (a staged forward; split points must fall on
-    segment boundaries, e.g. at Engram layers): a > 0 starts from `hidden_BxTxMxD` (the
-    streams block a receives; `inputs_BxT` then only gives B and T), and b < num_layers returns
-    `(streams after block b-1, aux)` instead of logits. `engram_inputs` need cover only the
-    Engram layers in [a, b). Chaining the stages equals one call (tests/test_model.py)."""
+               engram_inputs: Optional[Mapping[int, Any]] = None, deterministic: bool = True):
     cfg = self.config
-    start, stop = (0, cfg.num_layers) if layers is None else (int(layers[0]), int(layers[1]))
-    bounds = {s.start for s in layer_segments(cfg)} | {cfg.num_layers}
-    if not 0 <= start < stop <= cfg.num_layers or start not in bounds or stop not in bounds:
-      raise ValueError(f"layers={layers}: need 0 <= a < b <= {cfg.num_layers} on segment "
-                       f"boundaries {sorted(bounds)}")
-    if (start > 0) != (hidden_BxTxMxD is not None):
-      raise ValueError("hidden_BxTxMxD is needed exactly when the stage starts after block 0 "
-                       f"(layers={layers})")
     dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     if inputs_BxT.ndim != 2:
       raise ValueError(f"inputs must be [B, T] token ids, got shape {inputs_BxT.shape}")
@@ -188,7 +173,7 @@ class EngramLM(nn.Module):
     if self.decode and segment_ids is not None:
       raise ValueError("decode=True assumes one document per row: pass segment_ids=None")
     engram_inputs = dict(engram_inputs or {})
-    missing = [l for l in cfg.engram_layer_ids if l not in engram_inputs and start <= l < stop]
+    missing = [l for l in cfg.engram_layer_ids if l not in engram_inputs]
     if missing:
       raise ValueError(f"engram_inputs lacks Engram layers {missing} (has "
                        f"{sorted(engram_inputs)}); pass {{layer_id: ids or PrefetchedRows}}")
@@ -199,23 +184,15 @@ class EngramLM(nn.Module):
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt,
                      embedding_init=nn.with_logical_partitioning(
                          nn.initializers.normal(emb_std), ("vocab", "embed")), name="embed")
-    if start == 0:
-      x_BxTxD = embed(inputs_BxT)
-      if cfg.tie_embeddings:
-        x_BxTxD = x_BxTxD * jnp.asarray(cfg.hidden_size ** 0.5, dt)
-      x_BxTxMxD = expand_streams(x_BxTxD, cfg.hc_mult)
-    else:
-      want = (b, t, cfg.hc_mult, cfg.hidden_size)
-      if hidden_BxTxMxD.shape != want:
-        raise ValueError(f"hidden_BxTxMxD must be {want}, got {hidden_BxTxMxD.shape}")
-      x_BxTxMxD = hidden_BxTxMxD
+    x_BxTxD = embed(inputs_BxT)
+    if cfg.tie_embeddings:
+      x_BxTxD = x_BxTxD * jnp.asarray(cfg.hidden_size ** 0.5, dt)
+    x_BxTxMxD = expand_streams(x_BxTxD, cfg.hc_mult)
     x_BxTxMxD = nn.with_logical_constraint(x_BxTxMxD, ("batch", "length", "streams", "embed"))
 
     block_cls = self._block_cls()
     moe_stats = []
     for seg in layer_segments(cfg):
-      if not start <= seg.start < stop:
-        continue
       if seg.engram or not cfg.scan_layers:
         for l in range(seg.start, seg.stop):
           block = block_cls(cfg, seg.use_moe, l if seg.engram else None, deterministic,
@@ -241,8 +218,6 @@ class EngramLM(nn.Module):
       aux["moe_aux_loss"] = jnp.sum(stacked["aux_loss"])
     else:
       aux["moe_aux_loss"] = jnp.zeros((), jnp.float32)
-    if stop < cfg.num_layers:
-      return x_BxTxMxD, aux
 
     h_BxTxD = RMSNorm(cfg.norm_eps, dt, pdt, name="final_norm")(contract_streams(x_BxTxMxD))
     if cfg.tie_embeddings:

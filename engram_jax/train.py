@@ -310,17 +310,26 @@ def _eval_batches(trainer: Trainer, files, config):
       engram_hash_fn=engram_hash_fn(trainer.exp, trainer.hash_on_device)))
 
 
-def restore_for_eval(config: ml_collections.ConfigDict, workdir: str):
-  """Trainer + latest checkpointed state of `workdir` (for experiments/eval.py)."""
+def restore_latest(config: ml_collections.ConfigDict, workdir: str):
+  """(trainer, abstract state, latest checkpointed state, its step) of a training workdir;
+  nothing is compiled (experiments/eval.py, engram_jax/generate.py)."""
   exp, trainer, abstract = setup(config, check_data=False)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      fingerprint=exp.fingerprint(), save_every=1, keep=1000)
   step = ckpt.latest_step()
   if step is None:
-    raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
+    ckpt.close()
+    raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: "
+                            "has the run saved one (train.checkpoint_every)?")
   log(f"restoring step {step} from {ckpt.directory}")
   state = _restore(trainer, ckpt, workdir, step, abstract)
   ckpt.close()
+  return trainer, abstract, state, step
+
+
+def restore_for_eval(config: ml_collections.ConfigDict, workdir: str):
+  """Trainer + latest checkpointed state of `workdir` (for experiments/eval.py)."""
+  trainer, abstract, state, step = restore_latest(config, workdir)
   log("compiling eval step ...")
   _, eval_c, batch_sh = trainer.compile(abstract, trainer.shapes, train=False)
   trainer.eval_fn = _eval_fns(trainer, eval_c, batch_sh)

@@ -107,8 +107,7 @@ def test_bench_offload_runs_and_host_training_matches_hbm(tmp_path, monkeypatch,
   printed = capsys.readouterr().out
   for mode in ("hbm", "host threads"):  # one traced step each
     assert f"{mode}: 1 traced steps\n  wall " in printed
-  for where in ("HBM", "host, GPU reads the rows", "host, fetch in step", "host, separate fetch",
-                "host, threads"):  # traced
+  for where in ("HBM", "host, GPU reads the rows", "host, fetch in step"):  # traced
     assert f"generate ({where}): 1 traced call, per new token\n  wall " in printed
   (rec,) = json.load(open(tmp_path / "bench_offload.json"))
   assert rec["hbm_ms"] > 0 and rec["threads_ms"] > 0
@@ -117,7 +116,7 @@ def test_bench_offload_runs_and_host_training_matches_hbm(tmp_path, monkeypatch,
   # ... at every step, and the rows updated by the host step equal the HBM table's.
   assert rec["threads_loss_maxdiff"] < 1e-5 and rec["threads_rows_maxdiff"] < 1e-6
   # Decoding from HBM and from pinned_host tables samples the same tokens.
-  assert rec["same_tokens"] is True and rec["host_tok_s"] > 0 and rec["host_thr_tok_s"] > 0
+  assert rec["same_tokens"] is True and rec["host_tok_s"] > 0
   assert rec["host_dir_tok_s"] > 0 and "gen_dir_overhead_pct" in rec
 
 

@@ -1,8 +1,9 @@
-"""Generation with the EngramLM decode caches (`CachedGenerator` + `engram_lm_decoder`).
+"""Decoding with the EngramLM decode caches (`Decoder` + `engram_lm_decoder`).
 
-The cached path (prompt once, then one token per step through the KV caches and ShortConv
-histories, rows of each new position fetched from HBM or pinned_host tables) must sample the
-same tokens as the windowed `Generator`, which recomputes the full causal forward every step.
+The decoder (prompt once, then one token per step through the KV caches, ShortConv histories
+and n-gram history, rows of each new position fetched from HBM or pinned_host tables) must
+sample the same tokens as the windowed oracle (tests/windowed_decoder.py), which hashes and
+recomputes the full causal forward every step.
 
 Dimension legend: B batch, P prompt length, T tokens, V vocab.
 """
@@ -13,13 +14,13 @@ import numpy as np
 import pytest
 
 from engram_jax import host_memory
-from engram_jax.generate import (CachedGenerator, Generator, ThreadedGenerator, engram_lm_decoder,
-                                 engram_lm_stages)
+from engram_jax.generate import Decoder, engram_lm_decoder
 from engram_jax.hashing import NgramHashMapping
 from engram_jax.memory import head_offsets
 from engram_jax.model import EngramLM
 from pallas_kernels.engram_lookup import prefetch_rows
 from tests.test_model import ENGRAM, V, tiny_cfg
+from tests.windowed_decoder import WindowedDecoder
 
 B, P, NEW = 2, 4, 6
 
@@ -46,9 +47,8 @@ def _setup(placement, layer_ids=ENGRAM.layer_ids):
 INTERPRET = jax.default_backend() == "cpu"   # fetch='direct''s GPU kernel, interpreted on CPU
 
 
-@pytest.mark.parametrize("placement,fetch", [  # 'program' differs from 'step' only on the host
-    ("pinned_host", "direct"), ("pinned_host", "step"), ("pinned_host", "program"),
-    ("device", "direct"), ("device", "step")])
+@pytest.mark.parametrize("placement,fetch", [
+    ("pinned_host", "direct"), ("pinned_host", "step"), ("device", "direct"), ("device", "step")])
 def test_cached_generation_equals_windowed_generation(placement, fetch):
   cfg, mapping, tables, variables = _setup(placement)
   model = EngramLM(cfg)
@@ -57,10 +57,10 @@ def test_cached_generation_equals_windowed_generation(placement, fetch):
     return model.apply(variables, tokens_BxT, engram_inputs=rows)[0]
 
   prompt = np.random.default_rng(3).integers(0, V, (B, P)).astype(np.int32)
-  windowed = Generator(logits_fn, tables, mapping)(prompt, NEW)
+  windowed = WindowedDecoder(logits_fn, tables, mapping)(prompt, NEW)
   init_cache, decode_fn = engram_lm_decoder(cfg)
-  gen = CachedGenerator(decode_fn, init_cache, variables, tables, mapping, fetch=fetch,
-                        interpret=INTERPRET)
+  gen = Decoder(decode_fn, init_cache, variables, tables, mapping, fetch=fetch,
+                interpret=INTERPRET)
   assert gen.fetch == fetch
   with jax.transfer_guard("disallow"):
     cached = gen(prompt, NEW)
@@ -82,18 +82,18 @@ def _decode_program_arguments(fetch, program):
   import re
   cfg, mapping, tables, variables = _setup("pinned_host")
   init_cache, decode_fn = engram_lm_decoder(cfg)
-  gen = CachedGenerator(decode_fn, init_cache, variables, tables, mapping, fetch=fetch,
-                        interpret=INTERPRET)
+  gen = Decoder(decode_fn, init_cache, variables, tables, mapping, fetch=fetch,
+                interpret=INTERPRET)
   seen = []
   jitted = getattr(gen, program)
 
-  def record(*args):
-    seen.append(args)
-    return jitted(*args)
+  def record(*args, **kw):
+    seen.append((args, kw))
+    return jitted(*args, **kw)
   setattr(gen, program, record)
   gen(np.zeros((B, P), np.int32), 3)
   assert seen, f"{program} did not run"
-  text = jitted.lower(*seen[0]).compile().as_text()
+  text = jitted.lower(*seen[0][0], **seen[0][1]).compile().as_text()
   header = text.splitlines()[0]
   arguments = header[header.index("entry_computation_layout="):].split("->")[0]
   for table in tables.values():
@@ -113,7 +113,7 @@ def test_in_step_fetch_keeps_host_tables_on_the_host():
   the host inside the same program decoded different tokens from one call to the next
   (bench_offload, 32 GB tables)."""
   import re
-  arguments, tables, mapping = _decode_program_arguments("step", "_decode_fetching")
+  arguments, tables, mapping = _decode_program_arguments("step", "_decode_step")
   ids = f"s32[{B * mapping.num_heads}]"
   found = re.findall(re.escape(ids) + r"\{[^}]*\}", arguments)
   assert len(found) == len(tables) and all(":S(5)" in f for f in found), (ids, found)
@@ -134,7 +134,7 @@ def test_fetch_auto_and_refusals():
   mapping = NgramHashMapping.from_config(cfg.engram, V, 0)
   tables = {l: host_memory.create_table(mapping.num_rows(l), cfg.engram.head_dim, jnp.float32,
                                     "pinned_host", seed=l) for l in cfg.engram.layer_ids}
-  make = lambda t, **kw: CachedGenerator(None, None, None, t, mapping, **kw)  # noqa: E731
+  make = lambda t, **kw: Decoder(None, None, None, t, mapping, **kw)  # noqa: E731
   on_gpu = jax.default_backend() == "gpu"
   assert make(tables).fetch == ("direct" if on_gpu else "step")
   device_tables = {l: jax.device_put(t, host_memory.placement_sharding("device"))
@@ -168,80 +168,106 @@ def _device_array_constants(obj, names, run):
 
 
 def test_generator_programs_close_over_no_device_arrays():
-  """Found on the H200: the generators' offsets and compression table were device arrays that
-  their jitted steps closed over, and generation under transfer_guard("disallow") failed."""
+  """The decoders' offsets and compression table are NumPy: a device array that a jitted step
+  closes over is read back from the device, which a GPU refuses under
+  transfer_guard("disallow")."""
   cfg, mapping, tables, variables = _setup("pinned_host")
   model = EngramLM(cfg)
   prompt = np.random.default_rng(3).integers(0, V, (B, P)).astype(np.int32)
   compression = np.arange(V, dtype=np.int32)[::-1].copy() % V
-  # The windowed Generator takes no variables argument: its logits_fn closes over NumPy copies
+  # The windowed oracle takes no variables argument: its logits_fn closes over NumPy copies
   # (constants of the program either way; NumPy ones need no read-back).
   np_variables = jax.tree.map(np.asarray, variables)
-  windowed = Generator(lambda tok, rows: model.apply(np_variables, tok, engram_inputs=rows)[0],
-                       tables, mapping, compression)
-  found = _device_array_constants(windowed, ["_step", "_write"], lambda: windowed(prompt, 3))
-  assert found == {"_step": 0, "_write": 0}
+  windowed = WindowedDecoder(
+      lambda tok, rows: model.apply(np_variables, tok, engram_inputs=rows)[0], tables, mapping,
+      compression)
+  found = _device_array_constants(windowed, ["_step", "_ids"], lambda: windowed(prompt, 3))
+  assert found == {"_step": 0, "_ids": 0}
   init_cache, decode_fn = engram_lm_decoder(cfg)
-  for fetch, decode in [("direct", "_decode_direct"), ("step", "_decode_fetching"),
-                        ("program", "_decode")]:
-    cached = CachedGenerator(decode_fn, init_cache, variables, tables, mapping, compression,
-                             fetch=fetch, interpret=INTERPRET)
+  for fetch, decode in [("direct", "_decode_direct"), ("step", "_decode_step")]:
+    cached = Decoder(decode_fn, init_cache, variables, tables, mapping, compression,
+                     fetch=fetch, interpret=INTERPRET)
     found = _device_array_constants(cached, ["_prefill", decode], lambda: cached(prompt, 3))
     assert found == {"_prefill": 0, decode: 0}, fetch
 
 
+def _decoders(placement="device"):
+  """(windowed oracle, Decoder) of one tiny model."""
+  cfg, mapping, tables, variables = _setup(placement)
+  model = EngramLM(cfg)
+  windowed = WindowedDecoder(lambda tok, rows: model.apply(variables, tok, engram_inputs=rows)[0],
+                             tables, mapping)
+  init_cache, decode_fn = engram_lm_decoder(cfg)
+  return windowed, Decoder(decode_fn, init_cache, variables, tables, mapping,
+                           interpret=INTERPRET)
+
+
+def test_sampling_equals_the_oracle_and_depends_only_on_the_seed():
+  """Temperature and top-k sampling draw the oracle's tokens; the same seed the same tokens,
+  another seed others; top_k=1 is greedy at any temperature."""
+  windowed, decoder = _decoders()
+  prompt = np.random.default_rng(3).integers(0, V, (B, P)).astype(np.int32)
+  for kw in (dict(temperature=1.0, seed=5), dict(temperature=0.7, top_k=3, seed=2)):
+    got = decoder(prompt, NEW, **kw)
+    np.testing.assert_array_equal(got, windowed(prompt, NEW, **kw))
+    np.testing.assert_array_equal(got, decoder(prompt, NEW, **kw))
+    assert not np.array_equal(got, decoder(prompt, NEW, **dict(kw, seed=kw["seed"] + 1)))
+  np.testing.assert_array_equal(decoder(prompt, NEW, temperature=5.0, top_k=1, seed=1),
+                                decoder(prompt, NEW))
+  with pytest.raises(ValueError, match="top_k"):
+    decoder(prompt, NEW, top_k=-1)
+
+
+def test_decoder_without_engram_layers_equals_the_oracle():
+  """A model without Engram layers (an MoE baseline) decodes with no tables and no mapping."""
+  cfg = tiny_cfg(engram=None)
+  x = jnp.zeros((B, P + NEW), jnp.int32)
+  variables = EngramLM(cfg).init(jax.random.key(1), x)
+  variables = jax.tree.map(lambda a: a.value if hasattr(a, "value") else a, variables,
+                           is_leaf=lambda a: hasattr(a, "value"))
+  model = EngramLM(cfg)
+  prompt = np.random.default_rng(3).integers(0, V, (B, P)).astype(np.int32)
+  windowed = WindowedDecoder(lambda tok, rows: model.apply(variables, tok)[0], {}, None)
+  init_cache, decode_fn = engram_lm_decoder(cfg)
+  decoder = Decoder(decode_fn, init_cache, variables, {}, None)
+  assert decoder.layers == () and decoder.fetch == "direct"
+  for kw in (dict(), dict(temperature=1.0, seed=4)):
+    got = decoder(prompt, NEW, **kw)
+    np.testing.assert_array_equal(got, windowed(prompt, NEW, **kw))
+  assert len(set(got[:, P:].ravel().tolist())) > 1
+
+
 @pytest.mark.parametrize("layer_ids", [(1,), (1, 2, 3)])
-def test_threaded_generation_equals_cached_generation(layer_ids):
-  """NumPy threads gather each token's rows from the pinned_host tables while the stages before
-  each Engram layer run: the same tokens as the in-program fetch (greedy and sampled), and the
-  same as the windowed reference; no program closes over a device array."""
+def test_host_table_decoding_equals_the_oracle_greedy_and_sampled(layer_ids):
+  """pinned_host tables under the automatic fetch, one or several Engram layers."""
   cfg, mapping, tables, variables = _setup("pinned_host", layer_ids)
   prompt = np.random.default_rng(4).integers(0, V, (B, P)).astype(np.int32)
   init_cache, decode_fn = engram_lm_decoder(cfg)
-  cached = CachedGenerator(decode_fn, init_cache, variables, tables, mapping)
-  threaded = ThreadedGenerator(*engram_lm_stages(cfg)[::-1], variables, tables, mapping, threads=2)
-  threaded._worker.MIN_CHUNK_ROWS = 2    # the prompt's B*P*H rows in several chunks
-  with jax.transfer_guard("disallow"):
-    got = threaded(prompt, NEW)
-  np.testing.assert_array_equal(got, cached(prompt, NEW))
+  decoder = Decoder(decode_fn, init_cache, variables, tables, mapping)
   model = EngramLM(cfg)
-  windowed = Generator(lambda tok, rows: model.apply(variables, tok, engram_inputs=rows)[0],
-                       tables, mapping)
+  windowed = WindowedDecoder(lambda tok, rows: model.apply(variables, tok, engram_inputs=rows)[0],
+                             tables, mapping)
+  with jax.transfer_guard("disallow"):
+    got = decoder(prompt, NEW)
+    sampled = decoder(prompt, NEW, temperature=1.0, seed=5)
   np.testing.assert_array_equal(got, windowed(prompt, NEW))
+  np.testing.assert_array_equal(sampled, windowed(prompt, NEW, temperature=1.0, seed=5))
   assert len(set(got[:, P:].ravel().tolist())) > 1
-  assert set(threaded.host_us_per_token) == {"gather", "rows callback waited"}
-  assert threaded.host_us_per_token["gather"] > 0
-  assert not threaded._pending, "every handed-over gather was taken or dropped"
-  sampled = threaded(prompt, NEW, temperature=1.0, seed=5)
-  np.testing.assert_array_equal(sampled, cached(prompt, NEW, temperature=1.0, seed=5))
   assert not np.array_equal(sampled, got)
-  names = ["_prefill_gathering", "_decode_gathering"]
-  found = _device_array_constants(threaded, names, lambda: threaded(prompt, 3))
-  assert found == dict.fromkeys(names, 0)
-  threaded.close()
 
 
-def test_threaded_generator_reads_the_tables_as_they_are_now():
-  """Rows are gathered from views of the tables' buffers at each call: a table changed in place
-  (as a threaded training step writes it) changes the next generation."""
+def test_decoder_reads_the_tables_as_they_are_now():
+  """The tables are arguments of every program, not copies: a table changed in place (as the
+  threaded host-table step writes it) changes the next decoding."""
   cfg, mapping, tables, variables = _setup("pinned_host")
   prompt = np.random.default_rng(4).integers(0, V, (B, P)).astype(np.int32)
-  gen = ThreadedGenerator(*engram_lm_stages(cfg)[::-1], variables, tables, mapping)
-  before = gen(prompt, NEW)
+  init_cache, decode_fn = engram_lm_decoder(cfg)
+  decoder = Decoder(decode_fn, init_cache, variables, tables, mapping)
+  before = decoder(prompt, NEW)
   for t in tables.values():
     view = host_memory.host_view(t)
     view[:] = np.random.default_rng(9).normal(size=view.shape).astype(view.dtype) * 30
-  after = gen(prompt, NEW)
-  init_cache, decode_fn = engram_lm_decoder(cfg)
+  after = decoder(prompt, NEW)
   np.testing.assert_array_equal(
-      after, CachedGenerator(decode_fn, init_cache, variables, tables, mapping)(prompt, NEW))
+      after, Decoder(decode_fn, init_cache, variables, tables, mapping)(prompt, NEW))
   assert not np.array_equal(before, after)
-
-
-def test_threaded_generator_errors():
-  cfg, mapping, tables, variables = _setup("device")
-  with pytest.raises(ValueError, match="pinned_host"):
-    ThreadedGenerator(*engram_lm_stages(cfg)[::-1], variables, tables, mapping)
-  with pytest.raises(ValueError, match="block 0"):
-    engram_lm_stages(tiny_cfg(engram_table_placement="external",
-                              engram=ENGRAM.replace(layer_ids=(0,))))

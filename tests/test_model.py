@@ -307,31 +307,6 @@ def test_decode_with_caches_equals_the_full_forward(engram_model, scan_layers):
                   mutable=["cache"])
 
 
-def test_staged_forward_equals_one_call(engram_model):
-  """Blocks [0, 1) and then [1, 4) (split at the Engram layer) give one call's logits and MoE
-  statistics; bad splits and a missing hidden state are refused."""
-  cfg, model, variables, x, ids, _ = engram_model
-  (full, aux), _ = jax.jit(lambda v: model.apply(v, x, engram_inputs=ids,
-                                                  mutable=["moe_stats"]))(variables)
-
-  @jax.jit
-  def staged(v):
-    (h, aux0), _ = model.apply(v, x, layers=(0, 1), engram_inputs={}, mutable=["moe_stats"])
-    (logits, aux1), _ = model.apply(v, x, layers=(1, 4), hidden_BxTxMxD=h, engram_inputs=ids,
-                                    mutable=["moe_stats"])
-    return h, logits, aux1
-  h, logits, aux1 = staged(variables)
-  assert h.shape == (B, T, cfg.hc_mult, cfg.hidden_size)
-  np.testing.assert_allclose(np.asarray(logits), np.asarray(full), rtol=1e-6, atol=1e-6)
-  np.testing.assert_array_equal(np.asarray(aux1["moe"]["tokens_per_expert"]),
-                                np.asarray(aux["moe"]["tokens_per_expert"]))
-  for kw, match in ((dict(layers=(0, 3)), "segment boundaries"),
-                    (dict(layers=(1, 4)), "hidden_BxTxMxD is needed"),
-                    (dict(layers=(2, 4), hidden_BxTxMxD=h[:, :1]), "must be")):
-    with pytest.raises(ValueError, match=match):
-      model.apply(variables, x, engram_inputs=ids, mutable=["moe_stats"], **kw)
-
-
 def test_attention_impl_automatic_choice():
   from engram_jax.layers import resolve_attention_impl
   assert resolve_attention_impl(None, jnp.bfloat16, False, backend="gpu") == "cudnn"
