@@ -5,8 +5,9 @@
     of the wrong type, a config file that is missing or whose `get_config` refuses its own
     values) prints one line that names the flag or the full key path and exits with status 1
     before `main` runs;
-  * `experiment_config.ConfigError` (a field out of its range, a missing data file) and
-    `FileNotFoundError` raised by `main` print their message as one line and exit with status 1.
+  * `experiment_config.ConfigError` (a field out of its range, a missing data file),
+    `FileNotFoundError` and the workdir and checkpoint refusals (`USER_ERRORS`) raised by `main`
+    print their message as one line and exit with status 1.
     Entry points validate the config before they create the workdir, so a refused run leaves
     nothing behind.
 Every other exception keeps its traceback: it is a bug, not bad input.
@@ -24,9 +25,16 @@ from absl import flags
 import ml_collections
 from ml_collections.config_flags import config_flags
 
+from engram_jax import checkpoint
 from engram_jax import experiment_config
+from engram_jax import workdir
 
-USER_ERRORS = (experiment_config.ConfigError, FileNotFoundError)
+USER_ERRORS = (experiment_config.ConfigError, FileNotFoundError,
+               # A workdir another trainer holds, a refused resume, a damaged or non-finite
+               # checkpoint (engram_jax/workdir.py, checkpoint.py), a diverged run.
+               workdir.WorkdirLockedError, workdir.ConfigChangedError,
+               checkpoint.FingerprintMismatchError, checkpoint.CheckpointDamagedError,
+               checkpoint.CheckpointRestoreError, checkpoint.NonFiniteStateError)
 
 
 def fail(message: str) -> None:

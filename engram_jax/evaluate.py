@@ -4,9 +4,10 @@
 on device and syncing once at the end. Padding (weight 0, including the rows that pad the last
 batch) contributes nothing, so the result is the exact mean over every real target token.
 
-`load_workdir_config` reads a training run's config (`workdir/config.json`);
-`engram_jax.train.evaluate_workdir` (what `python -m experiments.eval` calls) rebuilds the model
-from it, restores the latest checkpoint and evaluates any text/JSONL files with `evaluate`.
+`load_workdir_config` reads a training run's config (`workdir/config.json`, the config of its
+latest start); `engram_jax.train.evaluate_workdir` (what `python -m experiments.eval` calls)
+rebuilds the model from it, restores the newest intact checkpoint (refusing one that holds NaN
+or Inf parameters) and evaluates any text/JSONL files with `evaluate`.
 
 Dimension legend: B batch, T sequence length.
 """

@@ -368,6 +368,8 @@ FIELD_RULES: dict[str, _Rule] = {
     "train.num_eval_batches": _int(0, note="0 = the whole held-out set"),
     "train.checkpoint_every": _int(1),
     "train.keep_checkpoints": _int(1),
+    "train.restore_step": _int(0, note="0 = the newest intact checkpoint"),
+    "train.allow_config_change": _bool(),
     "train.async_checkpoint": _bool(),
     "train.peak_flops": _number(0, note="0 = from the device kind"),
     "train.distributed": _choice(distributed.MODES),

@@ -5,29 +5,30 @@ Dimension legend: none.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Mapping
 
 import matplotlib
+
+from engram_jax import workdir as workdir_lib
 
 matplotlib.use("Agg")  # headless: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
 
 def read_metrics(workdir: str) -> list[dict]:
+  """Train and eval records of a workdir's metrics.jsonl, the last one of each step (a resumed
+  run logs again the steps after its checkpoint; workdir_lib.read_metrics)."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no metrics.jsonl in {workdir!r}")
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return workdir_lib.read_metrics(path, splits=("train", "eval"))
 
 
 def plot_loss_curves(runs: Mapping[str, str], out_path: str, title: str = "") -> str:
   """One line per run (train loss, solid) plus its eval points (markers); returns out_path.
 
-  `runs` maps a label to a workdir. A resumed run appends to metrics.jsonl; the last record
-  of each step wins.
+  `runs` maps a label to a workdir; the last record of each step is plotted (read_metrics).
   """
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for i, (label, workdir) in enumerate(runs.items()):

@@ -2,12 +2,16 @@
 
 The step itself (state, shardings, dense / row-sparse table updates) is in
 engram_jax/train_step.py. This loop reads step t-1's metrics after dispatching step t (no host
-sync per step), stops on a non-finite loss or gradient norm (the last checkpoint, written only
-after its own metrics were checked finite, stays the latest), logs every `log_every` steps
-(stdout + workdir/metrics.jsonl: loss, tokens/s, MFU, learning rate, gradient norm, Engram
-gate mean/std, router max/mean load, and under 'capacity' MoE dispatch the share of dropped
-pairs), evaluates every `eval_every` steps and at the end, and checkpoints every
-`checkpoint_every` steps, resuming automatically from `workdir`. MFU = tokens/s x
+sync per step), stops on a non-finite loss or gradient norm, and never saves a state holding
+NaN or Inf (checked on device right before each save: the loss and gradient norm of a step are
+computed before its update), so the latest checkpoint is always a finite one. It logs every
+`log_every` steps (stdout + workdir/metrics.jsonl: loss, tokens/s, MFU, learning rate,
+gradient norm, Engram gate mean/std, router max/mean load, and under 'capacity' MoE dispatch
+the share of dropped pairs), evaluates every `eval_every` steps and at the end, and
+checkpoints every `checkpoint_every` steps, resuming automatically from `workdir`: from its
+newest intact checkpoint (engram_jax/checkpoint.py checksums; `train.restore_step` picks one),
+under the workdir's lock and only after the resume checks (integrity, hash fingerprint, config
+changes: engram_jax/workdir.py) passed; nothing in the workdir changes before. MFU = tokens/s x
 `engram_jax.params.flops_per_token(...)['total']` / (peak FLOP/s x devices).
 
 The device mesh is `train.mesh` (`make_mesh`; default every device on 'fsdp'): dense
@@ -48,6 +52,7 @@ from engram_jax import experiment_config
 from engram_jax import sharded_train_step
 from engram_jax import sharding as sharding_lib
 from engram_jax import table_optim
+from engram_jax import workdir as workdir_lib
 from engram_jax.train_step import HostPlacementTrainer, TrainState, Trainer  # noqa: F401
 from engram_jax.sharded_train_step import ShardedTablesTrainer
 from engram_jax.train_step import without_engram_ids as _without_ids
@@ -268,18 +273,112 @@ class _MetricsLog:
       self._file.close()
 
 
+def _last_good(ckpt: checkpoint_lib.Checkpointer) -> str:
+  """Where a rerun resumes: every saved state was checked finite before it was written."""
+  ckpt.wait()
+  latest = ckpt.latest_step()
+  return (f"the last good checkpoint is step {latest} in {ckpt.directory} (its state was "
+          "checked finite before saving; a rerun resumes from it)" if latest is not None
+          else "no checkpoint was written")
+
+
+_ADVICE = ("Lower optim.learning_rate or table_optim.lr_multiplier, or raise "
+           "optim.warmup_steps.")
+
+
 def _check_finite(step: int, m: dict, ckpt: checkpoint_lib.Checkpointer):
   loss, gnorm = float(m["loss"]), float(m["grad_norm"])
   if np.isfinite(loss) and np.isfinite(gnorm):
     return
-  ckpt.wait()
-  latest = ckpt.latest_step()
-  where = (f"the last good checkpoint is step {latest} in {ckpt.directory} (a rerun resumes "
-           "from it)" if latest is not None else "no checkpoint was written")
   raise TrainingDivergedError(
       f"non-finite {'loss' if not np.isfinite(loss) else 'gradient norm'} at step {step} "
-      f"(loss={loss}, grad_norm={gnorm}); stopping. {where}. Lower optim.learning_rate or "
-      "table_optim.lr_multiplier, or raise optim.warmup_steps.")
+      f"(loss={loss}, grad_norm={gnorm}); stopping. {_last_good(ckpt)}. {_ADVICE}")
+
+
+def _nonfinite_state(trainer: Trainer, state: TrainState) -> list[str]:
+  """Leaves of the state (params, optimiser, tables, their state; host tables too) holding
+  NaN or Inf: one fused reduction on device, plus a chunked host scan for pinned_host tables."""
+  bad = checkpoint_lib.nonfinite_leaves(
+      {"params": state.params, "opt_state": state.opt_state, "model_state": state.model_state,
+       "tables": state.tables, "table_opt": state.table_opt})
+  if isinstance(trainer, HostPlacementTrainer):
+    host = trainer.host
+    arrays = {f"host table {l}": host.tables[l] for l in host.layers}
+    for l in host.layers:
+      arrays.update({f"host table {l} {k}": v for k, v in host.states[l]._asdict().items()})
+    bad += checkpoint_lib.nonfinite_host_arrays(arrays)
+  return bad
+
+
+def _refuse_nonfinite_save(trainer: Trainer, state: TrainState, step: int,
+                           ckpt: checkpoint_lib.Checkpointer) -> None:
+  """Raises TrainingDivergedError instead of saving a state that holds NaN or Inf (the loss
+  and gradient norm of step `step` are computed before its update, so they can be finite)."""
+  bad = _nonfinite_state(trainer, state)
+  if bad:
+    raise TrainingDivergedError(
+        f"non-finite train state after step {step} ({', '.join(bad)}); not saving it, "
+        f"stopping. {_last_good(ckpt)}. {_ADVICE}")
+
+
+def _resume_step(ckpt: checkpoint_lib.Checkpointer, config, workdir: str):
+  """(step to resume from or None, {reason: steps to set aside}, config changes); reads only.
+
+  The newest intact checkpoint, or `train.restore_step`; the config is compared with the
+  workdir's and refused on computation-changing differences (workdir_lib.check_resume_config)
+  unless `train.allow_config_change`.
+  """
+  requested = int(config.train.get("restore_step", 0) or 0)
+  step, damaged = ckpt.select_step(requested)
+  aside = {}
+  if damaged:
+    aside["damaged"] = [s for s, _ in damaged]
+    workdir_lib.warn(
+        f"checkpoint step {damaged[0][0]} is damaged, resuming from step {step} instead: "
+        + " | ".join(reason for _, reason in damaged))
+  if step is None:
+    return None, aside, {}
+  newer = [s for s in ckpt.all_steps() if s > step and s not in aside.get("damaged", [])]
+  if newer:
+    aside["after_restore_step"] = newer
+  # The hash fingerprint first: a hash change is named as such (and is never allowed).
+  checkpoint_lib.check_fingerprint(ckpt.read_fingerprint(step), ckpt.fingerprint,
+                                   f"checkpoint step {step} in {ckpt.directory}")
+  allow = bool(config.train.get("allow_config_change", False))
+  changes = workdir_lib.check_resume_config(workdir, config, step, allow=allow)
+  return step, aside, changes
+
+
+def _record_start(ckpt: checkpoint_lib.Checkpointer, config, workdir: str,
+                  resumed_from: Optional[int], aside: dict, changes: dict) -> None:
+  """After the resume checks passed: steps set aside, the config recorded, a restart marker
+  (by process 0; the others then re-read the checkpoint directory)."""
+  if jax.process_index() != 0:
+    _sync_processes("engram_jax.train._record_start")
+    ckpt.reload()
+    return
+  moved = {}
+  for reason, steps in aside.items():
+    for step, dest in zip(sorted(steps), ckpt.set_aside(steps, reason)):
+      moved[step] = dest
+      log(f"checkpoint step {step} moved to {dest} ({reason.replace('_', ' ')})")
+  if changes:
+    refused = workdir_lib.refused_changes(changes)
+    log(f"resuming with a changed config{' (train.allow_config_change)' if refused else ''}: "
+        f"{workdir_lib.format_changes(changes)}")
+  record = workdir_lib.record_config(workdir, config)
+  workdir_lib.mark_start(
+      os.path.join(workdir, "metrics.jsonl"), 0 if resumed_from is None else resumed_from,
+      resumed_from=resumed_from, config_record=record,
+      set_aside={str(k): v for k, v in moved.items()},
+      config_changes=sorted(changes))
+  _sync_processes("engram_jax.train._record_start")
+
+
+def _sync_processes(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
 
 
 def trainer_class(exp: experiment_config.Experiment, mesh: jax.sharding.Mesh) -> type:
@@ -310,26 +409,40 @@ def _eval_batches(trainer: Trainer, files, config):
       engram_hash_fn=engram_hash_fn(trainer.exp, trainer.hash_on_device)))
 
 
-def restore_latest(config: ml_collections.ConfigDict, workdir: str):
-  """(trainer, abstract state, latest checkpointed state, its step) of a training workdir;
-  nothing is compiled (experiments/eval.py, engram_jax/generate.py)."""
+def restore_latest(config: ml_collections.ConfigDict, workdir: str, step: int = 0):
+  """(trainer, abstract state, checkpointed state, its step) of a training workdir: checkpoint
+  `step`, or for 0 the newest intact one; refused (NonFiniteStateError) if it holds NaN or Inf.
+  Nothing is compiled (experiments/eval.py, engram_jax/generate.py)."""
   exp, trainer, abstract = setup(config, check_data=False)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                     fingerprint=exp.fingerprint(), save_every=1, keep=1000)
-  step = ckpt.latest_step()
+                                     fingerprint=exp.fingerprint(), save_every=1, keep=1000,
+                                     extra_roots=[_host_tables_root(workdir)])
+  step, damaged = ckpt.select_step(step)
   if step is None:
     ckpt.close()
     raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: "
                             "has the run saved one (train.checkpoint_every)?")
+  if damaged:
+    workdir_lib.warn(f"checkpoint step {damaged[0][0]} is damaged, using step {step} instead: "
+                     + " | ".join(reason for _, reason in damaged))
   log(f"restoring step {step} from {ckpt.directory}")
   state = _restore(trainer, ckpt, workdir, step, abstract)
   ckpt.close()
+  bad = checkpoint_lib.nonfinite_leaves(
+      {"params": state.params, "model_state": state.model_state, "tables": state.tables})
+  if isinstance(trainer, HostPlacementTrainer):
+    bad += checkpoint_lib.nonfinite_host_arrays(
+        {f"host table {l}": trainer.host.tables[l] for l in trainer.host.layers})
+  if bad:
+    raise checkpoint_lib.NonFiniteStateError(
+        f"checkpoint step {step} in {ckpt.directory} holds non-finite parameters "
+        f"({', '.join(bad)}); refusing to use it")
   return trainer, abstract, state, step
 
 
-def restore_for_eval(config: ml_collections.ConfigDict, workdir: str):
-  """Trainer + latest checkpointed state of `workdir` (for experiments/eval.py)."""
-  trainer, abstract, state, step = restore_latest(config, workdir)
+def restore_for_eval(config: ml_collections.ConfigDict, workdir: str, step: int = 0):
+  """Trainer + checkpointed state of `workdir` (for experiments/eval.py), as restore_latest."""
+  trainer, abstract, state, step = restore_latest(config, workdir, step)
   log("compiling eval step ...")
   _, eval_c, batch_sh = trainer.compile(abstract, trainer.shapes, train=False)
   trainer.eval_fn = _eval_fns(trainer, eval_c, batch_sh)
@@ -446,7 +559,12 @@ class _HostTableSteps:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from `workdir` if it holds checkpoints) and evaluates; returns final
-  metrics: train loss of the last interval, eval loss/perplexity, steps, wall time, params."""
+  metrics: train loss of the last interval, eval loss/perplexity, steps, wall time, params.
+
+  The config is validated first (a refused config creates no workdir); then the workdir is
+  locked for the run (engram_jax/workdir.py: a second trainer refuses), and nothing in it
+  changes before the resume checks (checkpoint integrity, config changes) have passed.
+  """
   t_start = time.perf_counter()
   # Before anything touches a device: joins the job that train.distributed or the ENGRAM_*
   # environment names (engram_jax/distributed.py), if any and not yet joined.
@@ -456,14 +574,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      f"{jax.process_count()}-process job: the processes' data shards may hold "
                      "different numbers of batches, and every process must run the same "
                      "number of eval steps; set train.num_eval_batches > 0")
-  exp, trainer, abstract = setup(config)  # validates: a refused config creates no workdir
-  os.makedirs(workdir, exist_ok=True)
-  summary = model_summary(exp, config.data.seq_len)
+  built = setup(config)  # validates: a refused config creates no workdir
+  lock = workdir_lib.WorkdirLock(workdir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    with open(os.path.join(workdir, "run_summary.json"), "w") as f:
-      json.dump(run_summary(trainer, abstract, summary), f, indent=2)
+    lock.acquire()
+  try:
+    return _train_and_evaluate(config, workdir, built, t_start)
+  finally:
+    lock.release()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, built,
+                        t_start: float) -> dict:
+  exp, trainer, abstract = built
+  summary = model_summary(exp, config.data.seq_len)
   table_mode = "none"
   if exp.table_optim is not None:
     summary["table_bytes_per_param"] = table_optim.bytes_per_table_param(
@@ -483,14 +607,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt = checkpoint_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), fingerprint=exp.fingerprint(),
       save_every=config.train.checkpoint_every, keep=config.train.keep_checkpoints,
-      async_save=config.train.async_checkpoint)
+      async_save=config.train.async_checkpoint, extra_roots=[_host_tables_root(workdir)])
   on_host = isinstance(trainer, HostPlacementTrainer)
-  latest = ckpt.latest_step()
+  latest, aside, changes = _resume_step(ckpt, config, workdir)
   if latest is not None:
     log(f"resuming from checkpoint step {latest} in {ckpt.directory} ...")
     state = _restore(trainer, ckpt, workdir, latest, abstract, train_iter)
   else:
     state = trainer.init_state()
+  _record_start(ckpt, config, workdir, latest, aside, changes)
+  if jax.process_index() == 0:  # after the resume checks: nothing is written before them
+    with open(os.path.join(workdir, "run_summary.json"), "w") as f:
+      json.dump(run_summary(trainer, abstract, {k: v for k, v in summary.items()
+                                                 if k != "table_bytes_per_param"}), f, indent=2)
 
   log("compiling train and eval steps ..." if not on_host else
       "compiling the eval step (the host-table train step compiles at its first call) ...")
@@ -542,6 +671,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         record(step, jax.device_get(metrics))  # never checkpoint a diverged state
         pending = None
       if save:
+        _refuse_nonfinite_save(trainer, state, step, ckpt)
         log(f"saving checkpoint step {step} ...")
         if on_host:  # before the orbax save: every orbax step has its host tables
           checkpoint_lib.save_host_tables(_host_tables_root(workdir), step, trainer.host)

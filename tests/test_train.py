@@ -7,16 +7,26 @@ All runs share one reference run (lazy_adam, 20 steps, per-step metrics) and com
 import json
 import os
 import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from engram_jax import checkpoint
 from engram_jax import data as data_lib
 from engram_jax import evaluate
 from engram_jax import train
+from engram_jax import workdir as workdir_lib
 from experiments.configs import tiny_test
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # One xdist worker runs this module (pytest.ini: --dist loadgroup), so its module-scoped
 # training runs are computed once, not once per worker.
@@ -70,7 +80,49 @@ def test_twenty_steps_lower_the_loss(reference):
   assert reference["final"]["eval_loss"] < losses[0] - 1.0
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_run(reference, tmp_path):
+def _saved_state(workdir, step):
+  """{path: array} of the orbax state saved at `step` (host arrays, no model needed)."""
+  tree = ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+  return {jax.tree_util.keystr(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _start_trainer(workdir, **overrides):
+  """`train_and_evaluate(_config(**overrides), workdir)` in a subprocess; (process, its lines)."""
+  code = ("import json, sys; from tests.test_train import _config; from engram_jax import train; "
+          "train.train_and_evaluate(_config(**json.loads(sys.argv[2])), sys.argv[1])")
+  proc = subprocess.Popen([sys.executable, "-c", code, workdir, json.dumps(overrides)],
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  lines = []
+  threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+  return proc, lines
+
+
+def _kill_at_a_random_moment(proc, lines, workdir, rng):
+  """kill -9 during the save of a random checkpoint step (inside orbax's write, or between it
+  and the checksums), or, if that moment is missed, right after that step's log line."""
+  target = int(rng.choice([12, 14, 16, 18]))
+  mode = str(rng.choice(["orbax write", "before checksums"]))
+  ckpts = os.path.join(workdir, "checkpoints")
+  while proc.poll() is None:
+    names = os.listdir(ckpts) if os.path.isdir(ckpts) else []
+    if mode == "orbax write" and any(n.startswith(f"{target}.orbax-checkpoint-tmp") for n in names):
+      break
+    if mode == "before checksums" and str(target) in names and not os.path.exists(
+        os.path.join(ckpts, str(target), checkpoint.CHECKSUMS)):
+      break
+    if any(f"step {target + 1}/" in l for l in lines):
+      mode = "after its step"
+      break
+    time.sleep(0.0005)
+  assert proc.poll() is None, "the trainer finished before it could be killed:\n" + "".join(lines)
+  proc.kill()  # SIGKILL
+  proc.wait()
+  return target, mode
+
+
+@pytest.mark.slow
+def test_kill_and_resume_reproduces_the_uninterrupted_run(reference, tmp_path, capsys):
   workdir = str(tmp_path)
   # "Kill": a NaN injected at step 13 stops the run; the checkpoint of step 10 survives.
   with pytest.raises(train.TrainingDivergedError,
@@ -80,14 +132,147 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(reference, tmp_path):
                                  save_every=1, keep=5)
   assert ckpt.latest_step() == 10
   ckpt.close()
-  # Restart with the same config: resumes from step 10 (state, data position and RNG).
+  # A real kill -9 of a resumed run (checkpoints every 2 steps) at a random moment of a save.
+  # While it runs, a second trainer on the workdir is refused at once, naming it.
+  proc, lines = _start_trainer(workdir, **{"train.checkpoint_every": 2})
+  lock_path = os.path.join(workdir, workdir_lib.LOCK_NAME)
+  while proc.poll() is None and not (os.path.exists(lock_path) and
+                                     f'"pid": {proc.pid}' in open(lock_path).read()):
+    time.sleep(0.01)
+  with pytest.raises(workdir_lib.WorkdirLockedError, match=rf"in use by pid {proc.pid} on host"):
+    train.train_and_evaluate(_config(), workdir)
+  rng = np.random.default_rng(0)
+  target, mode = _kill_at_a_random_moment(proc, lines, workdir, rng)
+  # A second resumed run takes over the dead trainer's lock, and is killed at a random moment
+  # after it compiled (if it has not finished by then).
+  proc2, lines2 = _start_trainer(workdir)
+  while proc2.poll() is None and not any("compiled in" in l for l in lines2):
+    time.sleep(0.01)
+  time.sleep(float(rng.uniform(0.0, 1.0)))
+  killed2 = proc2.poll() is None
+  proc2.kill()
+  proc2.wait()
+  assert any(f"taking over the stale lock of {workdir}: held by pid {proc.pid}" in l
+             for l in lines2), "".join(lines2)
+  # Restart with the same config: resumes from the newest intact checkpoint (state, data
+  # position and RNG).
+  capsys.readouterr()
   train.train_and_evaluate(_config(), workdir)
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    records = [json.loads(l) for l in f]
-  resumed = [r for r in records if r["split"] == "train"][-10:]
+  out = capsys.readouterr().out
+  if killed2:
+    assert f"taking over the stale lock of {workdir}: held by pid {proc2.pid}" in out
+  records = workdir_lib.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  starts = [r for r in records if r["split"] == "start"]
+  assert [s["resumed_from"] for s in starts[:2]] == [None, 10]
+  assert len(starts) == 4 and all(s["resumed_from"] >= 10 for s in starts[1:])
+  resumed = [r for r in records if r["split"] == "train" and r["step"] > 10]
   assert [r["step"] for r in resumed] == list(range(11, STEPS + 1))
   np.testing.assert_allclose([r["loss"] for r in resumed], reference["losses"][10:],
                              rtol=1e-6, atol=0)
+  # Bit-identical final state (every array of the step-20 checkpoint).
+  got, want = _saved_state(workdir, STEPS), _saved_state(reference["workdir"], STEPS)
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=f"{k} ({target}, {mode})")
+
+
+def _copy(reference, tmp_path):
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(reference["workdir"], workdir)
+  return workdir
+
+
+def _snapshot(workdir):
+  return {os.path.relpath(os.path.join(r, n), workdir): open(os.path.join(r, n), "rb").read()
+          for r, _, ns in os.walk(workdir) for n in ns}
+
+
+def test_nonfinite_state_is_never_saved(reference, tmp_path):
+  # Checkpoint 20 rewritten with a negative Adam second moment: finite, but step 21's update
+  # (sqrt of it) is NaN while its loss and gradient norm, computed before the update, are
+  # finite. (An inf learning rate did this; the config check now refuses one at load time.)
+  workdir = _copy(reference, tmp_path)
+  config = _config()
+  exp, _, abstract = train.setup(config, check_data=False)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 fingerprint=exp.fingerprint(), save_every=1, keep=5,
+                                 async_save=False)
+  train_iter, _ = data_lib.make_datasets(
+      list(exp.train_files), list(exp.eval_files), tokenizer_path=exp.tokenizer_path,
+      seq_len=config.data.seq_len, batch_size=config.data.batch_size,
+      seed=config.data.shuffle_seed, engram_hash_fn=train.engram_hash_fn(exp, False))
+  state = ckpt.restore(STEPS, abstract, train_iter)
+  poisoned = jax.tree_util.tree_map_with_path(
+      lambda p, x: -jnp.ones_like(x) if ".nu" in jax.tree_util.keystr(p) else x,
+      state.opt_state)
+  assert checkpoint.nonfinite_leaves(poisoned) == []
+  ckpt.set_aside([STEPS], "original")
+  ckpt.save(STEPS, state.replace(opt_state=poisoned), train_iter, force=True)
+  ckpt.close()
+  with pytest.raises(train.TrainingDivergedError,
+                     match=r"non-finite train state after step 21 \(\['params'\].*not saving it"
+                           r".*last good checkpoint is step 20"):
+    train.train_and_evaluate(_config(**{"train.num_steps": 22, "train.checkpoint_every": 1}),
+                             workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [
+      "10", "20", checkpoint.CHECKSUMS_MARKER]
+
+
+def test_refused_resume_leaves_the_workdir_untouched(reference, tmp_path):
+  workdir = _copy(reference, tmp_path)
+  before = _snapshot(workdir)
+  with pytest.raises(workdir_lib.ConfigChangedError) as e:
+    train.train_and_evaluate(_config(**{"data.batch_size": 8, "engram.segment_reset": False,
+                                        "model.ffn_hidden_size": 96}), workdir)
+  for field in ("data.batch_size: 4 -> 8", "engram.segment_reset: true -> false",
+                "model.ffn_hidden_size: 64 -> 96"):
+    assert field in str(e.value)
+  assert _snapshot(workdir) == before  # config.json, configs/, metrics.jsonl, lock: unchanged
+
+
+def test_damaged_latest_checkpoint_falls_back_and_resumes_exactly(reference, tmp_path, capsys):
+  workdir = _copy(reference, tmp_path)
+  data_dir = os.path.join(workdir, "checkpoints", str(STEPS), "state", "d")
+  victim = max((os.path.join(data_dir, n) for n in os.listdir(data_dir)), key=os.path.getsize)
+  with open(victim, "r+b") as f:  # 8 bytes overwritten inside an array file
+    f.seek(os.path.getsize(victim) // 2)
+    f.write(b"\x00\xc0\x7f\xff" * 2)
+  train.train_and_evaluate(_config(), workdir)
+  warnings = [l for l in capsys.readouterr().out.splitlines() if "WARNING" in l]
+  assert len(warnings) == 1
+  assert f"checkpoint step {STEPS} is damaged, resuming from step 10 instead" in warnings[0]
+  assert victim in warnings[0]
+  records = workdir_lib.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  start = [r for r in records if r["split"] == "start"][-1]
+  assert start["resumed_from"] == 10 and start["config"] == os.path.join("configs",
+                                                                          "config_1.json")
+  assert list(start["set_aside"]) == [str(STEPS)]
+  assert os.path.isdir(os.path.join(workdir, checkpoint.SET_ASIDE_DIR, f"{STEPS}_damaged"))
+  resumed = [r["loss"] for r in records if r["split"] == "train" and r["step"] > 10]
+  np.testing.assert_allclose(resumed, reference["losses"][10:], rtol=1e-6, atol=0)
+  got, want = _saved_state(workdir, STEPS), _saved_state(reference["workdir"], STEPS)
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_eval_refuses_nonfinite_parameters(reference, tmp_path):
+  workdir = _copy(reference, tmp_path)
+  config = evaluate.load_workdir_config(workdir)
+  exp, _, abstract = train.setup(config, check_data=False)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 fingerprint=exp.fingerprint(), save_every=1, keep=5,
+                                 async_save=False)
+  state = ckpt.restore(STEPS, abstract)
+  ckpt.save(STEPS + 1, state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params)),
+            force=True)
+  ckpt.close()
+  valid = data_lib.default_corpus_paths()["valid"]
+  r = subprocess.run([sys.executable, "-m", "experiments.eval", f"--workdir={workdir}",
+                      f"--data={valid[0]}", "--num_batches=1"], cwd=REPO, capture_output=True,
+                     text=True)
+  assert r.returncode != 0
+  assert re.search(rf"checkpoint step {STEPS + 1} in .* holds non-finite parameters "
+                   r"\(\['params'\]", r.stderr), r.stderr[-2000:]
 
 
 def test_restoring_with_a_different_hash_is_refused(reference, tmp_path):

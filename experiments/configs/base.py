@@ -134,6 +134,13 @@ def get_config(arg=None):
   c.train.num_eval_batches = 0   # 0 -> the whole held-out set
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 2
+  # Resuming: 0 restores the newest intact checkpoint (a damaged newer one is set aside with a
+  # warning), k > 0 checkpoint step k (the newer ones are set aside into
+  # workdir/checkpoints_set_aside; a one-off: drop it for later restarts). A resume whose config
+  # differs from the workdir's in fields that change the computation (engram_jax/workdir.py:
+  # model, Engram hashing, data files and batch layout) is refused unless allow_config_change.
+  c.train.restore_step = 0
+  c.train.allow_config_change = False
   c.train.async_checkpoint = True
   # Device mesh (engram_jax/sharding.py): axis sizes, one of them may be -1 = the devices the
   # others leave. The batch is split over data x fsdp x expert; dense parameters and their
