@@ -55,6 +55,8 @@ def gate_values(trainer, state, text: str) -> tuple[list[str], dict[int, np.ndar
   segments_1xT = np.ones_like(inputs_1xT)
   positions_1xT = np.arange(ids_T.size, dtype=np.int32)[None]
   ids = train.engram_hash_fn(exp, hash_on_device=False)(inputs_1xT, segments_1xT)
+  # int32, as the input pipeline hands them to the step (the lookup refuses 64-bit ids).
+  ids = {l: np.asarray(v, np.int32) for l, v in ids.items()}
   if isinstance(trainer, HostPlacementTrainer):
     rows = trainer.host.rows(trainer.host.prefetch(ids, for_update=False))
     # On the run's (one-device) mesh: the model's sharding constraints need mesh shardings.
