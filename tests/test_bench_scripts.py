@@ -41,7 +41,7 @@ def test_profile_step_attributes_device_time_to_model_parts():
   assert ms > 0 and total > 0 and table_rows
   # tiny_test has Engram layers, MoE blocks with a shared expert, attention and mHC streams.
   for part in ("Engram layer", "MoE routed experts", "MoE shared expert", "attention",
-               "mHC mixing", "embedding + logits", profile_step.OUTSIDE):
+               "mHC mixing", "embedding + logits", common.OUTSIDE):
     assert part in parts and sum(parts[part]) > 0, part
     assert parts[part][1] >= 0
   assert sum(parts["Engram layer"]) < total
@@ -85,13 +85,12 @@ def test_profiler_lines_busy_time_and_summary():
 
 
 def test_part_of_reads_module_paths_and_the_backward():
-  from benchmarks import profile_step
-  assert profile_step.part_of("jit(train_step)/transpose(jvp(EngramLM))/layer_1/engram/x") == (
+  assert common.part_of("jit(train_step)/transpose(jvp(EngramLM))/layer_1/engram/x") == (
       "Engram layer", True)
-  assert profile_step.part_of("jit(train_step)/jvp(EngramLM)/layer_2/moe/experts/dot") == (
+  assert common.part_of("jit(train_step)/jvp(EngramLM)/layer_2/moe/experts/dot") == (
       "MoE routed experts", False)
-  assert profile_step.part_of("jit(train_step)/add")[0] == profile_step.OUTSIDE
-  assert profile_step.part_of("jit(train_step)/jvp(EngramLM)/layers_7_12/layers_7_12._sublayer/"
+  assert common.part_of("jit(train_step)/add")[0] == common.OUTSIDE
+  assert common.part_of("jit(train_step)/jvp(EngramLM)/layers_7_12/layers_7_12._sublayer/"
                               "btij,btjd->btid/dot_general")[0] == "mHC mixing"
 
 
