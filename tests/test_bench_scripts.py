@@ -172,3 +172,28 @@ def test_bench_moe_times_every_dispatch_in_one_run(monkeypatch, capsys):
     ms, _, dropped = map(float, line[len(name):].split())
     assert ms > 0 and 0.0 <= dropped < 1.0, line
   assert "--sweep: not run" in table
+
+
+@pytest.mark.slow  # two configs, each compiled twice (init and step): ~1-2 min on 2 cores
+def test_bench_throughput_prints_parts_and_summary(monkeypatch, capsys):
+  from benchmarks import bench_throughput
+  monkeypatch.setattr(sys, "argv", [
+      "bench_throughput", "--configs=experiments/configs/tiny_test.py", "--moe_baselines",
+      "--rounds=2", "--steps=1", "--warmup=1", "--profile_steps=1"])
+  bench_throughput.main()
+  printed = capsys.readouterr().out
+  parts, summary = printed.split("per-part device time")[1].split("\nsummary")
+  header = parts.splitlines()[1]
+  assert "tiny_test.py ms" in header and "tiny_test.py (MoE baseline) ms" in header
+  for part in ("Engram layer", "MoE routed experts", "attention", "mHC mixing", "norms",
+               common.OUTSIDE, "summed events"):
+    assert any(line.startswith(part) for line in parts.splitlines()), part
+  lines = summary.splitlines()
+  assert lines[1].split() == ["config", "step", "ms", "tokens/s", "MFU", "dropped",
+                              "Engram", "slowdown/token"]
+  (engram,) = [l for l in lines if l.startswith("tiny_test.py ") and "(MoE" not in l[:28]]
+  (moe,) = [l for l in lines if l.startswith("tiny_test.py (MoE baseline)")]
+  # CPU without --peak_flops: no MFU; dropless dispatch drops nothing; the Engram row is
+  # compared with its baseline, the baseline with nothing.
+  assert "unknown" in engram and "0 (dropless)" in engram and "0 (dropless)" in moe
+  assert "% vs tiny_test.py (MoE baseline)" in engram and moe.rstrip().endswith("-")
