@@ -22,11 +22,16 @@ XLA thread pools); `traced` is both in one call:
   print(common.format_rows(rows, wall_ms, steps=3))
 
 `hlo_events` and `op_names` attribute device time to the HLO instructions of one module and
-those to the model code that emitted them; `command_buffers_off` makes XLA:GPU launch every
-kernel as its own named event.
+those to the model code that emitted them; `part_of` / `breakdown` / `profile_parts` sum it
+per model part (attention, MoE, mHC, Engram, norms, ..., and `OUTSIDE` the model: loss,
+clipping, optimisers) through each instruction's op_name, `part_rows` formats the table
+(profile_step, bench_throughput). `command_buffers_off` (for the whole process) or
+`NO_COMMAND_BUFFERS` (as one compile's `compiler_options`) makes XLA:GPU launch every kernel as
+its own named event.
 
 `TrainerSteps`: the jitted train step of engram_jax/train.py for a config, at any Engram table
-size and table optimiser, on synthetic batches (bench_train_step, profile_step).
+size and table optimiser, on synthetic batches (bench_train_step, profile_step,
+bench_throughput).
 
 Dimension legend: none (times, bytes and counts only).
 """
@@ -111,21 +116,22 @@ def median_ms(fn: Callable, *args, reps: int = 20, warmup: int = 3) -> float:
   return float(np.median(times)) * 1e3
 
 
-def median_step_ms(step: Callable, carry, inputs: Sequence, loss_of: Callable):
-  """`carry = step(carry, inputs[i % len(inputs)])`: 3 warm-up steps, then 5 runs of 10
-  steps, each run ended by a block_until_ready on `loss_of(carry)`. Returns (median ms per
-  step, the last carry)."""
-  for i in range(3):
+def median_step_ms(step: Callable, carry, inputs: Sequence, loss_of: Callable,
+                   warmup: int = 3, runs: int = 5, steps: int = 10):
+  """`carry = step(carry, inputs[i % len(inputs)])`: `warmup` steps, then `runs` runs of
+  `steps` steps, each run ended by a block_until_ready on `loss_of(carry)`. Returns (median
+  ms per step, the last carry)."""
+  for i in range(warmup):
     carry = step(carry, inputs[i % len(inputs)])
   jax.block_until_ready(loss_of(carry))
-  runs = []
-  for _ in range(5):
+  times = []
+  for _ in range(runs):
     start = time.perf_counter()
-    for i in range(10):
+    for i in range(steps):
       carry = step(carry, inputs[i % len(inputs)])
     jax.block_until_ready(loss_of(carry))
-    runs.append((time.perf_counter() - start) / 10 * 1e3)
-  return float(np.median(runs)), carry
+    times.append((time.perf_counter() - start) / steps * 1e3)
+  return float(np.median(times)), carry
 
 
 # ----------------------------------------------------------------------- profiler traces
@@ -237,6 +243,80 @@ def hlo_events(profile: "jax.profiler.ProfileData", module_substring: str):
           yield str(op), event.duration_ns
 
 
+# ------------------------------------------------------------- device time per model part
+
+# (regex on op_name, part); the first match wins, so specific parts come before general ones.
+PARTS = (
+    (r"/engram/", "Engram layer"),
+    (r"/moe/experts", "MoE routed experts"),
+    (r"/moe/shared", "MoE shared expert"),
+    (r"/moe/", "MoE router + dispatch"),
+    # The stream mixing runs in hc_combine's named scope (`/hc_`); an einsum outside it is
+    # matched by its equation.
+    (r"/hc_(attn|ffn)/|/hc_|hyper|_sublayer/btij,btjd->btid", "mHC mixing"),
+    (r"/attn_norm/|/ffn_norm/|norm", "norms"),
+    (r"/attn/", "attention"),
+    (r"/ffn/|/mlp/", "dense FFN"),
+    (r"embed|logits|lm_head|/head/", "embedding + logits"),
+    (r"EngramLM", "model (other)"),
+)
+OUTSIDE = "outside the model (loss, clip, optimisers)"
+
+# XLA:GPU debug option that launches every kernel as its own profiler event naming its HLO
+# instruction (CUDA graphs show as "command_buffer_N" events without op_name).
+NO_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": ""}
+
+
+def part_of(op_name: str) -> tuple[str, bool]:
+  """(model part, is_backward) of an HLO op_name; backward ops carry `transpose(`."""
+  backward = "transpose(" in op_name
+  for pattern, part in PARTS:
+    if re.search(pattern, op_name):
+      return part, backward
+  return OUTSIDE, backward
+
+
+def breakdown(events, names: dict, steps: int) -> tuple[dict, collections.Counter, float]:
+  """({part: [fwd ms, bwd ms]}, Counter of ms per instruction, summed ms), all per step, of
+  (hlo_op, ns) `events` whose instructions `names` maps to op_names (`op_names`)."""
+  parts = collections.defaultdict(lambda: [0.0, 0.0])
+  per_op = collections.Counter()
+  total = 0.0
+  for op, ns in events:
+    ms = ns / 1e6 / steps
+    part, backward = part_of(names.get(op, ""))
+    parts[part][int(backward)] += ms
+    per_op[op] += ms
+    total += ms
+  return dict(parts), per_op, total
+
+
+def profile_parts(step: Callable, carry, inputs: Sequence, loss_of: Callable, hlo_text: str,
+                  steps: int, module_substring: str = "train_step"):
+  """Runs `steps` steps of `step` (as in `median_step_ms`) under the profiler and attributes
+  the events of the module to model parts. Returns (traced ms per step, parts, per_op, summed
+  ms, op_names, the last carry); raises SystemExit when no event names an HLO instruction."""
+  def run():
+    c = carry
+    for i in range(steps):
+      c = step(c, inputs[i % len(inputs)])
+    jax.block_until_ready(loss_of(c))
+    return c
+  carry, trace, traced_ms = profiled(run)
+  names = op_names(hlo_text)
+  parts, per_op, total = breakdown(hlo_events(trace, module_substring), names, steps)
+  if total == 0:
+    raise SystemExit("no event of the train step carried an hlo_op stat; nothing to attribute")
+  return traced_ms / steps, parts, per_op, total, names, carry
+
+
+def part_rows(parts: dict, total: float) -> list[tuple]:
+  """(part, fwd ms, bwd ms, share of the summed time) rows of `breakdown`'s parts, the most
+  expensive first, formatted for `format_table`."""
+  return [(part, f"{fwd:.2f}", f"{bwd:.2f}", f"{100 * (fwd + bwd) / total:.1f}%")
+          for part, (fwd, bwd) in sorted(parts.items(), key=lambda kv: -sum(kv[1]))]
+
+
 # ------------------------------------------------------------------ the real train step
 
 
@@ -277,14 +357,16 @@ class TrainerSteps:
     config.table_optim.kind = kind
     return config
 
-  def compiled(self, kind: str, rows_per_table: int):
-    """(config, experiment, trainer, abstract state, compiled train step, batch shardings)."""
-    key = (kind, rows_per_table)
+  def compiled(self, kind: str, rows_per_table: int, compiler_options: Optional[dict] = None):
+    """(config, experiment, trainer, abstract state, compiled train step, batch shardings);
+    `compiler_options` are XLA debug options of this compile (e.g. NO_COMMAND_BUFFERS)."""
+    key = (kind, rows_per_table, tuple(sorted((compiler_options or {}).items())))
     if key not in self._compiled:
       from engram_jax import train as train_lib  # noqa: PLC0415 (needs grain)
       config = self.sized_config(kind, rows_per_table)
       exp, trainer, abstract = train_lib.setup(config, check_data=False)
-      train_c, _, batch_sh = trainer.compile(abstract, trainer.shapes, evaluate=False)
+      train_c, _, batch_sh = trainer.compile(abstract, trainer.shapes, evaluate=False,
+                                             compiler_options=compiler_options)
       self._compiled[key] = (config, exp, trainer, abstract, train_c, batch_sh)
     return self._compiled[key]
 
@@ -297,10 +379,11 @@ class TrainerSteps:
       raise SystemExit("no memory_analysis on this backend; pass --headroom_gb")
     return mem.temp_size_in_bytes + mem.argument_size_in_bytes
 
-  def prepare(self, kind: str, rows_per_table: int):
+  def prepare(self, kind: str, rows_per_table: int, compiler_options: Optional[dict] = None):
     """(compiled train step, filled state, 4 device batches, table rows per Engram layer)."""
     from engram_jax import train as train_lib  # noqa: PLC0415 (needs grain)
-    config, exp, trainer, abstract, train_c, batch_sh = self.compiled(kind, rows_per_table)
+    config, exp, trainer, abstract, train_c, batch_sh = self.compiled(kind, rows_per_table,
+                                                                      compiler_options)
     if kind not in self._small_states:
       _, small_trainer, _ = train_lib.setup(self.sized_config(kind, 4096), check_data=False)
       self._small_states[kind] = jax.device_get(small_trainer.init_state())

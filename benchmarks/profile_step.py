@@ -8,7 +8,7 @@ tables of `--rows` rows filled by pattern), times it (`common.median_step_ms`), 
 `--steps` steps under `jax.profiler.trace`. Every kernel / thunk event that names its HLO
 instruction (`hlo_op` stat; GPU stream events, or the CPU client's thunks when there is no GPU)
 is mapped through the compiled HLO's `metadata={op_name=...}` to the part of the model that
-emitted it: Engram layer, MoE experts, MoE routing/dispatch, attention, mHC, dense FFN, norms,
+emitted it (`common.part_of`, `common.breakdown`): Engram layer, MoE experts, MoE routing/dispatch, attention, mHC, dense FFN, norms,
 embedding and logits, or "outside the model" (loss, clipping, optimisers, table updates).
 Backward ops (`transpose(...)` in op_name) are counted apart from forward ones.
 
@@ -24,11 +24,7 @@ median is the step without CUDA graphs; bench_train_step times the step with the
 Dimension legend: none (times only).
 """
 
-import collections
-import re
-
 from absl import flags
-import jax
 from ml_collections import config_flags
 
 from benchmarks import common
@@ -40,66 +36,17 @@ flags.DEFINE_integer("rows", 1 << 20, "rows per Engram table", flag_values=FLAGS
 flags.DEFINE_integer("steps", 5, "profiled steps", flag_values=FLAGS)
 flags.mark_flag_as_required("config", flag_values=FLAGS)
 
-# (regex on op_name, part); the first match wins, so specific parts come before general ones.
-PARTS = (
-    (r"/engram/", "Engram layer"),
-    (r"/moe/experts", "MoE routed experts"),
-    (r"/moe/shared", "MoE shared expert"),
-    (r"/moe/", "MoE router + dispatch"),
-    # The stream mixing runs in hc_combine's named scope (`/hc_`); an einsum outside it is
-    # matched by its equation.
-    (r"/hc_(attn|ffn)/|/hc_|hyper|_sublayer/btij,btjd->btid", "mHC mixing"),
-    (r"/attn_norm/|/ffn_norm/|norm", "norms"),
-    (r"/attn/", "attention"),
-    (r"/ffn/|/mlp/", "dense FFN"),
-    (r"embed|logits|lm_head|/head/", "embedding + logits"),
-    (r"EngramLM", "model (other)"),
-)
-OUTSIDE = "outside the model (loss, clip, optimisers)"
-
-
-def part_of(op_name: str) -> tuple[str, bool]:
-  """(model part, is_backward) of an HLO op_name."""
-  backward = "transpose(" in op_name
-  for pattern, part in PARTS:
-    if re.search(pattern, op_name):
-      return part, backward
-  return OUTSIDE, backward
-
-
-def breakdown(events, names: dict, steps: int) -> tuple[dict, collections.Counter, float]:
-  """({part: [fwd ms, bwd ms]}, Counter of ms per instruction, summed ms), all per step."""
-  parts = collections.defaultdict(lambda: [0.0, 0.0])
-  per_op = collections.Counter()
-  total = 0.0
-  for op, ns in events:
-    ms = ns / 1e6 / steps
-    part, backward = part_of(names.get(op, ""))
-    parts[part][int(backward)] += ms
-    per_op[op] += ms
-    total += ms
-  return dict(parts), per_op, total
-
-
 def profile(config, kind: str, rows: int, steps: int):
   """Times and profiles the config's train step with `rows` rows per table and table
   optimiser `kind`; see the module docstring. Returns (median ms, traced ms, parts, per_op,
   summed ms, op_names, table rows)."""
   train_c, state, batches, table_rows = common.TrainerSteps(config).prepare(kind, rows)
   step = lambda c, batch: train_c(c[0], batch)  # noqa: E731
-  ms, carry = common.median_step_ms(step, (state, None), batches, lambda c: c[1]["loss"])
-
-  def run():
-    c = carry
-    for i in range(steps):
-      c = step(c, batches[i % len(batches)])
-    return jax.block_until_ready(c[1]["loss"])
-  _, trace, traced_ms = common.profiled(run)
-  names = common.op_names(train_c.as_text())
-  parts, per_op, total = breakdown(common.hlo_events(trace, "train_step"), names, steps)
-  if total == 0:
-    raise SystemExit("no event of the train step carried an hlo_op stat; nothing to attribute")
-  return ms, traced_ms / steps, parts, per_op, total, names, table_rows
+  loss_of = lambda c: c[1]["loss"]  # noqa: E731
+  ms, carry = common.median_step_ms(step, (state, None), batches, loss_of)
+  traced_ms, parts, per_op, total, names, _ = common.profile_parts(
+      step, carry, batches, loss_of, train_c.as_text(), steps)
+  return ms, traced_ms, parts, per_op, total, names, table_rows
 
 
 def main():
@@ -112,14 +59,12 @@ def main():
         f"table rows {table_rows}")
   print(f"step: median {ms:.2f} ms (untraced), {traced_ms:.2f} ms traced; summed events "
         f"{total:.2f} ms/step")
-  print(common.format_table(
-      ["part", "fwd ms", "bwd ms", "share"],
-      [(part, f"{fwd:.2f}", f"{bwd:.2f}", f"{100 * (fwd + bwd) / total:.1f}%")
-       for part, (fwd, bwd) in sorted(parts.items(), key=lambda kv: -sum(kv[1]))]))
+  print(common.format_table(["part", "fwd ms", "bwd ms", "share"],
+                            common.part_rows(parts, total)))
   print("\ntop instructions (ms/step, part, op_name):")
   for op, op_ms in per_op.most_common(10):
     name = names.get(op, "")
-    print(f"  {op_ms:8.2f}  {op:<32} {part_of(name)[0]:<28} {name[-90:]}")
+    print(f"  {op_ms:8.2f}  {op:<32} {common.part_of(name)[0]:<28} {name[-90:]}")
 
 
 if __name__ == "__main__":

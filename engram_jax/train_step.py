@@ -329,8 +329,10 @@ class Trainer:
   _extra_train_outputs = 0
 
   def compile(self, abstract_state: TrainState, batch_shapes: dict, train: bool = True,
-              evaluate: bool = True):
+              evaluate: bool = True, compiler_options: Optional[dict] = None):
     """AOT-compiles the steps (so compile time is reported, and never paid mid-run).
+    `compiler_options`: XLA debug options for this compile only (benchmarks/common.py uses it
+    to profile a step without CUDA graphs in the process that times the step with them).
 
     Returns (train_step or None, eval_step or None, batch shardings)."""
     batch_shapes = self._step_batch_shapes(batch_shapes)
@@ -348,7 +350,7 @@ class Trainer:
         train_c = jax.jit(self.train_step, in_shardings=in_sh,
                           out_shardings=(self.state_shardings, replicated) + (None,) *
                           self._extra_train_outputs, donate_argnums=(0,)).lower(
-                              abstract_state, abstract_batch, *extra).compile()
+                              abstract_state, abstract_batch, *extra).compile(compiler_options)
       if evaluate:
         eval_c = jax.jit(self.eval_step, in_shardings=in_sh, out_shardings=replicated).lower(
             abstract_state, abstract_batch, *extra).compile()

@@ -41,7 +41,7 @@ def test_profile_step_attributes_device_time_to_model_parts():
   assert ms > 0 and total > 0 and table_rows
   # tiny_test has Engram layers, MoE blocks with a shared expert, attention and mHC streams.
   for part in ("Engram layer", "MoE routed experts", "MoE shared expert", "attention",
-               "mHC mixing", "embedding + logits", profile_step.OUTSIDE):
+               "mHC mixing", "embedding + logits", common.OUTSIDE):
     assert part in parts and sum(parts[part]) > 0, part
     assert parts[part][1] >= 0
   assert sum(parts["Engram layer"]) < total
@@ -84,13 +84,12 @@ def test_profiler_lines_busy_time_and_summary():
 
 
 def test_part_of_reads_module_paths_and_the_backward():
-  from benchmarks import profile_step
-  assert profile_step.part_of("jit(train_step)/transpose(jvp(EngramLM))/layer_1/engram/x") == (
+  assert common.part_of("jit(train_step)/transpose(jvp(EngramLM))/layer_1/engram/x") == (
       "Engram layer", True)
-  assert profile_step.part_of("jit(train_step)/jvp(EngramLM)/layer_2/moe/experts/dot") == (
+  assert common.part_of("jit(train_step)/jvp(EngramLM)/layer_2/moe/experts/dot") == (
       "MoE routed experts", False)
-  assert profile_step.part_of("jit(train_step)/add")[0] == profile_step.OUTSIDE
-  assert profile_step.part_of("jit(train_step)/jvp(EngramLM)/layers_7_12/layers_7_12._sublayer/"
+  assert common.part_of("jit(train_step)/add")[0] == common.OUTSIDE
+  assert common.part_of("jit(train_step)/jvp(EngramLM)/layers_7_12/layers_7_12._sublayer/"
                               "btij,btjd->btid/dot_general")[0] == "mHC mixing"
 
 
@@ -156,3 +155,28 @@ def test_bench_moe_times_every_dispatch_in_one_run(monkeypatch, capsys):
     ms, _, dropped = map(float, line[len(name):].split())
     assert ms > 0 and 0.0 <= dropped < 1.0, line
   assert "--sweep: not run" in table
+
+
+@pytest.mark.slow  # two configs, each compiled twice (init and step): ~1-2 min on 2 cores
+def test_bench_throughput_prints_parts_and_summary(monkeypatch, capsys):
+  from benchmarks import bench_throughput
+  monkeypatch.setattr(sys, "argv", [
+      "bench_throughput", "--configs=experiments/configs/tiny_test.py", "--moe_baselines",
+      "--rounds=2", "--steps=1", "--warmup=1", "--profile_steps=1"])
+  bench_throughput.main()
+  printed = capsys.readouterr().out
+  parts, summary = printed.split("per-part device time")[1].split("\nsummary")
+  header = parts.splitlines()[1]
+  assert "tiny_test.py ms" in header and "tiny_test.py (MoE baseline) ms" in header
+  for part in ("Engram layer", "MoE routed experts", "attention", "mHC mixing", "norms",
+               common.OUTSIDE, "summed events"):
+    assert any(line.startswith(part) for line in parts.splitlines()), part
+  lines = summary.splitlines()
+  assert lines[1].split() == ["config", "step", "ms", "tokens/s", "MFU", "dropped",
+                              "Engram", "slowdown/token"]
+  (engram,) = [l for l in lines if l.startswith("tiny_test.py ") and "(MoE" not in l[:28]]
+  (moe,) = [l for l in lines if l.startswith("tiny_test.py (MoE baseline)")]
+  # CPU without --peak_flops: no MFU; dropless dispatch drops nothing; the Engram row is
+  # compared with its baseline, the baseline with nothing.
+  assert "unknown" in engram and "0 (dropless)" in engram and "0 (dropless)" in moe
+  assert "% vs tiny_test.py (MoE baseline)" in engram and moe.rstrip().endswith("-")
