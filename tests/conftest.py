@@ -5,11 +5,6 @@ import os
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
-if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-  # Tests run tiny shapes, so LLVM's optimisation of the CPU code costs far more than it saves:
-  # without it the suite compiles about 40% faster (subprocesses inherit the flag). It does not
-  # change the floating-point semantics (no fast-math either way).
-  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 if not os.environ.get("ENGRAM_TEST_GPU"):
   # CPU by default so a machine with an accelerator still runs the CPU suite as CI does.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
