@@ -165,14 +165,16 @@ def pad_table(table_RxE: jax.Array, ts: TableSharding) -> jax.Array:
   return jnp.pad(table_RxE, pad)
 
 
-def check_overflow(overflow, what: str = "Engram table") -> None:
-  """Raises if a lookup left rows undelivered (`ShardedRows.overflow` > 0)."""
+def check_overflow(overflow, what: str = "Engram table",
+                   knob: str = "TableSharding.capacity_factor") -> None:
+  """Raises if a lookup left rows undelivered (`ShardedRows.overflow` > 0). `knob` names the
+  setting that sizes the buffers (the config field, for the trainer)."""
   count = int(overflow)
   if count:
     raise OverflowError(
         f"{what}: {count} unique rows found no all-to-all request slot this step (they read "
-        "zeros and got no gradient); raise TableSharding.capacity_factor, or set it to 0 for "
-        "worst-case buffers that never overflow")
+        f"zeros and got no gradient); raise {knob}, or set it to 0 for worst-case buffers "
+        "that never overflow")
 
 
 def _requests(ts: TableSharding, row_ids_U, capacity: int):

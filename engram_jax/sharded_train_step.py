@@ -114,4 +114,5 @@ def check_overflow(step: int, metrics: dict) -> None:
   if OVERFLOW_METRIC in metrics:
     sharded_tables.check_overflow(
         round(float(metrics[OVERFLOW_METRIC])),
-        what=f"step {step}: metric {OVERFLOW_METRIC!r} (row-sharded Engram tables)")
+        what=f"step {step}: metric {OVERFLOW_METRIC!r} (row-sharded Engram tables)",
+        knob="engram.shard_capacity_factor")

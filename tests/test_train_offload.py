@@ -164,7 +164,7 @@ def test_removed_host_step_keys_are_refused_by_name(key):
 
 def test_gate_view_reads_host_tables_like_device_tables(runs):
   """experiments/paper/gate_view on a pinned_host workdir: the gates of the device run."""
-  from experiments.paper import gate_view
+  from experiments.paper import gates as gate_view
   gates = {}
   for name in ("device", "pinned_host"):
     workdir = runs[name]["workdir"]
