@@ -45,7 +45,7 @@ import numpy as np
 
 from benchmarks import common
 from engram_jax.config import EngramConfig
-from engram_jax.fusion import Engram, ShortConv
+from engram_jax.engram_layer import Engram, ShortConv
 from engram_jax.hashing import NgramHashMapping
 from pallas_kernels.engram_lookup import engram_lookup, prefetch_rows
 

@@ -19,7 +19,7 @@ each config with Engram, its iso-parameter MoE baseline (experiments/configs/qui
 `moe_baseline_of`, as small_gpu_moe is derived from small_gpu).
 
 MFU = tokens/s x FLOPs per token / (peak FLOP/s per device x devices of the mesh). FLOPs per
-token are `engram_jax.params.flops_per_token(model, T)['total']`, the trainer's count: 6 x the
+token are `engram_jax.param_count.flops_per_token(model, T)['total']`, the trainer's count: 6 x the
 weights of every matmul one token goes through (the activated non-embedding parameters: q/k/v/o
 projections, dense FFNs, shared and top_k routed experts, router, Engram value/key projections,
 mHC coefficient projections) + 6 x the LM head + causal attention scores and values
@@ -114,7 +114,7 @@ class Measured:
   """One config: its compiled step, carry, batches and the facts the tables print."""
 
   def __init__(self, label, config, kind, compiler_options=None):
-    from engram_jax import params as params_lib  # noqa: PLC0415
+    from engram_jax import param_count  # noqa: PLC0415
     self.label, self.config, self.kind = label, config, kind
     self.steps = common.TrainerSteps(config)
     self.rows = table_rows(config)
@@ -124,7 +124,7 @@ class Measured:
     self.dispatch = exp.model.moe.dispatch if self.moe else None
     self.devices = trainer.mesh.size
     self.tokens_per_step = config.data.batch_size * config.data.seq_len
-    self.flops_per_token = float(params_lib.flops_per_token(exp.model,
+    self.flops_per_token = float(param_count.flops_per_token(exp.model,
                                                             config.data.seq_len)["total"])
     self.train_c, state, self.batches, _ = self.steps.prepare(kind, self.rows)
     self.carry = (state, None)

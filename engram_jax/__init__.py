@@ -6,7 +6,7 @@ grain is not installed.
 """
 
 from engram_jax.config import EngramConfig
-from engram_jax.fusion import Engram
+from engram_jax.engram_layer import Engram
 from engram_jax.memory import MultiHeadMemory
 
 __all__ = ["EngramConfig", "Engram", "MultiHeadMemory"]

@@ -1,7 +1,7 @@
 """Interop with the official PyTorch demo's `Engram` module state dict.
 
 `from_torch_state_dict` turns the demo's state dict (tensors, numpy arrays or anything with
-`__array__`) into the `params` collection of `engram_jax.fusion.Engram`; `to_torch_state_dict`
+`__array__`) into the `params` collection of `engram_jax.engram_layer.Engram`; `to_torch_state_dict`
 is its exact inverse and returns numpy arrays (wrap them with `torch.from_numpy` to load).
 Values are copied bit for bit, dtypes are kept; torch is never imported.
 
@@ -79,7 +79,7 @@ def _to_numpy(value: Any, key: str) -> np.ndarray:
 
 def from_torch_state_dict(state_dict: Mapping[str, Any], config: EngramConfig,
                           head_sizes: tuple[int, ...]) -> dict:
-  """Maps the demo `Engram` state dict to the `params` collection of `fusion.Engram`.
+  """Maps the demo `Engram` state dict to the `params` collection of `engram_layer.Engram`.
 
   Raises a ValueError listing missing or unexpected keys, or the first key whose shape does not
   match `config` and `head_sizes`. Returns plain numpy arrays (no partitioning boxes), usable
@@ -127,7 +127,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], config: EngramConfig,
 
 def to_torch_state_dict(params: Mapping[str, Any], config: EngramConfig, *,
                         head_sizes: Optional[tuple[int, ...]] = None) -> dict[str, np.ndarray]:
-  """Inverse of `from_torch_state_dict`: `fusion.Engram` params -> demo state dict (numpy).
+  """Inverse of `from_torch_state_dict`: `engram_layer.Engram` params -> demo state dict (numpy).
 
   `params` is the `params` collection (partitioning boxes are unwrapped). With `head_sizes` the
   demo's persistent `multi_head_embedding.offsets` buffer (int64) is included too, which

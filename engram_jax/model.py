@@ -22,7 +22,7 @@ Mutable collections: 'moe_stats' (aux-free router biases, see moe.py) and 'inter
   moe/tokens_per_expert [L_moe, E], moe/max_over_mean_load [L_moe], moe/aux_loss [L_moe],
   moe/dropped_fraction [L_moe] (routed pairs over capacity; 0 with ragged dispatch),
   moe_aux_loss [] (sum over layers; add it to the loss). Row i of aux['moe'] belongs to block
-  `config.moe_layer_ids[i]`. Engram gate values are sown into 'intermediates' by fusion.py.
+  `config.moe_layer_ids[i]`. Engram gate values are sown into 'intermediates' by engram_layer.py.
 Packed sequences: pass `positions` restarting at 0 per document along with `segment_ids`;
 the default positions are 0..T-1 per row.
 Decoding: `EngramLM(cfg, decode=True)` keeps each attention layer's KV cache and each Engram
@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from engram_jax.config import ModelConfig
-from engram_jax.fusion import Engram
+from engram_jax.engram_layer import Engram
 from engram_jax.hyper_connections import (HyperConnection, contract_streams, expand_streams,
                                           hc_combine)
 from engram_jax.layers import Attention, RMSNorm, SwiGLU, dtype_of

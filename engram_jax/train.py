@@ -12,7 +12,7 @@ checkpoints every `checkpoint_every` steps, resuming automatically from `workdir
 newest intact checkpoint (engram_jax/checkpoint.py checksums; `train.restore_step` picks one),
 under the workdir's lock and only after the resume checks (integrity, hash fingerprint, config
 changes: engram_jax/workdir.py) passed; nothing in the workdir changes before. MFU = tokens/s x
-`engram_jax.params.flops_per_token(...)['total']` / (peak FLOP/s x devices).
+`engram_jax.param_count.flops_per_token(...)['total']` / (peak FLOP/s x devices).
 
 The device mesh is `train.mesh` (`make_mesh`; default every device on 'fsdp'): dense
 parameters and optimiser state follow the logical rules of engram_jax/sharding.py, the batch is
@@ -161,12 +161,12 @@ def _per_process_batch(config) -> int:
 
 
 def model_summary(exp: experiment_config.Experiment, seq_len: int) -> dict:
-  """Parameter counts and training FLOPs per token (engram_jax.params)."""
-  from engram_jax import params as params_lib  # pylint: disable=g-import-not-at-top
-  counts = params_lib.count_params(exp.model)
+  """Parameter counts and training FLOPs per token (engram_jax.param_count)."""
+  from engram_jax import param_count  # pylint: disable=g-import-not-at-top
+  counts = param_count.count_params(exp.model)
   out = {k: v for k, v in dict(counts).items()
          if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
-  out["flops_per_token"] = float(params_lib.flops_per_token(exp.model, seq_len)["total"])
+  out["flops_per_token"] = float(param_count.flops_per_token(exp.model, seq_len)["total"])
   return out
 
 

@@ -21,10 +21,10 @@ import numpy as np
 from engram_jax import compression
 from engram_jax import data as data_lib
 from engram_jax import hashing
-from engram_jax import params as params_lib
+from engram_jax import param_count
 from engram_jax import tokenizer as tokenizer_lib
 from engram_jax.config import EngramConfig
-from engram_jax.fusion import Engram
+from engram_jax.engram_layer import Engram
 
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.")
 _BATCH = flags.DEFINE_integer("batch", 2, "Sequences per batch.")
@@ -85,7 +85,7 @@ def main(argv):
   hidden = jax.random.normal(jax.random.key(0), (b, t, cfg.hc_mult, cfg.hidden_size), dtype)
   # Params carry logical-axis boxes for sharding; unbox them for plain arithmetic.
   params = nn.unbox(jax.jit(layer.init)(jax.random.key(1), hidden, dev_ids)["params"])
-  n_params = params_lib.tree_param_count(params)
+  n_params = param_count.tree_param_count(params)
   table = params["memory"]["table"] if "memory" in params else None
   print(f"layer       {n_params:,} params"
         + (f" (table {table.shape[0]:,} x {table.shape[1]})" if table is not None else ""))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engram_jax import experiment_config
-from engram_jax import params as params_lib
+from engram_jax import param_count
 from engram_jax import tokenizer as tokenizer_lib
 from engram_jax.compression import CompressedTokenizer
 from engram_jax.config import EngramConfig
@@ -76,8 +76,8 @@ def test_param_count_of_every_variant_matches_the_model(overrides):
       lambda x, e: EngramLM(exp.model).init(jax.random.PRNGKey(0), x, engram_inputs=e),
       jax.ShapeDtypeStruct((2, 8), jnp.int32),
       {l: jax.ShapeDtypeStruct((2, 8, h), jnp.int32) for l in exp.model.engram.layer_ids})
-  assert params_lib.tree_param_count(variables["params"]) == \
-      params_lib.count_params(exp.model)["total"]
+  assert param_count.tree_param_count(variables["params"]) == \
+      param_count.count_params(exp.model)["total"]
 
 
 def test_config_without_the_switches_resolves_to_the_defaults():

@@ -12,7 +12,7 @@ import ml_collections
 import pytest
 
 from engram_jax import experiment_config
-from engram_jax import params as params_lib
+from engram_jax import param_count
 from engram_jax.model import EngramLM
 from pallas_kernels.engram_lookup.row_sparse import PrefetchedRows
 
@@ -59,8 +59,8 @@ def test_config_loads_locked_documented_and_builds(path):
                        for l in exp.model.engram.layer_ids}
   variables = jax.eval_shape(
       lambda x, e: model.init(jax.random.PRNGKey(0), x, engram_inputs=e), tokens, engram_inputs)
-  n = params_lib.tree_param_count(variables["params"])
-  counted = params_lib.count_params(exp.model)
+  n = param_count.tree_param_count(variables["params"])
+  counted = param_count.count_params(exp.model)
   # External tables are not in the param tree; the counter includes them.
   expected = counted["total"] - (counted["engram"] if exp.sparse_tables else 0)
   assert n == expected
@@ -78,7 +78,7 @@ def test_moe_baselines_match_total_params():
     a = experiment_config.resolve(_load(os.path.join(REPO, f"experiments/configs/{engram_name}.py")))
     b = experiment_config.resolve(_load(os.path.join(REPO, f"experiments/configs/{moe_name}.py")))
     assert b.model.engram is None and a.model.engram is not None
-    report = params_lib.iso_param_report(a.model, b.model)
+    report = param_count.iso_param_report(a.model, b.model)
     assert abs(report["total_rel_diff"]) < 0.02, report
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from engram_jax.config import EngramConfig
 from engram_jax.convert import from_torch_state_dict, to_torch_state_dict
-from engram_jax.fusion import Engram
+from engram_jax.engram_layer import Engram
 from tests import numpy_layer_reference as ref
 
 HEAD_SIZES = (3, 5, 7, 11)

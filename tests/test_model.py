@@ -258,7 +258,7 @@ def test_full_size_config_builds_abstractly():
                                                                                  jnp.int32)
                                                                     for l, s in ids.items()}))
   assert time.perf_counter() - start < 20
-  from engram_jax.params import count_params, tree_param_count
+  from engram_jax.param_count import count_params, tree_param_count
   assert tree_param_count(shapes["params"]) == count_params(cfg)["total"]
   assert shapes["params"]["layers_16_30"]["moe"]["experts"]["gate"].value.shape == (
       14, 55, 2560, 1280)

@@ -15,7 +15,7 @@ from ml_collections import config_flags
 import pytest
 
 from engram_jax import experiment_config
-from engram_jax import params as params_lib
+from engram_jax import param_count
 from engram_jax.model import EngramLM
 from experiments.paper import analysis
 from experiments.paper import sweep
@@ -34,7 +34,7 @@ def _unique_runs(tiny):
 
 
 def _counts(run, tiny):
-  return params_lib.count_params(
+  return param_count.count_params(
       experiment_config.resolve(sweeps.run_config(run, tiny), check_data=False).model)
 
 
@@ -91,8 +91,8 @@ def test_every_tiny_run_builds_with_the_counted_parameters():
     variables = jax.eval_shape(lambda x, e, m=model: m.init(jax.random.PRNGKey(0), x,
                                                             engram_inputs=e),
                                jax.ShapeDtypeStruct((2, 8), jnp.int32), engram_inputs)
-    counted = params_lib.count_params(exp.model)["total"]
-    assert params_lib.tree_param_count(variables["params"]) == counted, run.name
+    counted = param_count.count_params(exp.model)["total"]
+    assert param_count.tree_param_count(variables["params"]) == counted, run.name
 
 
 def test_command_line_overrides_reproduce_every_run_config():

@@ -10,7 +10,7 @@ Baseline with the same total parameters: experiments/configs/small_gpu_moe.py.
 
 Hardware: one NVIDIA H200 (bf16 compute, f32 master weights), B=32 x T=1024 tokens per step.
 Expected: a lower validation loss than small_gpu_moe at equal steps (no full run measured yet);
-the trainer logs tokens/s and MFU (FLOPs per token: engram_jax.params.flops_per_token), and
+the trainer logs tokens/s and MFU (FLOPs per token: engram_jax.param_count.flops_per_token), and
 step times of this config are in benchmarks/README.md (experiments/bench_train_step.py).
 
 Model: D=768, 12 blocks (block 0 dense, 11 MoE blocks with 16 routed experts top-2 + 1 shared,

@@ -3,7 +3,7 @@
 Command:
   python -m experiments.train --config=experiments/configs/small_gpu_moe.py \
       --workdir=/tmp/small_gpu_moe  [same --config.data.* flags as small_gpu]
-Derived with `engram_jax.params.moe_baseline`: the Engram layers' parameters become routed
+Derived with `engram_jax.param_count.moe_baseline`: the Engram layers' parameters become routed
 experts; everything else (dropless MoE dispatch included) is small_gpu's.
 Hardware: one NVIDIA H200. Expected: a higher validation loss than small_gpu at equal steps
 (no full run measured yet).

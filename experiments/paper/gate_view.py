@@ -6,7 +6,7 @@ r"""The Engram gate on real text (the paper's Fig. 7), for any trained workdir.
 Restores the latest checkpoint like experiments/eval.py (`engram_jax.train.restore_for_eval`:
 the run's tokenizer, compression, hashing and table placement), runs the model once on each
 text (one document, no padding) and reads the gate alpha that every Engram layer sows into
-'intermediates' (engram_jax/fusion.py; experiments/paper/gates.py reads them): one value per token and branch, a branch being one
+'intermediates' (engram_jax/engram_layer.py; experiments/paper/gates.py reads them): one value per token and branch, a branch being one
 residual stream of one Engram layer ('layer l / stream m'; with gate='shared' the streams of a
 layer are equal). Token t's value gates the rows of the n-grams ending at t.
 Writes DIR/gate_view.png (one heat strip per text and branch, tokens along x) and

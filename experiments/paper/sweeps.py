@@ -5,9 +5,9 @@ A `Run` is one `python -m experiments.train` invocation: a config file (paper or
 same name are the same run (same config, overrides and seed), so a run shared by two sweeps
 (the Engram reference, the MoE baseline) is trained once per output directory.
 
-  iso     Engram reference vs paper_moe (engram_jax.params.moe_baseline), seeds 0..2.
+  iso     Engram reference vs paper_moe (engram_jax.param_count.moe_baseline), seeds 0..2.
   alloc   the sparse budget of the reference split rho : 1 - rho between routed experts and
-          Engram tables (`config_at_rho`, engram_jax.params.engram_at_rho), total and
+          Engram tables (`config_at_rho`, engram_jax.param_count.engram_at_rho), total and
           activated parameters fixed; rho = 1 is paper_moe, the reference's own rho is a point.
   slots   the reference backbone with the per-head table sizes scaled 1/8x .. 4x (32x).
   ablate  the reference (2 seeds) and one change each: shared gate, no gate, no tokenizer
@@ -26,7 +26,7 @@ from typing import Any
 import ml_collections
 
 from engram_jax import experiment_config
-from engram_jax import params as params_lib
+from engram_jax import param_count
 from engram_jax import tokenizer as tokenizer_lib
 from experiments.paper.configs import paper
 from experiments.paper.configs import paper_moe
@@ -98,11 +98,11 @@ def _vocab_size(c: ml_collections.ConfigDict) -> int:
 def config_at_rho(c: ml_collections.ConfigDict, rho: float) -> tuple[tuple[str, Any], ...]:
   """Overrides that split `c`'s sparse budget rho : 1 - rho between routed experts and tables.
 
-  Counts come from engram_jax.params (`engram_at_rho`): total parameters stay `c`'s (to one
+  Counts come from engram_jax.param_count (`engram_at_rho`): total parameters stay `c`'s (to one
   expert's worth), activated ones too (top_k and the Engram projections do not change).
   """
   model = experiment_config.model_config(c, _vocab_size(c))
-  at = params_lib.engram_at_rho(model, rho)
+  at = param_count.engram_at_rho(model, rho)
   return (("model.moe.num_experts", at.moe.num_experts),
           ("engram.engram_vocab_size", tuple(at.engram.engram_vocab_size)))
 

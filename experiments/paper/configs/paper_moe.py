@@ -3,7 +3,7 @@
 Command (same data flags as paper.py):
   python -m experiments.train --config=experiments/paper/configs/paper_moe.py \
       --workdir=/tmp/paper_moe --config.data.train_files=... [:tiny for the CPU size]
-Derived with `engram_jax.params.moe_baseline`: the Engram layers are removed and their
+Derived with `engram_jax.param_count.moe_baseline`: the Engram layers are removed and their
 parameters (tables and projections) become routed experts, so the total parameter count is
 paper.py's (to one expert) with the same data, steps, schedule and seed. Its activated count
 is lower by the Engram layers' projections, which every token uses and no expert replaces

@@ -10,7 +10,7 @@ import pytest
 
 from engram_jax.config import EngramConfig
 from engram_jax.convert import from_torch_state_dict, to_torch_state_dict
-from engram_jax.fusion import Engram
+from engram_jax.engram_layer import Engram
 from engram_jax.memory import MultiHeadMemory
 from pallas_kernels.engram_lookup import prefetch_rows
 from tests import numpy_layer_reference as ref

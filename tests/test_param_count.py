@@ -7,7 +7,7 @@ import pytest
 
 from engram_jax.config import EngramConfig, ModelConfig, MoEConfig
 from engram_jax.model import EngramLM, with_engram_head_sizes
-from engram_jax.params import (count_params, engram_at_rho, flops_per_token, iso_param_report,
+from engram_jax.param_count import (count_params, engram_at_rho, flops_per_token, iso_param_report,
                                moe_baseline, tree_param_count)
 
 ENGRAM = EngramConfig(engram_vocab_size=(211, 223), n_embed_per_ngram=16, n_head_per_ngram=2,
