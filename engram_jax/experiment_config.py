@@ -163,6 +163,18 @@ def engram_placement(config: ml_collections.ConfigDict) -> str:
   return config.engram.get("placement", "device")
 
 
+def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+  """Sets dotted-path overrides (`(("train.num_steps", 5), ...)` or a dict's items) on a
+  ConfigDict, as `--config.train.num_steps=5` does; returns it."""
+  for key, value in overrides:
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
 # ---- load-time validation of every field ---------------------------------------------------
 
 

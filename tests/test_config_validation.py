@@ -27,13 +27,7 @@ CHECKED_WITH_OTHER_FIELDS = {"train.mesh.data", "train.mesh.fsdp", "train.mesh.t
 
 
 def _override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
-  for path, value in overrides.items():
-    *sections, field = path.split(".")
-    node = config
-    for s in sections:
-      node = node[s]
-    node[field] = value
-  return config
+  return experiment_config.apply_overrides(config, overrides.items())
 
 
 # (overrides, the field path the error must name, a piece of the allowed range it must give).

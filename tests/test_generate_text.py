@@ -15,6 +15,7 @@ import pytest
 
 from engram_jax import data as data_lib
 from engram_jax import evaluate
+from engram_jax import experiment_config
 from engram_jax import generate
 from engram_jax import tokenizer as tokenizer_lib
 from engram_jax import train
@@ -35,12 +36,7 @@ def _train(workdir, **overrides):
   c.train.checkpoint_every = 2
   c.train.log_every = 1
   c.train.num_eval_batches = 1
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  experiment_config.apply_overrides(c, overrides.items())
   train.train_and_evaluate(c, workdir)
   return workdir
 

@@ -21,6 +21,7 @@ import pytest
 
 from engram_jax import checkpoint
 from engram_jax import data as data_lib
+from engram_jax import experiment_config
 from engram_jax import evaluate
 from engram_jax import train
 from engram_jax import workdir as workdir_lib
@@ -43,13 +44,7 @@ def _config(kind="lazy_adam", **overrides):
   c.train.num_steps = STEPS
   c.train.log_every = 1
   c.train.checkpoint_every = 10
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return experiment_config.apply_overrides(c, overrides.items())
 
 
 def _losses(workdir):

@@ -143,12 +143,7 @@ def test_resuming_a_host_run_on_the_device_is_refused(runs, tmp_path):
 def test_unsupported_host_configs_are_refused(overrides, match):
   config = _config()
   config.engram.placement = "pinned_host"
-  for key, value in overrides.items():
-    *parents, field = key.split(".")
-    node = config
-    for name in parents:
-      node = node[name]
-    node[field] = value
+  experiment_config.apply_overrides(config, overrides.items())
   with pytest.raises(ValueError, match=match):
     experiment_config.check_config(config)
 

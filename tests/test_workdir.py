@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from engram_jax import experiment_config
 from engram_jax import workdir
 
 
@@ -69,13 +70,7 @@ def _cfg(**over):
        "data": {"batch_size": 4, "seq_len": 32, "train_files": ["a"], "eval_files": ["b"]},
        "optim": {"kind": "adamw", "learning_rate": 1e-2},
        "train": {"num_steps": 20, "allow_config_change": False}}
-  for k, v in over.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return experiment_config.apply_overrides(c, over.items())
 
 
 def test_resume_config_check_names_computation_changing_fields(tmp_path):

@@ -65,22 +65,11 @@ def base_config(config: str, tiny: bool) -> ml_collections.ConfigDict:
   return module.get_config("tiny" if tiny else None)
 
 
-def apply_overrides(c: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
-  """Sets dotted-path overrides on a ConfigDict (as `--config.a.b=v` does); returns it."""
-  for key, value in overrides:
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
-
-
 def run_config(run: Run, tiny: bool) -> ml_collections.ConfigDict:
   """The exact config a run trains (without the data files, which the driver adds)."""
   c = base_config(run.config, tiny)
   c.unlock()
-  apply_overrides(c, run.overrides + seed_overrides(run.seed))
+  experiment_config.apply_overrides(c, run.overrides + seed_overrides(run.seed))
   c.lock()
   return c
 
