@@ -91,17 +91,11 @@ class ShardedTablesTrainer(Trainer):
   def _lookup_metrics(self, prefetched: dict) -> dict:
     return {OVERFLOW_METRIC: sum(p.overflow for p in prefetched.values())}
 
-  def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    ids = self.engram_ids(batch)
-    prefetched = self._prefetch(state, ids)
-    new_state, metrics, owner_grads = self._step_on_rows(state, batch, ids, prefetched)
-    tables, table_opt = dict(state.tables), dict(state.table_opt)
-    for l, grad in owner_grads.items():
-      k = str(l)
-      tables[k], table_opt[k] = sharded_tables.apply_update(
-          self.table_shardings[l], self.exp.table_optim, state.tables[k], state.table_opt[k],
-          grad, metrics["learning_rate"], step=state.step)
-    return new_state.replace(tables=tables, table_opt=table_opt), metrics
+  def _update_table(self, l, table_RxE, opt_state, prefetched_l, grad, learning_rate, step):
+    """The owners' coalesced row gradients (`_row_grads`) update each owner's shard."""
+    del prefetched_l
+    return sharded_tables.apply_update(self.table_shardings[int(l)], self.exp.table_optim,
+                                       table_RxE, opt_state, grad, learning_rate, step=step)
 
   def eval_step(self, state: TrainState, batch: dict) -> dict:
     prefetched = self._prefetch(state, self.engram_ids(batch))

@@ -240,16 +240,24 @@ class Trainer:
     return {l: prefetch_rows(state.tables[str(l)], ids[l], self.offsets[l])
             for l in self.layer_ids}
 
+  def _update_table(self, l, table_RxE, opt_state, prefetched_l, grad, learning_rate, step):
+    """Lazy Adam / Adagrad on the rows of table `l` one step touched (`grad`: the gathered
+    rows' gradients); ShardedTablesTrainer applies it on every owner's shard instead."""
+    del l
+    return table_optim.apply_row_sparse_update(
+        self.exp.table_optim, table_RxE, opt_state, row_sparse_grad(prefetched_l, grad),
+        learning_rate, step=step)
+
   def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     ids = self.engram_ids(batch)
     prefetched = self._prefetch(state, ids)
     new_state, metrics, row_grads = self._step_on_rows(state, batch, ids, prefetched)
     tables, table_opt = dict(state.tables), dict(state.table_opt)
-    for l, g_UxE in row_grads.items():
+    for l, grad in row_grads.items():
       k = str(l)
-      tables[k], table_opt[k] = table_optim.apply_row_sparse_update(
-          self.exp.table_optim, state.tables[k], state.table_opt[k],
-          row_sparse_grad(prefetched[l], g_UxE), metrics["learning_rate"], step=state.step)
+      tables[k], table_opt[k] = self._update_table(
+          l, state.tables[k], state.table_opt[k], prefetched[l], grad, metrics["learning_rate"],
+          state.step)
     return new_state.replace(tables=tables, table_opt=table_opt), metrics
 
   def _step_on_rows(self, state: TrainState, batch: dict, ids, prefetched: dict):
