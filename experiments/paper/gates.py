@@ -81,10 +81,10 @@ def write_png(views, path: str, title: str) -> str:
                            constrained_layout=True)
   image = None
   for ax, (tokens, gates) in zip(axes[:, 0], views):
-    branches = branches(gates)
-    image = ax.imshow(np.stack([v for _, v in branches]), aspect="auto", cmap="viridis",
+    rows = branches(gates)
+    image = ax.imshow(np.stack([v for _, v in rows]), aspect="auto", cmap="viridis",
                       vmin=0.0, vmax=1.0)
-    ax.set_yticks(range(len(branches)), [name for name, _ in branches], fontsize=8)
+    ax.set_yticks(range(len(rows)), [name for name, _ in rows], fontsize=8)
     ax.set_xticks(range(len(tokens)), [shown(t) for t in tokens], rotation=70, fontsize=8)
     text = "".join(tokens)
     ax.set_title(text if len(text) <= 100 else text[:97] + "...", fontsize=9)
