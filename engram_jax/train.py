@@ -55,6 +55,7 @@ from engram_jax import table_optim
 from engram_jax import workdir as workdir_lib
 from engram_jax.train_step import HostPlacementTrainer, TrainState, Trainer  # noqa: F401
 from engram_jax.sharded_train_step import ShardedTablesTrainer
+from engram_jax.run_summary import model_summary, run_summary
 from engram_jax.train_step import without_engram_ids as _without_ids
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` prefix. CPU has no meaningful peak: the
@@ -158,60 +159,6 @@ def _per_process_batch(config) -> int:
     raise ValueError(f"data.batch_size={config.data.batch_size} must be divisible by the "
                      f"number of processes ({jax.process_count()})")
   return config.data.batch_size // jax.process_count()
-
-
-def model_summary(exp: experiment_config.Experiment, seq_len: int) -> dict:
-  """Parameter counts and training FLOPs per token (engram_jax.param_count)."""
-  from engram_jax import param_count  # pylint: disable=g-import-not-at-top
-  counts = param_count.count_params(exp.model)
-  out = {k: v for k, v in dict(counts).items()
-         if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
-  out["flops_per_token"] = float(param_count.flops_per_token(exp.model, seq_len)["total"])
-  return out
-
-
-def _bytes_per_device(tree) -> int:
-  """Bytes that the most loaded device holds of the arrays `tree` describes (abstract arrays
-  with shardings: the shard shape of each leaf)."""
-  total = 0
-  for x in jax.tree.leaves(tree):
-    shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
-    total += int(np.prod(shape)) * np.dtype(x.dtype).itemsize
-  return total
-
-
-def _is_table(path) -> bool:
-  names = tuple(getattr(k, "key", None) for k in path)
-  return names[-3:] == ("engram", "memory", "table")
-
-
-def run_summary(trainer: Trainer, abstract: TrainState, params_summary: dict) -> dict:
-  """What `WORKDIR/run_summary.json` records: the mesh, the job, parameter counts and the bytes
-  per device of the dense parameters, the Engram tables and the tables' optimiser state (from
-  the shardings of the abstract state; 'dense_adam' tables are params, counted as tables, and
-  their optax moments as dense optimiser state)."""
-  leaves = jax.tree_util.tree_flatten_with_path(abstract.params)[0]
-  tables_in_params = [x for p, x in leaves if _is_table(p)]
-  dense_params = [x for p, x in leaves if not _is_table(p)]
-  host_bytes = 0
-  if isinstance(trainer, HostPlacementTrainer):
-    e = trainer.exp.model.engram
-    host_bytes = sum(trainer.exp.hashing.num_rows(l) * e.head_dim *
-                     np.dtype(trainer._row_dtype[l]).itemsize for l in trainer.layer_ids)  # pylint: disable=protected-access
-  return {
-      "mesh": {a: int(n) for a, n in trainer.mesh.shape.items()},
-      "num_processes": jax.process_count(),
-      "num_devices": int(trainer.mesh.size),
-      "device_kind": jax.devices()[0].device_kind,
-      "trainer": type(trainer).__name__,
-      "params": params_summary,
-      "dense_param_bytes_per_device": _bytes_per_device(dense_params),
-      "dense_opt_state_bytes_per_device": _bytes_per_device(abstract.opt_state),
-      "engram_table_bytes_per_device": _bytes_per_device(
-          (tables_in_params, abstract.tables)),
-      "table_state_bytes_per_device": _bytes_per_device(abstract.table_opt),
-      "engram_table_bytes_host": host_bytes,
-  }
 
 
 class _MetricsLog:

@@ -19,6 +19,7 @@ import pytest
 
 from engram_jax import data as data_lib
 from engram_jax import train
+from engram_jax import workdir as workdir_lib
 from experiments.configs import tiny_test
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_launch_local")]
@@ -64,13 +65,8 @@ def _launch(workdir, kill_after=None):
 
 def _train_records(workdir):
   """{step: loss} of the last train record of every step (a resumed run appends)."""
-  out = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      r = json.loads(line)
-      if r["split"] == "train":
-        out[r["step"]] = r["loss"]
-  return out
+  records = workdir_lib.read_metrics(os.path.join(workdir, "metrics.jsonl"), splits=["train"])
+  return {r["step"]: r["loss"] for r in records}
 
 
 class _Concat:

@@ -48,13 +48,9 @@ def _config(kind="lazy_adam", **overrides):
 
 
 def _losses(workdir):
-  out = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      r = json.loads(line)
-      if r["split"] == "train":
-        out[r["step"]] = r["loss"]
-  return np.array([out[s] for s in sorted(out)]), sorted(out)
+  """Train losses and their steps, the last record of each step (a resumed run appends)."""
+  records = workdir_lib.read_metrics(os.path.join(workdir, "metrics.jsonl"), splits=["train"])
+  return np.array([r["loss"] for r in records]), [r["step"] for r in records]
 
 
 @pytest.fixture(scope="module")
