@@ -285,12 +285,7 @@ class Runner:
       final = json.load(f)
     shutil.copyfile(os.path.join(workdir, "metrics.jsonl"),
                     os.path.join(self.out, "metrics", f"{record['name']}.jsonl"))
-    device = re.search(r"devices (.+?) x(\d+)", text)
-    out = {k: final[k] for k in TRAIN_KEYS if k in final}
-    out.update(train_seconds=final["wall_seconds"],
-               device=f"{device.group(1)} x{device.group(2)}" if device else "unknown",
-               slots=(final["engram"] // record["head_dim"]) if record["head_dim"] else 0)
-    return out
+    return {**train_results(final, text, record), "train_seconds": final["wall_seconds"]}
 
   @staticmethod
   def _collect_ood(text: str) -> dict:
@@ -300,6 +295,16 @@ class Runner:
 
 TRAIN_KEYS = ("eval_loss", "eval_tokens", "train_loss", "total", "activated", "engram",
               "engram_dense", "rho", "flops_per_token", "steps")
+
+
+def train_results(final: dict, text: str, record: dict) -> dict:
+  """A run's record fields from its final metrics (`final`) and its log (`text`): the
+  TRAIN_KEYS, the device line and the table slots."""
+  device = re.search(r"devices (.+?) x(\d+)", text)
+  out = {k: final[k] for k in TRAIN_KEYS if k in final}
+  out.update(device=f"{device.group(1)} x{device.group(2)}" if device else "unknown",
+             slots=(final["engram"] // record["head_dim"]) if record.get("head_dim") else 0)
+  return out
 
 
 def train_results_from_log(text: str, record: dict) -> dict:
@@ -315,12 +320,7 @@ def train_results_from_log(text: str, record: dict) -> dict:
   final = {**ast.literal_eval(counts.group(1)), **json.loads(done.group(1))}
   if tokens:
     final["eval_tokens"] = int(tokens.group(1))
-  out = {k: final[k] for k in TRAIN_KEYS if k in final}
-  device = re.search(r"devices (.+?) x(\d+)", text)
-  out.update(status=analysis.HELD_OUT_ONLY,
-             device=f"{device.group(1)} x{device.group(2)}" if device else "unknown",
-             slots=(final["engram"] // record["head_dim"]) if record.get("head_dim") else 0)
-  return out
+  return {**train_results(final, text, record), "status": analysis.HELD_OUT_ONLY}
 
 
 # ---- reporting -------------------------------------------------------------------------------
