@@ -135,9 +135,12 @@ def launch_local(num_processes: int, devices_per_process: int, args: Sequence[st
     while any(p.poll() is None for p in procs):
       failed = [p for p in procs if p.poll() not in (None, 0)]
       if failed:
+        # Every process found failed in this poll is named: when one dies its peers' collectives
+        # fail too, possibly before the next poll, and which exited first is then unknown.
         status = failed[0].returncode
-        out.write(f"[launch_local] process {procs.index(failed[0])} exited with {status}; "
-                  "stopping the others\n")
+        for p in failed:
+          out.write(f"[launch_local] process {procs.index(p)} exited with {p.returncode}\n")
+        out.write("[launch_local] stopping the others\n")
         break
       time.sleep(0.1)
     else:
