@@ -48,6 +48,7 @@ Engram vs MoE slowdown per token.
 Dimension legend: B batch, T sequence length, L layers; ms per step, tokens per second.
 """
 
+import ast
 import importlib.util
 import os
 
@@ -58,8 +59,9 @@ import numpy as np
 from benchmarks import common
 
 FLAGS = flags.FlagValues()
-flags.DEFINE_list("configs", None, "config files experiments/configs/*.py (each `path` or "
-                  "`path:arg`), timed interleaved", flag_values=FLAGS)
+flags.DEFINE_list("configs", None, "config files experiments/configs/*.py (each `path`, "
+                  "`path:arg`, either followed by `@key=value+key=value` overrides), timed "
+                  "interleaved", flag_values=FLAGS)
 flags.DEFINE_bool("moe_baselines", False, "add each Engram config's iso-parameter MoE baseline",
                   flag_values=FLAGS)
 flags.DEFINE_integer("rounds", 3, "interleaved rounds", flag_values=FLAGS)
@@ -75,7 +77,10 @@ flags.mark_flag_as_required("configs", flag_values=FLAGS)
 
 
 def load_config(spec: str):
-  """The ConfigDict of `path` or `path:arg` (`get_config(arg)` of the file)."""
+  """The ConfigDict of `path` or `path:arg` (`get_config(arg)` of the file), then the spec's
+  `@key=value+key=value` overrides (values read as Python literals, else as strings), e.g.
+  `experiments/configs/small_gpu.py@model.remat_policy=none+data.batch_size=64`."""
+  spec, _, overrides = spec.partition("@")
   path, _, arg = spec.partition(":")
   module_spec = importlib.util.spec_from_file_location(
       "bench_config_" + os.path.basename(path)[:-3], path)
@@ -83,7 +88,19 @@ def load_config(spec: str):
     raise SystemExit(f"--configs: no config file {path}")
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  config = module.get_config(arg or None)
+  pairs = []
+  for item in filter(None, overrides.split("+")):
+    key, eq, text = item.partition("=")
+    if not eq:
+      raise SystemExit(f"--configs: override {item!r} is not key=value")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    pairs.append((key, value))
+  from engram_jax import experiment_config  # noqa: PLC0415
+  return experiment_config.apply_overrides(config, pairs)
 
 
 def moe_baseline(config):
