@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from engram_jax import experiment_config
+
 
 def evaluate(eval_step: Callable, state, batches: Iterable[dict], put_batch: Callable,
              num_batches: int = 0) -> dict:
@@ -50,9 +52,16 @@ def evaluate(eval_step: Callable, state, batches: Iterable[dict], put_batch: Cal
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  """`workdir/config.json`, every field checked (`experiment_config.check_fields`: one missing
+  or out of range raises a ConfigError naming the file and the field)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no config.json in workdir {workdir!r}: is it a training workdir "
                             "(python -m experiments.train ... --workdir=DIR)?")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(json.load(f))
+  try:
+    experiment_config.check_fields(config)
+  except experiment_config.ConfigError as e:
+    raise experiment_config.ConfigError(f"{path}: {e}") from None
+  return config

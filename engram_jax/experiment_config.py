@@ -110,9 +110,7 @@ def engram_config(config: ml_collections.ConfigDict) -> Optional[EngramConfig]:
       n_embed_per_ngram=e.n_embed_per_ngram, n_head_per_ngram=e.n_head_per_ngram,
       layer_ids=tuple(e.layer_ids), pad_id=e.pad_id, seed=e.seed, kernel_size=e.kernel_size,
       hidden_size=m.hidden_size, hc_mult=m.hc_mult, signed_sqrt_gate=e.signed_sqrt_gate,
-      # config.json of a workdir without the ablation switches trained their defaults.
-      gate=e.get("gate", "multi"), use_short_conv=e.get("use_short_conv", True),
-      compress_tokenizer=e.get("compress_tokenizer", True),
+      gate=e.gate, use_short_conv=e.use_short_conv, compress_tokenizer=e.compress_tokenizer,
       zero_init_conv=e.zero_init_conv, conv_dilation=_none_if_empty(e.conv_dilation),
       table_init_std=e.table_init_std, segment_reset=e.segment_reset,
       lookup_implementation=_none_if_empty(e.lookup_implementation))
@@ -159,8 +157,7 @@ def table_optim_config(config: ml_collections.ConfigDict) -> TableOptimizerConfi
 
 
 def engram_placement(config: ml_collections.ConfigDict) -> str:
-  # Workdirs written before `engram.placement` existed (config.json) trained on the device.
-  return config.engram.get("placement", "device")
+  return config.engram.placement
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
@@ -289,9 +286,8 @@ def _fractions() -> _Rule:
 _DTYPES = ("float32", "bfloat16")
 _AUTO = "'' = automatic"
 
-# One rule per field of experiments/configs/base.py; `check_fields` applies them. A field
-# absent from a config (the config.json of a workdir written before the field existed) takes
-# its default in the converters above and is skipped. The `train.mesh` axes are checked together
+# One rule per field of experiments/configs/base.py; `check_fields` applies them and refuses a
+# config that lacks one of them (or of MESH_FIELDS). The `train.mesh` axes are checked together
 # (at most one -1) and with the batch size in `_check_mesh`.
 FIELD_RULES: dict[str, _Rule] = {
     "name": _str(non_empty=True),
@@ -354,6 +350,13 @@ FIELD_RULES: dict[str, _Rule] = {
     "engram.hash_on_device": _bool(),
     "engram.placement": _choice(PLACEMENTS),
     "engram.shard_capacity_factor": _number(0, note="0 = worst-case buffers"),
+    "engram.table_row_axes": _Rule("a tuple of mesh axis names",
+                                   lambda v: isinstance(v, (tuple, list))
+                                   and all(isinstance(a, str) for a in v),
+                                   "distinct names from ('data', 'fsdp', 'tensor', 'expert'); "
+                                   "() = every axis",
+                                   lambda v: len(set(v)) == len(v)
+                                   and set(v) <= {"data", "fsdp", "tensor", "expert"}),
     "optim.kind": _choice(("adamw", "muon")),
     "optim.learning_rate": _number(0, lo_open=True),
     "optim.warmup_steps": _int(0),
@@ -426,11 +429,14 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
   parameter dtype; raises a one-line ConfigError naming the first bad field."""
   name = _field(config, "name")
   prefix = f"config {name!r}: " if isinstance(name, str) else ""
+  missing = [p for p in list(FIELD_RULES) + [f"train.mesh.{a}" for a in MESH_FIELDS]
+             if _field(config, p) is _MISSING]
+  if missing:
+    raise ConfigError(f"{prefix}missing field{'s' * (len(missing) > 1)} {', '.join(missing)} "
+                      "(a config.json written by another version of engram-jax? add each "
+                      "with the value the run used)")
   for path, rule in FIELD_RULES.items():
-    value = _field(config, path)
-    if value is _MISSING:
-      continue
-    problem = rule.error(value)
+    problem = rule.error(_field(config, path))
     if problem is not None:
       raise ConfigError(f"{prefix}{path} {problem}")
   problem = _check_learning_rates(config)
@@ -479,14 +485,8 @@ BATCH_MESH_FIELDS = ("data", "fsdp", "expert")
 
 
 def mesh_axis_sizes(config: ml_collections.ConfigDict) -> dict:
-  """`train.mesh` as {axis: size}, -1 = the devices the other axes leave.
-
-  A workdir's config.json from before `train.mesh` names `train.data_parallel` data devices.
-  """
-  train = config.train
-  if "mesh" not in train:
-    return {"data": int(train.get("data_parallel", 1)), "fsdp": 1, "tensor": 1, "expert": 1}
-  return {a: int(train.mesh[a]) for a in MESH_FIELDS}
+  """`train.mesh` as {axis: size}, -1 = the devices the other axes leave."""
+  return {a: int(config.train.mesh[a]) for a in MESH_FIELDS}
 
 
 def _check_mesh(config: ml_collections.ConfigDict, err) -> None:
@@ -506,6 +506,12 @@ def _check_mesh(config: ml_collections.ConfigDict, err) -> None:
   if config.data.batch_size % split:
     raise err(f"data.batch_size={config.data.batch_size} must be divisible by train.mesh."
               f"data x fsdp x expert = {split} (the batch is split over those axes)")
+  row_axes = tuple(config.engram.table_row_axes)
+  left_out = [a for a in BATCH_MESH_FIELDS if row_axes and a not in row_axes and sizes[a] != 1]
+  if config.engram.enabled and left_out:
+    raise err(f"engram.table_row_axes={row_axes} leaves out "
+              f"{', '.join(f'train.mesh.{a}={sizes[a]}' for a in left_out)}: every axis the batch "
+              "is split over must split the table rows too (only 'tensor' may be left out)")
 
 
 _DATACLASS_SECTIONS = {"EngramConfig": "engram", "ModelConfig": "model", "MoEConfig": "model.moe",

@@ -25,7 +25,7 @@ Dimension legend:
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp

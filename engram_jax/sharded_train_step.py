@@ -1,10 +1,11 @@
 """Training and eval steps with row-sharded Engram tables (a mesh of more than one device).
 
 `ShardedTablesTrainer` is `train_step.Trainer` for the row-sparse table optimisers
-('lazy_adam', 'adagrad') on a mesh of n > 1 devices. Every table and every leaf of its
-optimiser state is split by rows over all n devices (`sharded_tables.TableSharding` with every
-mesh axis a row axis; the stored table is padded to n*L rows that no id reaches), so each
-device holds 1/n of every table. One step of one table, all inside the one jitted train step:
+('lazy_adam', 'adagrad') on a mesh of more than one device. Every table and every leaf of its
+optimiser state is split by rows over the n devices of `engram.table_row_axes` (default every
+mesh axis; `sharded_tables.TableSharding`; the stored table is padded to n*L rows that no id
+reaches), so each device holds 1/n of every table; along a mesh axis left out (only 'tensor'
+may be) every device holds the same shard. One step of one table, all inside the one jitted train step:
 
   prefetch   `sharded_tables.prefetch`: every batch shard deduplicates its lookups and gets
              its unique rows from their owners by fixed-capacity all-to-all (no gradient);
@@ -26,7 +27,8 @@ Checkpoints hold the padded tables in their row sharding (orbax writes each shar
 process); they restore into a mesh of the same number of devices.
 
 Dimension legend: B batch, T sequence length, H hash heads, E row width, R table rows,
-n devices, L = ceil(R / n) rows per device, S batch shards, U lookup slots of a batch shard.
+n row shards (the devices along the row axes), L = ceil(R / n) rows per device, S batch
+shards, U lookup slots of a batch shard.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ OVERFLOW_METRIC = "engram/overflow"
 
 
 class ShardedTablesTrainer(Trainer):
-  """`Trainer` whose Engram tables are row-sharded over the whole mesh (module docstring)."""
+  """`Trainer` whose Engram tables are row-sharded over `engram.table_row_axes` (module
+  docstring)."""
 
   def __init__(self, config, exp, mesh, rules=sharding_lib.DEFAULT_RULES):
     super().__init__(config, exp, mesh, rules)
@@ -51,9 +54,10 @@ class ShardedTablesTrainer(Trainer):
       raise ValueError("ShardedTablesTrainer needs a row-sparse table optimiser "
                        f"(table_optim.kind in {table_optim.SPARSE_KINDS})")
     batch_axes = sharding_lib.batch_axes(mesh, rules)
-    factor = float(config.engram.get("shard_capacity_factor", 0.0))
+    factor = float(config.engram.shard_capacity_factor)
     self.table_shardings = {
-        l: sharded_tables.TableSharding(mesh, exp.hashing.num_rows(l), row_axes=(),
+        l: sharded_tables.TableSharding(mesh, exp.hashing.num_rows(l),
+                                        row_axes=tuple(config.engram.table_row_axes),
                                         batch_axes=batch_axes, capacity_factor=factor)
         for l in self.layer_ids}
 

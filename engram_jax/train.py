@@ -161,65 +161,6 @@ def _per_process_batch(config) -> int:
   return config.data.batch_size // jax.process_count()
 
 
-class _MetricsLog:
-  """Interval means of the step metrics; one stdout line and one JSONL record per interval
-  (the record from process 0 only: every process of a job holds the same metrics)."""
-
-  def __init__(self, path: str, tokens_per_step: int, flops_per_token: float, peak: float):
-    self._file = open(path, "a") if jax.process_index() == 0 else None
-    self._tokens_per_step, self._flops, self._peak = tokens_per_step, flops_per_token, peak
-    self.reset_timer()
-    self._sums: dict = {}
-    self._n = 0
-    self.last: dict = {}
-
-  def reset_timer(self):
-    self._t0, self._steps_in_timer = time.perf_counter(), 0
-
-  def add(self, step: int, m: dict):
-    for k, v in m.items():
-      self._sums[k] = self._sums.get(k, 0.0) + float(v)
-    self._n += 1
-    self._steps_in_timer += 1
-
-  def write(self, record: dict):
-    if self._file is None:
-      return
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
-
-  def emit(self, step: int, num_steps: int):
-    if not self._n:
-      return
-    means = {k: v / self._n for k, v in self._sums.items()}
-    dt = max(time.perf_counter() - self._t0, 1e-9)
-    tok_s = self._tokens_per_step * self._steps_in_timer / dt
-    mfu = self._flops * tok_s / self._peak if self._peak else float("nan")
-    rec = {"step": step, "split": "train", "loss": means["loss"], "xent": means["xent"],
-           "tokens_per_s": tok_s, "mfu": mfu, "time": time.time()}
-    rec.update({k: v for k, v in means.items()
-                if k not in ("loss", "xent", "loss_sum", "num_tokens")})
-    self.write(rec)
-    parts = [f"step {step}/{num_steps}", f"loss {rec['loss']:.4f}",
-             f"{tok_s / 1e3:.1f}k tok/s", f"MFU {100 * mfu:.2f}%",
-             f"lr {rec['learning_rate']:.2e}", f"gnorm {rec['grad_norm']:.3f}"]
-    if "gate/mean" in rec:
-      parts.append(f"gate {rec['gate/mean']:.3f}±{rec['gate/std']:.3f}")
-    if "router/max_over_mean_load" in rec:
-      parts.append(f"load max/mean {rec['router/max_over_mean_load']:.2f} "
-                   f"(worst {rec['router/max_over_mean_load_worst']:.2f})")
-    if "router/dropped_fraction" in rec:  # capacity dispatch: always shown, 0 included
-      parts.append(f"dropped {100 * rec['router/dropped_fraction']:.2f}%")
-    log(" | ".join(parts))
-    self.last = rec
-    self._sums, self._n = {}, 0
-    self.reset_timer()
-
-  def close(self):
-    if self._file is not None:
-      self._file.close()
-
-
 def _last_good(ckpt: checkpoint_lib.Checkpointer) -> str:
   """Where a rerun resumes: every saved state was checked finite before it was written."""
   ckpt.wait()
@@ -275,7 +216,7 @@ def _resume_step(ckpt: checkpoint_lib.Checkpointer, config, workdir: str):
   workdir's and refused on computation-changing differences (workdir_lib.check_resume_config)
   unless `train.allow_config_change`.
   """
-  requested = int(config.train.get("restore_step", 0) or 0)
+  requested = int(config.train.restore_step)
   step, damaged = ckpt.select_step(requested)
   aside = {}
   if damaged:
@@ -291,7 +232,7 @@ def _resume_step(ckpt: checkpoint_lib.Checkpointer, config, workdir: str):
   # The hash fingerprint first: a hash change is named as such (and is never allowed).
   checkpoint_lib.check_fingerprint(ckpt.read_fingerprint(step), ckpt.fingerprint,
                                    f"checkpoint step {step} in {ckpt.directory}")
-  allow = bool(config.train.get("allow_config_change", False))
+  allow = bool(config.train.allow_config_change)
   changes = workdir_lib.check_resume_config(workdir, config, step, allow=allow)
   return step, aside, changes
 
@@ -515,7 +456,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t_start = time.perf_counter()
   # Before anything touches a device: joins the job that train.distributed or the ENGRAM_*
   # environment names (engram_jax/distributed.py), if any and not yet joined.
-  distributed.initialize(config.train.get("distributed", ""))
+  distributed.initialize(config.train.distributed)
   if jax.process_count() > 1 and not config.train.num_eval_batches:
     raise ValueError("train.num_eval_batches=0 (the whole held-out set) is refused in a "
                      f"{jax.process_count()}-process job: the processes' data shards may hold "
@@ -582,9 +523,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, built,
 
   num_steps = config.train.num_steps
   peak = (config.train.peak_flops or peak_flops_per_device(jax.devices()[0])) * trainer.mesh.size
-  mlog = _MetricsLog(os.path.join(workdir, "metrics.jsonl"),
-                     config.data.batch_size * config.data.seq_len, summary["flops_per_token"],
-                     peak)
+  mlog = workdir_lib.MetricsLog(os.path.join(workdir, "metrics.jsonl"),
+                                config.data.batch_size * config.data.seq_len,
+                                summary["flops_per_token"], peak,
+                                writer=jax.process_index() == 0, log=log)
 
   def run_eval(step):
     log(f"evaluating at step {step} ...")

@@ -20,6 +20,8 @@
                     `train.allow_config_change` (and logs every change it lets through). Fields
                     that only choose how the same computation runs (placement, host step,
                     kernels, evaluation files, logging, step counts, learning rates) pass.
+  metrics log       `MetricsLog`: the trainer's interval records (split 'train') in
+                    metrics.jsonl, and their log lines.
   metrics markers   `mark_start` appends `{"split": "start", "step": s, ...}` to metrics.jsonl at
                     each (re)start; a resumed run re-logs the steps after its checkpoint, so
                     `read_metrics` keeps the last record of each (split, step).
@@ -35,7 +37,7 @@ import os
 import socket
 import sys
 import time
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 LOCK_NAME = "lock"
 CONFIGS_DIR = "configs"
@@ -367,3 +369,65 @@ def read_metrics(path: str, *, splits: Optional[Iterable[str]] = None) -> list[d
         last[(r.get("split"), r.get("step"))] = r
   out = sorted(last.values(), key=lambda r: (r.get("step", 0), str(r.get("split"))))
   return starts + out if starts else out
+
+
+class MetricsLog:
+  """Interval means of the training step metrics; one line through `log` and one
+  metrics.jsonl record per interval. Only the writer (process 0 of a job: every process holds
+  the same metrics) opens the file."""
+
+  def __init__(self, path: str, tokens_per_step: int, flops_per_token: float, peak: float, *,
+               writer: bool, log: Callable[[str], None]):
+    self._file = open(path, "a") if writer else None
+    self._log = log
+    self._tokens_per_step, self._flops, self._peak = tokens_per_step, flops_per_token, peak
+    self.reset_timer()
+    self._sums: dict = {}
+    self._n = 0
+    self.last: dict = {}
+
+  def reset_timer(self):
+    self._t0, self._steps_in_timer = time.perf_counter(), 0
+
+  def add(self, step: int, m: dict):
+    for k, v in m.items():
+      self._sums[k] = self._sums.get(k, 0.0) + float(v)
+    self._n += 1
+    self._steps_in_timer += 1
+
+  def write(self, record: dict):
+    if self._file is None:
+      return
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+
+  def emit(self, step: int, num_steps: int):
+    if not self._n:
+      return
+    means = {k: v / self._n for k, v in self._sums.items()}
+    dt = max(time.perf_counter() - self._t0, 1e-9)
+    tok_s = self._tokens_per_step * self._steps_in_timer / dt
+    mfu = self._flops * tok_s / self._peak if self._peak else float("nan")
+    rec = {"step": step, "split": "train", "loss": means["loss"], "xent": means["xent"],
+           "tokens_per_s": tok_s, "mfu": mfu, "time": time.time()}
+    rec.update({k: v for k, v in means.items()
+                if k not in ("loss", "xent", "loss_sum", "num_tokens")})
+    self.write(rec)
+    parts = [f"step {step}/{num_steps}", f"loss {rec['loss']:.4f}",
+             f"{tok_s / 1e3:.1f}k tok/s", f"MFU {100 * mfu:.2f}%",
+             f"lr {rec['learning_rate']:.2e}", f"gnorm {rec['grad_norm']:.3f}"]
+    if "gate/mean" in rec:
+      parts.append(f"gate {rec['gate/mean']:.3f}±{rec['gate/std']:.3f}")
+    if "router/max_over_mean_load" in rec:
+      parts.append(f"load max/mean {rec['router/max_over_mean_load']:.2f} "
+                   f"(worst {rec['router/max_over_mean_load_worst']:.2f})")
+    if "router/dropped_fraction" in rec:  # capacity dispatch: always shown, 0 included
+      parts.append(f"dropped {100 * rec['router/dropped_fraction']:.2f}%")
+    self._log(" | ".join(parts))
+    self.last = rec
+    self._sums, self._n = {}, 0
+    self.reset_timer()
+
+  def close(self):
+    if self._file is not None:
+      self._file.close()

@@ -1,9 +1,8 @@
 """The Engram ablation switches at the config boundary: validation, the identity compression,
-parameter counts of every variant, and configs written before the switches existed."""
+parameter counts of every variant."""
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -78,12 +77,3 @@ def test_param_count_of_every_variant_matches_the_model(overrides):
       {l: jax.ShapeDtypeStruct((2, 8, h), jnp.int32) for l in exp.model.engram.layer_ids})
   assert param_count.tree_param_count(variables["params"]) == \
       param_count.count_params(exp.model)["total"]
-
-
-def test_config_without_the_switches_resolves_to_the_defaults():
-  """A workdir's config.json written before the switches existed has no such fields."""
-  as_dict = tiny_test.get_config().to_dict()
-  for name in ("gate", "use_short_conv", "compress_tokenizer"):
-    del as_dict["engram"][name]
-  cfg = experiment_config.engram_config(ml_collections.ConfigDict(as_dict))
-  assert (cfg.gate, cfg.use_short_conv, cfg.compress_tokenizer) == ("multi", True, True)

@@ -5,6 +5,7 @@ leaves no workdir behind.
 Dimension legend: none (configs only).
 """
 
+import json
 import os
 import re
 import subprocess
@@ -119,11 +120,25 @@ def test_paper_configs_pass(module, arg):
   experiment_config.check_config(module.get_config(arg))
 
 
-def test_fields_missing_from_an_old_config_json_are_skipped():
-  # A workdir's config.json written before `engram.placement` existed still loads.
+def test_a_config_lacking_fields_is_refused_naming_them():
   config = ml_collections.ConfigDict(tiny_test.get_config().to_dict())
   del config.engram["placement"]
-  experiment_config.check_config(config)
+  del config.train.mesh["expert"]
+  with pytest.raises(ConfigError, match=r"missing fields engram\.placement, "
+                                        r"train\.mesh\.expert"):
+    experiment_config.check_config(config)
+
+
+def test_a_workdir_config_lacking_a_field_is_refused_naming_the_file(tmp_path):
+  from engram_jax import evaluate  # noqa: PLC0415
+  as_dict = tiny_test.get_config().to_dict()
+  del as_dict["engram"]["gate"]
+  (tmp_path / "config.json").write_text(json.dumps(as_dict))
+  with pytest.raises(ConfigError, match=r"config\.json: .*missing field engram\.gate"):
+    evaluate.load_workdir_config(str(tmp_path))
+  as_dict["engram"]["gate"] = "multi"
+  (tmp_path / "config.json").write_text(json.dumps(as_dict))
+  assert evaluate.load_workdir_config(str(tmp_path)).engram.gate == "multi"
 
 
 def test_unknown_key_names_the_full_path():
