@@ -3,7 +3,9 @@ one-device losses, every device holds 1/n of each Engram table and of its optimi
 compiled step never all-gathers a table or its state, request-buffer overflow stops the run
 by name, and run_summary.json records the layout.
 
-One module-scoped reference run (one device) and one run per mesh, 20 steps of a tiny model.
+One module-scoped reference run (one device) and one run per mesh, 20 steps of a tiny model;
+the data x fsdp x tensor mesh splits the table rows over data x fsdp only
+(`engram.table_row_axes`).
 """
 
 import json
@@ -22,7 +24,10 @@ from experiments.configs import tiny_test
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_train_mesh")]
 
 STEPS = 20
-MESHES = {"fsdp8": {"fsdp": 8}, "data2_fsdp2_expert2": {"data": 2, "fsdp": 2, "expert": 2}}
+MESHES = {"fsdp8": {"fsdp": 8}, "data2_fsdp2_expert2": {"data": 2, "fsdp": 2, "expert": 2},
+          "data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2}}
+# Runs with more than the mesh: rows split over data x fsdp only (whole copies along 'tensor').
+OVERRIDES = {"data2_fsdp2_tensor2": {"engram.table_row_axes": ("data", "fsdp")}}
 
 
 def _config(mesh=None, **overrides):
@@ -57,7 +62,7 @@ def runs(tmp_path_factory):
   out = {}
   for name, mesh in [("one", {})] + list(MESHES.items()):
     workdir = str(tmp_path_factory.mktemp(name))
-    final = train.train_and_evaluate(_config(mesh), workdir)
+    final = train.train_and_evaluate(_config(mesh, **OVERRIDES.get(name, {})), workdir)
     out[name] = {"workdir": workdir, "final": final, "losses": _losses(workdir)}
   return out
 
@@ -84,6 +89,19 @@ def test_run_summary_records_the_mesh_and_bytes_per_device(runs):
     assert one[key] <= fsdp[key] * 8 < one[key] * 1.05, key
   # Dense parameters: FSDP shards most of them (a few small ones stay whole).
   assert fsdp["dense_param_bytes_per_device"] < one["dense_param_bytes_per_device"] / 4
+  # Rows over data x fsdp = 4 devices only: each 'tensor' member holds a quarter.
+  with open(os.path.join(runs["data2_fsdp2_tensor2"]["workdir"], "run_summary.json")) as f:
+    quarter = json.load(f)
+  for key in ("engram_table_bytes_per_device", "table_state_bytes_per_device"):
+    assert one[key] <= quarter[key] * 4 < one[key] * 1.05, key
+
+
+def test_table_row_axes_must_cover_every_batch_axis():
+  with pytest.raises(ValueError, match=r"engram\.table_row_axes=\('fsdp',\) leaves out "
+                                       r"train\.mesh\.data=2"):
+    _bad_mesh({"data": 2, "fsdp": 4}, **{"engram.table_row_axes": ("fsdp",)})
+  with pytest.raises(ValueError, match=r"engram\.table_row_axes must be distinct names"):
+    _bad_mesh({"fsdp": 8}, **{"engram.table_row_axes": ("fsdp", "rows")})
 
 
 @pytest.fixture(scope="module")
@@ -165,9 +183,9 @@ def test_mesh_fields_are_checked_by_name():
     train.make_mesh(_config({"fsdp": 16}))
 
 
-def _bad_mesh(mesh):
+def _bad_mesh(mesh, **overrides):
   from engram_jax import experiment_config  # pylint: disable=g-import-not-at-top
-  c = _config()
+  c = _config(**overrides)
   for axis, size in mesh.items():
     c.train.mesh[axis] = size
   experiment_config.check_config(c)

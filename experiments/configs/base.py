@@ -102,6 +102,10 @@ def get_config(arg=None):
   # worst case (nothing can overflow); f > 0 sizes them for f x the expected rows per owner
   # (less traffic; rows beyond stop the run: engram_jax/sharded_tables.py).
   c.engram.shard_capacity_factor = 0.0
+  # Mesh axes the rows of every table are split over (() = every axis of train.mesh); the
+  # tables are whole copies along the others. Every axis the batch is split over (data, fsdp,
+  # expert) of size > 1 must be one, so only 'tensor' can be left out.
+  c.engram.table_row_axes = ()
 
   c.optim = ml_collections.ConfigDict()
   c.optim.kind = "adamw"
