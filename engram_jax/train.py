@@ -23,11 +23,14 @@ non-zero `engram/overflow` metric stops the run). Process 0 writes `workdir/run_
 state) before training, and the metrics files; every process reads its own data shard and
 writes its part of each checkpoint.
 
-With `engram.placement='pinned_host'` (`HostPlacementTrainer`) the tables stay in host memory
-and a step is driven by `_HostTableSteps`: one device program per step runs step s on its
+With `engram.placement='pinned_host'` (`HostPlacementTrainer`) the tables stay in host memory,
+each process keeping a contiguous block of the rows of every table (`host_tables.row_block`),
+and a step is driven by `_HostTableSteps`: one device program per step (over the whole mesh,
+the dense parameters and the batch sharded as with device tables) runs step s on its
 prefetched rows and updates those rows, while NumPy worker threads gather step s+1's rows from
-the host tables and write step s-1's update into them (`host_tables.HostTables.make_step`). The
-host tables are checkpointed next to the orbax checkpoint (`workdir/host_tables/<step>/`).
+the host blocks and write step s-1's update into them (`host_tables.HostTables.make_step`).
+Every process checkpoints its block next to the orbax checkpoint (`workdir/host_tables/<step>/`,
+engram_jax/host_checkpoint.py), and logs which rows it keeps.
 
 Dimension legend: B batch, T sequence length, H Engram hash heads.
 """
@@ -49,6 +52,7 @@ from engram_jax import data as data_lib
 from engram_jax import distributed
 from engram_jax import evaluate as evaluate_lib
 from engram_jax import experiment_config
+from engram_jax import host_checkpoint
 from engram_jax import sharded_train_step
 from engram_jax import sharding as sharding_lib
 from engram_jax import table_optim
@@ -90,8 +94,7 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   """The device mesh of `train.mesh` (axis sizes, one may be -1 = the devices the rest leave).
 
   Fewer devices than exist are taken from the front (one process only: a multi-process mesh
-  must span every process's devices). The global batch must split evenly over the batch axes,
-  and host tables (engram.placement='pinned_host') need a one-device mesh.
+  must span every process's devices). The global batch must split evenly over the batch axes.
   """
   sizes = experiment_config.mesh_axis_sizes(config)
   devices = jax.devices()
@@ -115,11 +118,6 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     raise ValueError(f"data.batch_size={config.data.batch_size} must be divisible by the "
                      f"{split} batch shards of train.mesh={dict(mesh.shape)} (data x fsdp x "
                      "expert)")
-  if (experiment_config.engram_placement(config) == "pinned_host" and config.engram.enabled
-      and mesh.size > 1):
-    raise ValueError(f"engram.placement='pinned_host' runs on one device (HostTables is "
-                     f"not sharded); train.mesh={sizes} gives {mesh.size} devices, set every "
-                     "train.mesh field to 1")
   return mesh
 
 
@@ -249,12 +247,24 @@ def _nonfinite_state(trainer: Trainer, state: TrainState) -> list[str]:
       {"params": state.params, "opt_state": state.opt_state, "model_state": state.model_state,
        "tables": state.tables, "table_opt": state.table_opt})
   if isinstance(trainer, HostPlacementTrainer):
-    host = trainer.host
-    arrays = {f"host table {l}": host.tables[l] for l in host.layers}
-    for l in host.layers:
-      arrays.update({f"host table {l} {k}": v for k, v in host.states[l]._asdict().items()})
-    bad += checkpoint_lib.nonfinite_host_arrays(arrays)
+    bad += _nonfinite_host_blocks(trainer, with_state=True)
   return bad
+
+
+def _nonfinite_host_blocks(trainer: HostPlacementTrainer, with_state: bool) -> list[str]:
+  """Host arrays holding NaN or Inf in any process's block (every process learns of every
+  block, so that all of them stop together)."""
+  host = trainer.host
+  arrays = {f"host table {l}": host.tables[l] for l in host.layers}
+  for l in host.layers if with_state else ():
+    arrays.update({f"host table {l} {k}": v for k, v in host.states[l]._asdict().items()})
+  bad = checkpoint_lib.nonfinite_host_arrays(arrays)
+  if jax.process_count() == 1:
+    return bad
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  counts = multihost_utils.process_allgather(np.int32(len(bad)))
+  return bad + [f"the host table block of process {p}" for p, n in enumerate(counts)
+                if n and p != jax.process_index()]
 
 
 def _refuse_nonfinite_save(trainer: Trainer, state: TrainState, step: int,
@@ -378,8 +388,7 @@ def restore_latest(config: ml_collections.ConfigDict, workdir: str, step: int = 
   bad = checkpoint_lib.nonfinite_leaves(
       {"params": state.params, "model_state": state.model_state, "tables": state.tables})
   if isinstance(trainer, HostPlacementTrainer):
-    bad += checkpoint_lib.nonfinite_host_arrays(
-        {f"host table {l}": trainer.host.tables[l] for l in trainer.host.layers})
+    bad += _nonfinite_host_blocks(trainer, with_state=False)
   if bad:
     raise checkpoint_lib.NonFiniteStateError(
         f"checkpoint step {step} in {ckpt.directory} holds non-finite parameters "
@@ -430,16 +439,16 @@ def _restore(trainer: Trainer, ckpt: checkpoint_lib.Checkpointer, workdir: str, 
   """
   root = _host_tables_root(workdir)
   if isinstance(trainer, HostPlacementTrainer):
-    checkpoint_lib.require_host_tables(root, step)
-  elif checkpoint_lib.has_host_tables(root, step):
+    host_checkpoint.require_host_tables(root, step)
+  elif host_checkpoint.has_host_tables(root, step):
     raise ValueError(f"checkpoint step {step} in {workdir} was trained with "
                      "engram.placement='pinned_host' (its tables are in "
-                     f"{checkpoint_lib.host_tables_directory(root, step)}, not in the orbax "
+                     f"{host_checkpoint.host_tables_directory(root, step)}, not in the orbax "
                      "state); set engram.placement='pinned_host' to resume or evaluate it")
   state = ckpt.restore(step, abstract, data_iterator)  # checks the hash fingerprint first
   if isinstance(trainer, HostPlacementTrainer):
-    trainer.set_host(checkpoint_lib.restore_host_tables(
-        root, step, trainer.exp.table_optim, trainer.host_offsets()))
+    trainer.set_host(host_checkpoint.restore_host_tables(
+        root, step, trainer.exp.table_optim, trainer.host_offsets(), **trainer.host_layout()))
   return state
 
 
@@ -484,7 +493,10 @@ class _HostTableSteps:
     def model_step(state, batch, rows):
       state, metrics, row_grads = trainer.train_step(state, batch, rows)
       return (state, metrics), row_grads, metrics["learning_rate"]
-    self._run = trainer.host.make_step(model_step, donate_state=True)
+    # Metrics replicated: every process reads them.
+    replicated = jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec())
+    self._run = trainer.host.make_step(model_step, donate_state=True,
+                                       out_shardings=(trainer.state_shardings, replicated))
 
   def __call__(self, state, step: int, lookahead: bool):
     if self._ahead is None:
@@ -563,6 +575,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, built,
   else:
     state = trainer.init_state()
   _record_start(ckpt, config, workdir, latest, aside, changes)
+  if on_host:
+    host = trainer.host
+    log(f"host tables: process {host.process[0]} of {host.process[1]} keeps rows "
+        + ", ".join(f"[{a}, {b}) of {host.num_rows(l)} (layer {l})"
+                    for l, (a, b) in host.blocks.items())
+        + f": {host.host_bytes()} bytes with the optimiser state")
   if jax.process_index() == 0:  # after the resume checks: nothing is written before them
     with open(os.path.join(workdir, "run_summary.json"), "w") as f:
       json.dump(run_summary(trainer, abstract, {k: v for k, v in summary.items()
@@ -620,12 +638,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, built,
       if save:
         _refuse_nonfinite_save(trainer, state, step, ckpt)
         log(f"saving checkpoint step {step} ...")
-        if on_host:  # before the orbax save: every orbax step has its host tables
-          checkpoint_lib.save_host_tables(_host_tables_root(workdir), step, trainer.host)
+        if on_host:  # before the orbax save: every orbax step has all its host blocks
+          host_checkpoint.save_host_tables(_host_tables_root(workdir), step, trainer.host)
+          _sync_processes(f"engram_jax.train.save_host_tables.{step}")
         ckpt.save(step, state, train_iter, force=True)
-        if on_host:
-          checkpoint_lib.prune_host_tables(_host_tables_root(workdir),
-                                           ckpt.all_steps() + [step])
+        if on_host and jax.process_index() == 0:
+          host_checkpoint.prune_host_tables(_host_tables_root(workdir),
+                                            ckpt.all_steps() + [step])
         mlog.reset_timer()
       if do_eval and step != num_steps:
         run_eval(step)
