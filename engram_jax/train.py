@@ -3,9 +3,9 @@
 The step itself (state, shardings, dense / row-sparse table updates) is in
 engram_jax/train_step.py. This loop reads step t-1's metrics after dispatching step t (no host
 sync per step), stops on a non-finite loss or gradient norm, and never saves a state holding
-NaN or Inf (checked on device right before each save: the loss and gradient norm of a step are
-computed before its update), so the latest checkpoint is always a finite one. It logs every
-`log_every` steps (stdout + workdir/metrics.jsonl: loss, tokens/s, MFU, learning rate,
+NaN or Inf (engram_jax/divergence.py, checked right before each save: the loss and gradient
+norm of a step are computed before its update), so the latest checkpoint is always a finite
+one. It logs every `log_every` steps (stdout + workdir/metrics.jsonl: loss, tokens/s, MFU, learning rate,
 gradient norm, Engram gate mean/std, router max/mean load, and under 'capacity' MoE dispatch
 the share of dropped pairs), evaluates every `eval_every` steps and at the end, and
 checkpoints every `checkpoint_every` steps, resuming automatically from `workdir`: from its
@@ -50,6 +50,8 @@ import numpy as np
 from engram_jax import checkpoint as checkpoint_lib
 from engram_jax import data as data_lib
 from engram_jax import distributed
+from engram_jax.divergence import (TrainingDivergedError, check_finite,  # noqa: F401
+                                   nonfinite_host_blocks, refuse_nonfinite_save)
 from engram_jax import evaluate as evaluate_lib
 from engram_jax import experiment_config
 from engram_jax import host_checkpoint
@@ -69,10 +71,6 @@ PEAK_FLOPS = (
     ("NVIDIA L4", 121e12), ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
     ("TPU v5p", 459e12), ("TPU v6", 918e12), ("cpu", 1e12),
 )
-
-
-class TrainingDivergedError(FloatingPointError):
-  """The loss or gradient norm became NaN/Inf."""
 
 
 def peak_flops_per_device(device: jax.Device) -> float:
@@ -218,66 +216,6 @@ class _MetricsLog:
       self._file.close()
 
 
-def _last_good(ckpt: checkpoint_lib.Checkpointer) -> str:
-  """Where a rerun resumes: every saved state was checked finite before it was written."""
-  ckpt.wait()
-  latest = ckpt.latest_step()
-  return (f"the last good checkpoint is step {latest} in {ckpt.directory} (its state was "
-          "checked finite before saving; a rerun resumes from it)" if latest is not None
-          else "no checkpoint was written")
-
-
-_ADVICE = ("Lower optim.learning_rate or table_optim.lr_multiplier, or raise "
-           "optim.warmup_steps.")
-
-
-def _check_finite(step: int, m: dict, ckpt: checkpoint_lib.Checkpointer):
-  loss, gnorm = float(m["loss"]), float(m["grad_norm"])
-  if np.isfinite(loss) and np.isfinite(gnorm):
-    return
-  raise TrainingDivergedError(
-      f"non-finite {'loss' if not np.isfinite(loss) else 'gradient norm'} at step {step} "
-      f"(loss={loss}, grad_norm={gnorm}); stopping. {_last_good(ckpt)}. {_ADVICE}")
-
-
-def _nonfinite_state(trainer: Trainer, state: TrainState) -> list[str]:
-  """Leaves of the state (params, optimiser, tables, their state; host tables too) holding
-  NaN or Inf: one fused reduction on device, plus a chunked host scan for pinned_host tables."""
-  bad = checkpoint_lib.nonfinite_leaves(
-      {"params": state.params, "opt_state": state.opt_state, "model_state": state.model_state,
-       "tables": state.tables, "table_opt": state.table_opt})
-  if isinstance(trainer, HostPlacementTrainer):
-    bad += _nonfinite_host_blocks(trainer, with_state=True)
-  return bad
-
-
-def _nonfinite_host_blocks(trainer: HostPlacementTrainer, with_state: bool) -> list[str]:
-  """Host arrays holding NaN or Inf in any process's block (every process learns of every
-  block, so that all of them stop together)."""
-  host = trainer.host
-  arrays = {f"host table {l}": host.tables[l] for l in host.layers}
-  for l in host.layers if with_state else ():
-    arrays.update({f"host table {l} {k}": v for k, v in host.states[l]._asdict().items()})
-  bad = checkpoint_lib.nonfinite_host_arrays(arrays)
-  if jax.process_count() == 1:
-    return bad
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  counts = multihost_utils.process_allgather(np.int32(len(bad)))
-  return bad + [f"the host table block of process {p}" for p, n in enumerate(counts)
-                if n and p != jax.process_index()]
-
-
-def _refuse_nonfinite_save(trainer: Trainer, state: TrainState, step: int,
-                           ckpt: checkpoint_lib.Checkpointer) -> None:
-  """Raises TrainingDivergedError instead of saving a state that holds NaN or Inf (the loss
-  and gradient norm of step `step` are computed before its update, so they can be finite)."""
-  bad = _nonfinite_state(trainer, state)
-  if bad:
-    raise TrainingDivergedError(
-        f"non-finite train state after step {step} ({', '.join(bad)}); not saving it, "
-        f"stopping. {_last_good(ckpt)}. {_ADVICE}")
-
-
 def _resume_step(ckpt: checkpoint_lib.Checkpointer, config, workdir: str):
   """(step to resume from or None, {reason: steps to set aside}, config changes); reads only.
 
@@ -388,7 +326,7 @@ def restore_latest(config: ml_collections.ConfigDict, workdir: str, step: int = 
   bad = checkpoint_lib.nonfinite_leaves(
       {"params": state.params, "model_state": state.model_state, "tables": state.tables})
   if isinstance(trainer, HostPlacementTrainer):
-    bad += _nonfinite_host_blocks(trainer, with_state=False)
+    bad += nonfinite_host_blocks(trainer, with_state=False)
   if bad:
     raise checkpoint_lib.NonFiniteStateError(
         f"checkpoint step {step} in {ckpt.directory} holds non-finite parameters "
@@ -615,7 +553,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, built,
     return m
 
   def record(step, metrics):
-    _check_finite(step, metrics, ckpt)
+    check_finite(step, metrics, ckpt)
     sharded_train_step.check_overflow(step, metrics)
     mlog.add(step, metrics)
     if step % config.train.log_every == 0 or step == num_steps:
@@ -636,7 +574,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, built,
         record(step, jax.device_get(metrics))  # never checkpoint a diverged state
         pending = None
       if save:
-        _refuse_nonfinite_save(trainer, state, step, ckpt)
+        refuse_nonfinite_save(trainer, state, step, ckpt)
         log(f"saving checkpoint step {step} ...")
         if on_host:  # before the orbax save: every orbax step has all its host blocks
           host_checkpoint.save_host_tables(_host_tables_root(workdir), step, trainer.host)

@@ -17,8 +17,9 @@ jitted steps that `engram_jax.train` drives:
   clip     one global norm over dense and row-sparse gradients (identical in both table modes).
 
 `HostPlacementTrainer` (engram.placement='pinned_host', sparse optimisers only) keeps the tables
-in a `host_tables.HostTables` outside the state; its model step takes the batch's
-`PrefetchedRows` and returns the clipped row gradients, which `HostTables.make_step` applies to
+in a `host_tables.HostTables` outside the state, each process its block of rows; its model step
+takes the batch's `PrefetchedRows` (replicated on every device of the mesh, the inverse index
+batch-sharded) and returns the clipped row gradients, which `HostTables.make_step` applies to
 the rows in the same program (engram_jax/train.py drives it).
 
 `sharded_train_step.ShardedTablesTrainer` (row-sparse optimisers on a mesh of > 1 device)
@@ -369,7 +370,8 @@ class HostPlacementTrainer(Trainer):
   """`Trainer` for `engram.placement='pinned_host'`: tables outside the jitted state.
 
   The Engram tables and their row-sparse optimiser state live in `self.host`, a
-  `host_tables.HostTables` in pinned host memory; the TrainState holds everything else
+  `host_tables.HostTables` in pinned host memory (each process its block of rows; on any mesh,
+  the dense state sharded as `Trainer` shards it); the TrainState holds everything else
   (`tables` / `table_opt` are empty). `train_step` takes the batch's `PrefetchedRows` as an
   argument and returns the globally clipped row gradients; the loop (engram_jax/train.py) runs
   it as the model step of `self.host.make_step`, which updates the rows in the same program and
