@@ -78,7 +78,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from engram_jax import table_optim
 from engram_jax.host_memory import (fetch_rows, host_view, init_state, placement_of,
                                     placement_sharding)
-from engram_jax.host_rows import HostRowWorker, _Staging, default_host_threads  # noqa: F401
+from engram_jax.host_rows import HostRowWorker, default_host_threads
 from pallas_kernels.engram_lookup import reference as lookup_reference
 from pallas_kernels.engram_lookup.row_sparse import PrefetchedRows, RowSparse
 
