@@ -66,8 +66,8 @@ from benchmarks import common
 from engram_jax import host_memory, table_optim
 from engram_jax.generate import Decoder
 from engram_jax.hashing import NgramHashMapping
-from engram_jax.host_tables import (HostRowWorker, HostTables, default_host_threads,
-                                    unique_rows_numpy)
+from engram_jax.host_rows import HostRowWorker, default_host_threads
+from engram_jax.host_tables import HostTables, unique_rows_numpy
 from pallas_kernels.engram_lookup.row_sparse import RowSparse, expand_rows, prefetch_rows
 
 VOCAB, N, K, E = 32768, 3, 8, 64

@@ -50,7 +50,8 @@ class Experiment:
     for the sparse table optimisers (tables live in the train state, not in the params).
   table_optim: None when the model has no Engram layer.
   table_placement: memory of the Engram tables, 'device' or 'pinned_host' (host tables live in
-    a `host_tables.HostTables` outside the train state; `engram.placement`).
+    a `host_tables.HostTables` outside the train state, on any mesh, each process keeping a
+    block of the rows in its host memory; `engram.placement`).
   hashing / compressor: None without Engram.
   """
 
@@ -473,10 +474,6 @@ def _check_placement(config: ml_collections.ConfigDict, err) -> None:
   if config.engram.hash_on_device:
     raise err("engram.placement='pinned_host' needs the hash ids on the host before the step "
               "(rows are deduplicated and gathered there): set engram.hash_on_device=False")
-  sizes = mesh_axis_sizes(config)
-  if -1 not in sizes.values() and int(np.prod(list(sizes.values()))) != 1:
-    raise err(f"engram.placement='pinned_host' runs on one device (HostTables is not "
-              f"sharded); got train.mesh={sizes}, set every train.mesh field to 1")
 
 
 MESH_FIELDS = ("data", "fsdp", "tensor", "expert")

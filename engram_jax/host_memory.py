@@ -60,7 +60,7 @@ def mem_available_bytes() -> int:
 
 def host_memory_limit_bytes(device: Optional[jax.Device] = None) -> tuple[int, str]:
   """The most pinned host memory one more allocation may take, and why."""
-  device = device or jax.devices()[0]
+  device = device or jax.local_devices()[0]
   avail = mem_available_bytes()
   limit, why = avail, f"MemAvailable {avail / 2**30:.1f} GiB"
   if device.platform == "gpu":
@@ -94,10 +94,11 @@ def check_host_allocation(nbytes: int, *, what: str = "host allocation",
 
 def placement_sharding(placement: str, device: Optional[jax.Device] = None
                        ) -> SingleDeviceSharding:
-  """The sharding of a table with this placement (one device)."""
+  """The sharding of a table with this placement (one device; default this process's first)."""
   if placement not in PLACEMENTS:
     raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-  return SingleDeviceSharding(device or jax.devices()[0], memory_kind=_MEMORY_KIND[placement])
+  return SingleDeviceSharding(device or jax.local_devices()[0],
+                              memory_kind=_MEMORY_KIND[placement])
 
 
 def placement_of(x: jax.Array) -> str:

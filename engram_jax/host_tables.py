@@ -2,7 +2,7 @@
 
 `HostTables` owns the tables of every Engram layer and their row-sparse optimiser state, all in
 pinned host memory (engram_jax/host_memory.py), and builds the training step that reads and
-updates them. Only the U rows a batch touches move each way; neither a table nor its state ever
+updates them. Only the rows a batch touches move each way; neither a table nor its state ever
 leaves host memory as a whole.
 
   run = host.make_step(model_step)             # model_step(state, inputs, rows)
@@ -11,25 +11,42 @@ leaves host memory as a whole.
   for s in steps:
     outputs, handle = run(handle, ids of step s+1 (None at the end), state, inputs_s)
 
+Rows by process: process p of a P-process job keeps rows [p*ceil(R/P), (p+1)*ceil(R/P)) of
+every table and of its state (`row_block`; P = 1: the whole table). The ids a process passes
+are its part of the global batch; every process exchanges them (`process_allgather`, P > 1
+only, before step s is dispatched) and so computes the same sorted unique rows of the global
+batch, U = P*B*T*H slots padded with R. Each process gathers the rows of its block (zeros in the
+other slots) into a `[D, U, E]` array over the D devices of the mesh, its rows on the device
+holding its tables and zeros on its other devices; the step's program sums it over D (an
+all-reduce of U rows: the traffic follows the rows a batch touches, not the tables), which
+gives every device the same "mini table" of U rows. The batch is split over the mesh as the
+caller's `batch_sharding` says; the gradients of the replicated rows are summed over the batch
+shards by the compiler, the optimiser updates the U rows identically on every device, and each
+process writes back the updated rows it owns.
+
 Step s, as `run` dispatches it:
 
-  device (one program): patch s's rows with step s-1's updated rows (still on the device),
-          model step s, the optimiser of `engram_jax.table_optim` on its U rows (a "mini
-          table" of U rows: the arithmetic is exactly the HBM placement's) -> new rows of s;
-  host (one ordered queue, its tasks split over NumPy worker threads): gather the rows of s+1
-          from writable views of the pinned_host buffers (`host_memory.host_view`) into pinned
-          staging buffers and copy them to the device; then wait for the new rows of s, copy
-          them to pinned host memory and write them into the tables in place.
+  device (one program): sum the processes' rows of s, patch them with step s-1's updated rows
+          (still on the device), model step s, the optimiser of `engram_jax.table_optim` on the
+          U rows (the arithmetic is exactly the HBM placement's) -> new rows of s;
+  host (one ordered queue, its tasks split over NumPy worker threads, engram_jax/host_rows.py):
+          gather the owned rows of s+1 from writable views of the pinned_host buffers
+          (`host_memory.host_view`) into pinned staging buffers and copy them to the device;
+          then wait for the new rows of s, copy them to pinned host memory and write the owned
+          ones into the tables in place.
 
 The NumPy dedup of s+1 runs on the calling thread after step s is dispatched, so it overlaps
-step s; the host gather of s+1 runs while step s computes.
+step s; the host gather of s+1 runs while step s computes. The exchange of s+1's ids runs
+before step s is dispatched: it is a collective of its own, which on an accelerator waits for
+step s-1's program.
 
 Coherence: the gather of s+1 runs after the write of s-1 (queue order) but may predate step s's
 update; step s+1's program patches every row that step s updated (sorted-id `searchsorted` on
 the device) before the model reads them, so the rows step s+1 reads equal the tables after step
 s exactly, as with the HBM placement (tests/test_host_tables.py compares losses, rows and
 optimiser state step by step). Reading `tables` / `states`, `flush` and `prefetch` wait for
-every host task and re-raise a failed task's error.
+every host task and re-raise a failed task's error. The last block takes every id from its
+first row up, so an id beyond the table fails its gather or write rather than being dropped.
 
 Why the host side is NumPy on threads and not XLA host compute inside the step's program: the
 host gather and write then stay off the device's stream (benchmarks/README.md, "Host tables:
@@ -41,140 +58,62 @@ constants.
 `prefetch` (the first step's rows, and rows for evaluation with `for_update=False`) reads the
 tables with XLA's host gather (`host_memory.fetch_rows`); it never writes them.
 
-Dimension legend: B batch, T time, H hash heads, E row width, R table rows, U = B*T*H row slots
-(sorted unique rows of a batch, padded with R), L Engram layers.
+Dimension legend: B batch of one process, T time, H hash heads, E row width, R table rows,
+P processes, D devices of the mesh, U = P*B*T*H row slots (sorted unique rows of the global
+batch, padded with R), L Engram layers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from engram_jax import table_optim
 from engram_jax.host_memory import (fetch_rows, host_view, init_state, placement_of,
-                                    placement_sharding, zeros)
+                                    placement_sharding)
+from engram_jax.host_rows import HostRowWorker, default_host_threads
 from pallas_kernels.engram_lookup import reference as lookup_reference
 from pallas_kernels.engram_lookup.row_sparse import PrefetchedRows, RowSparse
 
 
-def unique_rows_numpy(ids_BxTxH: np.ndarray, offsets_H: np.ndarray,
-                      num_rows: int) -> tuple[np.ndarray, np.ndarray, int]:
-  """NumPy twin of `row_sparse.unique_rows`: (row_ids_U int32 padded with R, inverse, count)."""
+def unique_rows_numpy(ids_BxTxH: np.ndarray, offsets_H: np.ndarray, num_rows: int,
+                      batch_ids: Optional[np.ndarray] = None
+                      ) -> tuple[np.ndarray, np.ndarray, int]:
+  """NumPy twin of `row_sparse.unique_rows`: (row_ids_U int32 padded with R, inverse, count).
+
+  `batch_ids` [N, T, H]: the global batch that `ids_BxTxH` is one process's part of; the row
+  ids are then its unique rows (U = N*T*H slots) and the inverse indexes them. Default: the
+  batch is `ids_BxTxH`.
+  """
   ids = np.asarray(ids_BxTxH)
   if ids.ndim != 3 or ids.shape[-1] != len(offsets_H):
     raise ValueError(f"ids must be [B, T, H={len(offsets_H)}], got shape {ids.shape}")
-  rows_N = lookup_reference.global_rows_numpy(ids, offsets_H, num_rows)  # clamped per head
-  uniq, inverse = np.unique(rows_N.reshape(-1), return_inverse=True)
-  row_ids_U = np.full(rows_N.size, num_rows, np.int32)
+  rows_BxTxH = lookup_reference.global_rows_numpy(ids, offsets_H, num_rows)  # clamped per head
+  all_rows = rows_BxTxH if batch_ids is None else lookup_reference.global_rows_numpy(
+      np.asarray(batch_ids), offsets_H, num_rows)
+  uniq = np.unique(all_rows.reshape(-1))
+  row_ids_U = np.full(all_rows.size, num_rows, np.int32)
   row_ids_U[:uniq.size] = uniq
-  return row_ids_U, inverse.reshape(ids.shape).astype(np.int32), int(uniq.size)
+  inverse = np.searchsorted(uniq, rows_BxTxH).astype(np.int32)
+  return row_ids_U, inverse, int(uniq.size)
 
 
-# ---- NumPy row traffic on worker threads ----------------------------------------------------------
-
-def default_host_threads() -> int:
-  """Row-chunk threads of the host side: half the CPUs, at most 8 (the other half keeps feeding
-  the device; `bench_offload --probe` times 1, 8 and all threads, benchmarks/README.md)."""
-  return max(1, min(8, (os.cpu_count() or 2) // 2))
-
-
-class _StagingSlot:
-  """A pinned_host buffer (and its NumPy view) that rows are gathered into, then sent to the
-  device by DMA; it is written again only after that copy is done."""
-
-  def __init__(self, shape, dtype, device):
-    self.array = zeros(shape, dtype, "pinned_host", device)
-    self.view = host_view(self.array)
-    self.in_flight: Optional[jax.Array] = None
-
-  def send(self, sharding) -> jax.Array:
-    self.in_flight = jax.device_put(self.array, sharding)
-    return self.in_flight
-
-
-class _Staging:
-  """Two staging slots per key, used in turn (one can be in flight while the other fills)."""
-
-  def __init__(self):
-    self._slots: dict = {}
-
-  def take(self, key, shape, dtype, device) -> _StagingSlot:
-    pair, turn = self._slots.get(key, (None, 0))
-    if pair is None or pair[0].array.shape != tuple(shape) or pair[0].array.dtype != dtype:
-      pair = (_StagingSlot(shape, dtype, device), _StagingSlot(shape, dtype, device))
-    self._slots[key] = (pair, 1 - turn)
-    slot = pair[turn]
-    if slot.in_flight is not None:
-      slot.in_flight.block_until_ready()   # its last copy to the device has been read
-    return slot
-
-
-class HostRowWorker:
-  """One ordered queue (its own thread) whose tasks split each gather / scatter into row chunks
-  run by a pool of `threads` (NumPy's take and fancy assignment release the GIL), and the pinned
-  staging buffers of the gathers. `drain` waits for every task and re-raises the first error."""
-
-  MIN_CHUNK_ROWS = 4096
-
-  def __init__(self, threads: int):
-    self.threads = int(threads)
-    if self.threads < 1:
-      raise ValueError(f"threads must be >= 1, got {threads}")
-    self._queue = ThreadPoolExecutor(1, thread_name_prefix="engram-host-queue")
-    self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="engram-host-rows")
-    self._futures: list[Future] = []
-    self.staging = _Staging()
-
-  def submit(self, fn, *args) -> Future:
-    self._futures = [f for f in self._futures if not f.done() or f.exception() is not None]
-    fut = self._queue.submit(fn, *args)
-    self._futures.append(fut)
-    return fut
-
-  def result(self, fut: Future):
-    """`fut.result()`; its error, if any, is then not raised again by `drain`."""
-    if fut in self._futures:
-      self._futures.remove(fut)
-    return fut.result()
-
-  def drain(self) -> None:
-    futures, self._futures = self._futures, []
-    for f in futures:
-      f.result()
-
-  def shutdown(self) -> None:
-    """Waits for every task (re-raising the first error) and stops the threads."""
-    try:
-      self.drain()
-    finally:
-      self._queue.shutdown()
-      self._pool.shutdown()
-
-  def _chunks(self, n: int):
-    k = max(1, min(self.threads, n // self.MIN_CHUNK_ROWS))
-    bounds = np.linspace(0, n, k + 1).astype(np.int64)
-    return list(zip(bounds[:-1], bounds[1:]))
-
-  def gather(self, src: np.ndarray, ids: np.ndarray, out: np.ndarray) -> None:
-    """out[:len(ids)] = src[ids] in row chunks."""
-    def part(ab):
-      a, b = ab
-      np.take(src, ids[a:b], axis=0, out=out[a:b])
-    list(self._pool.map(part, self._chunks(ids.shape[0])))
-
-  def scatter(self, dst: np.ndarray, ids: np.ndarray, values: np.ndarray) -> None:
-    """dst[ids] = values[:len(ids)] in row chunks (ids unique, so chunks never collide)."""
-    def part(ab):
-      a, b = ab
-      dst[ids[a:b]] = values[a:b]
-    list(self._pool.map(part, self._chunks(ids.shape[0])))
+def row_block(num_rows: int, index: int, count: int) -> tuple[int, int]:
+  """Rows [start, stop) of a table that process `index` of `count` keeps: contiguous blocks of
+  ceil(R / count) rows, the last one shorter."""
+  per = -(-num_rows // count)
+  start = index * per
+  if start >= num_rows:
+    raise ValueError(f"a table of {num_rows} rows cannot give each of {count} processes a "
+                     "block of rows")
+  return start, min(start + per, num_rows)
 
 
 # ---- the row store and its training step ----------------------------------------------------------
@@ -183,10 +122,11 @@ class HostRowWorker:
 class PrefetchHandle:
   """Rows (and optimiser-state rows) of one step, on the device, for every layer.
 
-  leaves: {layer: (table rows, state rows...)} device arrays, U = B*T*H rows each (padding
-    slots hold row R-1 or zeros: they are masked in `rows` and never written back); for a
-    handle made by a step, a Future of them until the next `run` takes it.
-  row_ids: {layer: int32[U] device}; inverse: {layer: int32[B, T, H] device}.
+  leaves: {layer: (table rows, state rows...)}, each a [D, U, ...] array over the mesh that
+    sums to the rows (this process's rows on its table device, zeros elsewhere; padding slots
+    are masked in `rows` and never written back); for a handle made by a step, a Future of
+    them until the next `run` takes it.
+  row_ids: {layer: int32[U], replicated}; inverse: {layer: int32[P*B, T, H], batch sharding}.
   host_ids: {layer: (int32[U] NumPy row ids, unique count)}, what the host write uses.
   patch: (row_ids, new leaves) of the update the next program patches in first (handles made by
     a step). from_step: made by a step (then only that chain's `run` may take it).
@@ -206,13 +146,22 @@ class HostTables:
 
   Args:
     cfg: a sparse `TableOptimizerConfig` ('lazy_adam' or 'adagrad').
-    tables: {layer_id: [R, E] pinned_host array}.
+    tables: {layer_id: pinned_host array}: this process's block of rows of every table
+      (`row_block`; one process: the whole [R, E] tables), all on one of its devices.
     offsets: {layer_id: int[H] per-head first rows} (`NgramHashMapping.offsets`).
-    states: optional {layer_id: TableOptState} in pinned host memory (zeros if None).
+    states: optional {layer_id: TableOptState} of the same rows in pinned host memory (zeros
+      if None).
+    num_rows: {layer_id: R} rows of the whole tables; default the blocks' rows (one process).
+    batch_sharding: the sharding of the [P*B, T, H] inverse indices (the batch's, over the
+      mesh the step runs on); default one replicated device, the tables'.
+    process: (index, count) of this process in the job; default JAX's.
   """
 
   def __init__(self, cfg: table_optim.TableOptimizerConfig, tables: Mapping[int, jax.Array],
-               offsets: Mapping[int, Any], states: Optional[Mapping] = None):
+               offsets: Mapping[int, Any], states: Optional[Mapping] = None, *,
+               num_rows: Optional[Mapping[int, int]] = None,
+               batch_sharding: Optional[NamedSharding] = None,
+               process: Optional[tuple[int, int]] = None):
     if cfg.kind not in table_optim.SPARSE_KINDS:
       raise ValueError(f"HostTables needs a sparse optimiser kind "
                        f"{table_optim.SPARSE_KINDS}, got {cfg.kind!r}")
@@ -236,7 +185,32 @@ class HostTables:
                            "with its table in pinned_host")
     self._outstanding: list[PrefetchHandle] = []
     self._gather = jax.jit(self._gather_fn)
-    self._device = next(iter(self._tables.values())).sharding._device
+    devices = {self._tables[l].sharding._device for l in self.layers}
+    if len(devices) != 1:
+      raise ValueError(f"HostTables: every table must be on one device, got {devices}")
+    self._device = devices.pop()
+    self.process = process or (jax.process_index(), jax.process_count())
+    if num_rows is None and self.process[1] > 1:
+      raise ValueError("HostTables: pass num_rows (the whole tables' rows) in a job of "
+                       f"{self.process[1]} processes")
+    self._num_rows = {l: int(self._tables[l].shape[0] if num_rows is None else num_rows[l])
+                      for l in self.layers}
+    self.blocks = {l: row_block(self._num_rows[l], *self.process) for l in self.layers}
+    for l in self.layers:
+      start, stop = self.blocks[l]
+      if self._tables[l].shape[0] != stop - start:
+        raise ValueError(f"HostTables: layer {l}'s block has {self._tables[l].shape[0]} rows; "
+                         f"process {self.process[0]} of {self.process[1]} keeps rows "
+                         f"[{start}, {stop}) of {self._num_rows[l]}")
+    if batch_sharding is None:
+      batch_sharding = NamedSharding(Mesh(np.array([self._device]), ("rows",)), PartitionSpec())
+    self.batch_sharding = batch_sharding
+    self.mesh = batch_sharding.mesh
+    if self._device not in self.mesh.local_devices:
+      raise ValueError(f"HostTables: the tables' device {self._device} is not in the mesh")
+    self._replicated = NamedSharding(self.mesh, PartitionSpec())
+    self._partial = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names))
+    self._zeros: dict = {}
     self._worker: Optional[HostRowWorker] = None  # made by make_step
 
   # -- arrays ---------------------------------------------------------------------------------------
@@ -254,7 +228,35 @@ class HostTables:
     return self._states
 
   def num_rows(self, l) -> int:
-    return self._tables[l].shape[0]
+    """Rows R of the whole table of layer `l` (this process keeps `blocks[l]` of them)."""
+    return self._num_rows[l]
+
+  def host_bytes(self) -> int:
+    """Bytes of this process's blocks of the tables and their optimiser state."""
+    return sum(a.nbytes for l in self.layers for a in self._arrays(l))
+
+  def _owned(self, l, rid: np.ndarray, count: int) -> tuple[int, int]:
+    """Slots [a, b) of the sorted row ids `rid[:count]` in this process's block; the last
+    block takes every id from its start up (an id beyond R then fails loudly)."""
+    start, stop = self.blocks[l]
+    a = int(np.searchsorted(rid[:count], start))
+    b = count if stop == self._num_rows[l] else int(np.searchsorted(rid[:count], stop))
+    return a, b
+
+  def _as_partial(self, x_1xU: jax.Array) -> jax.Array:
+    """[D, U, ...] over the mesh from this process's [1, U, ...] rows on its table device:
+    zeros on its other devices (cached: they are never donated)."""
+    shape = (self.mesh.size,) + tuple(x_1xU.shape[1:])
+    arrays = []
+    for d in self._partial.addressable_devices_indices_map(shape):
+      if d == self._device:
+        arrays.append(x_1xU)
+        continue
+      key = (d, x_1xU.shape, x_1xU.dtype)
+      if key not in self._zeros:
+        self._zeros[key] = jax.device_put(np.zeros(x_1xU.shape, x_1xU.dtype), d)
+      arrays.append(self._zeros[key])
+    return jax.make_array_from_single_device_arrays(shape, self._partial, arrays)
 
   def _arrays(self, l):
     return (self._tables[l],) + tuple(x for x in self._states[l] if x is not None)
@@ -267,9 +269,14 @@ class HostTables:
   # -- prefetch ------------------------------------------------------------------------------------
 
   @staticmethod
-  def _gather_fn(arrays, gather_ids):
-    """Device copies of `arr[ids]` for every array; host gathers run as host compute."""
-    return {l: tuple(fetch_rows(a, gather_ids[l]) for a in arrs) for l, arrs in arrays.items()}
+  def _gather_fn(arrays, gather_ids, owned):
+    """[1, U, ...] device copies of `arr[ids]` where `owned`, zeros elsewhere, for every
+    array; host gathers run as host compute."""
+    def take(a, ids, own):
+      rows = fetch_rows(a, ids)
+      return jnp.where(own.reshape(own.shape + (1,) * (rows.ndim - 1)), rows, 0)[None]
+    return {l: tuple(take(a, gather_ids[l], owned[l]) for a in arrs)
+            for l, arrs in arrays.items()}
 
   def prefetch(self, ids: Mapping[int, np.ndarray], *, for_update: bool = True
                ) -> PrefetchHandle:
@@ -282,39 +289,69 @@ class HostTables:
     self.flush()  # the gather must see every update
     if for_update:
       self._refuse_step_handle("prefetch")
-    handle, gather_ids = self._plan(ids, "prefetch", gather=True)
+    handle, gathers = self._plan(ids, "prefetch", self._exchange(ids, "prefetch"), gather=True)
     arrays = {l: self._arrays(l) if for_update else self._arrays(l)[:1] for l in self.layers}
-    handle.leaves = self._gather(arrays, gather_ids)
+    handle.leaves = jax.tree.map(self._as_partial, self._gather(arrays, *gathers))
     if for_update:
       self._outstanding.append(handle)
     return handle
 
-  def _plan(self, ids: Mapping[int, np.ndarray], what: str, gather: bool = False
-            ) -> tuple[PrefetchHandle, Optional[dict]]:
-    """NumPy dedup of a batch's ids and their device copies; a handle without leaves, and with
-    `gather` the in-bounds ids (padding -> R-1) in host memory for `_gather`."""
+  def _exchange(self, ids: Mapping[int, np.ndarray], what: str) -> Optional[dict]:
+    """{layer: [P*B, T, H]} the global batch's ids (every process's, in process order), or
+    None in a one-process job."""
     if set(ids) != set(self.layers):
       raise ValueError(f"{what}: ids for layers {sorted(ids)}, HostTables has "
                        f"{list(self.layers)}")
-    dev = placement_sharding("device", self._device)
-    host = placement_sharding("pinned_host", self._device)
-    gather_ids, row_ids, inverse, host_ids = {}, {}, {}, {}
     for l in self.layers:
       if isinstance(ids[l], jax.Array):
         raise ValueError(f"{what}: pass the batch's hash ids as NumPy (the pipeline's host "
                          "copy); rows are deduplicated on the host while the device computes")
-      rid, inv, count = unique_rows_numpy(ids[l], self.offsets[l], self.num_rows(l))
+    if self.process[1] == 1:
+      return None
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    got = multihost_utils.process_allgather({l: np.asarray(ids[l]) for l in self.layers})
+    return {l: got[l].reshape((-1,) + got[l].shape[2:]) for l in self.layers}
+
+  def _plan(self, ids: Mapping[int, np.ndarray], what: str, batch_ids: Optional[dict],
+            gather: bool = False) -> tuple[PrefetchHandle, Optional[tuple]]:
+    """NumPy dedup of the global batch (this process's `ids`, every process's `batch_ids`
+    from `_exchange`) and the device copies of its row ids and this process's inverse; a
+    handle without leaves, and with `gather` the in-block ids (others -> 0) in host memory
+    and their ownership mask for `_gather`."""
+    host = placement_sharding("pinned_host", self._device)
+    dev = placement_sharding("device", self._device)
+    gather_ids, owned, row_ids, inverse, host_ids = {}, {}, {}, {}, {}
+    for l in self.layers:
+      rid, inv, count = unique_rows_numpy(
+          ids[l], self.offsets[l], self.num_rows(l),
+          None if batch_ids is None else batch_ids[l])
       host_ids[l] = (rid, count)
       if gather:
-        gather_ids[l] = jax.device_put(np.minimum(rid, self.num_rows(l) - 1), host)
-      row_ids[l] = jax.device_put(rid, dev)
-      inverse[l] = jax.device_put(inv, dev)
-    return PrefetchHandle(None, row_ids, inverse, host_ids), (gather_ids if gather else None)
+        a, b = self._owned(l, rid, count)
+        start, stop = self.blocks[l]
+        gather_ids[l] = jax.device_put(np.clip(rid - start, 0, stop - start - 1), host)
+        mask = np.zeros(rid.shape, bool)
+        mask[a:b] = True
+        owned[l] = jax.device_put(mask, dev)
+      with _explicit_puts():
+        row_ids[l] = jax.make_array_from_callback(rid.shape, self._replicated,
+                                                  lambda idx, x=rid: x[idx])
+        inverse[l] = jax.make_array_from_process_local_data(
+            self.batch_sharding, inv, (inv.shape[0] * self.process[1],) + inv.shape[1:])
+    handle = PrefetchHandle(None, row_ids, inverse, host_ids)
+    return handle, ((gather_ids, owned) if gather else None)
 
   def rows(self, handle: PrefetchHandle) -> dict[int, PrefetchedRows]:
-    """{layer: PrefetchedRows} on the device (padding slots zero), for the model."""
-    return {l: _masked_rows(handle.leaves[l][0], handle.row_ids[l], handle.inverse[l],
-                            num_rows=self.num_rows(l)) for l in self.layers}
+    """{layer: PrefetchedRows} on every device of the mesh (padding slots zero), for the
+    model."""
+    return {l: self._masked_rows(handle.leaves[l][0], handle.row_ids[l], handle.inverse[l],
+                                 num_rows=self.num_rows(l)) for l in self.layers}
+
+  @functools.cached_property
+  def _masked_rows(self):
+    out = PrefetchedRows(self._replicated, self.batch_sharding, self._replicated)
+    return jax.jit(lambda w, rid, inv, num_rows: _masked_rows_fn(_summed(w), rid, inv, num_rows),
+                   static_argnames="num_rows", out_shardings=out)
 
   def _check_chain_handle(self, handle: PrefetchHandle) -> None:
     """A step takes the one outstanding handle: from `prefetch` or the previous step, not
@@ -362,7 +399,7 @@ class HostTables:
                 ).astype(jnp.float32) for l in self.layers}
 
   def make_step(self, model_step: Callable, *, donate_state: bool = False,
-                threads: Optional[int] = None) -> Callable:
+                threads: Optional[int] = None, out_shardings: Any = None) -> Callable:
     """The training step: one device program per call, the host gathers and scatters in NumPy
     on worker threads beside it (module docstring).
 
@@ -376,7 +413,8 @@ class HostTables:
     number of updates applied before this one (for bias correction; None: 0); `state` is
     donated if `donate_state`. `run` blocks only to take the previous gather's device arrays;
     the write of step s overlaps step s+1. `threads`: the NumPy row-chunk pool
-    (`default_host_threads`). Extra pinned host memory: two staging buffers of U rows per table
+    (`default_host_threads`). `out_shardings`: of the model step's outputs (None: the
+    compiler's choice). Extra pinned host memory: two staging buffers of U rows per table
     and state array, plus the step's updated rows in transit.
 
     `run.trace(...)` traces the program a call with the same arguments would dispatch (tests
@@ -391,9 +429,12 @@ class HostTables:
     worker = self._worker
     cache = {}
     dev = placement_sharding("device", self._device)
+    pinned = placement_sharding("pinned_host", self._device)
 
     def program(model_state, inputs, leaves, row_ids, inverse, patch, step, *, has_patch,
                 has_step):
+      leaves = {l: tuple(jax.lax.with_sharding_constraint(_summed(x), self._replicated)
+                         for x in leaves[l]) for l in self.layers}
       if has_patch:
         p_rid, p_leaves = patch
         leaves = {l: _patch(row_ids[l], leaves[l], p_rid[l], p_leaves[l], self.num_rows(l))
@@ -411,15 +452,18 @@ class HostTables:
       leaves = {}
       for l in self.layers:
         rid, count = host_ids[l]
+        a, b = self._owned(l, rid, count)
+        local = rid[a:b] - self.blocks[l][0]
         out = []
         for i, view in enumerate(views[l]):
           # Into a pinned staging buffer, so the copy to the device is one DMA (a pageable
           # NumPy source is copied far slower: `bench_offload --probe`).
-          slot = worker.staging.take((l, i), (rid.shape[0],) + view.shape[1:], view.dtype,
+          slot = worker.staging.take((l, i), (1, rid.shape[0]) + view.shape[1:], view.dtype,
                                      self._device)
-          worker.gather(view, rid[:count], slot.view)
-          slot.view[count:] = 0  # padding slots: masked in `rows`, never written back
-          out.append(slot.send(dev))
+          worker.gather(view, local, slot.view[0, a:b])
+          slot.view[0, :a] = 0  # other blocks' rows (summed in on the device) and padding
+          slot.view[0, b:] = 0  # slots (masked in `rows`, never written back)
+          out.append(self._as_partial(slot.send(dev)))
         leaves[l] = tuple(out)
       return leaves
 
@@ -428,28 +472,32 @@ class HostTables:
       jax.block_until_ready(new_leaves_host)
       for l in self.layers:
         rid, count = host_ids[l]
+        a, b = self._owned(l, rid, count)
+        local = rid[a:b] - self.blocks[l][0]
         for view, rows in zip(views[l], new_leaves_host[l]):
-          worker.scatter(view, rid[:count], host_view(rows))
+          worker.scatter(view, local, host_view(rows)[a:b])
 
     def prepare(handle, model_state, inputs, step):
       self._check_chain_handle(handle)
       if isinstance(handle.leaves, Future):
         handle.leaves = worker.result(handle.leaves)
-      step_arr = _step_array(step, dev)
+      step_arr = _step_array(step, self._replicated)
       flags = (handle.patch is not None, step is not None)
       if flags not in cache:
         cache[flags] = jax.jit(functools.partial(
             program, has_patch=flags[0], has_step=flags[1]),
-            donate_argnums=(0,) if donate_state else ())
+            donate_argnums=(0,) if donate_state else (),
+            out_shardings=(out_shardings, self._replicated))
       args = (model_state, inputs, handle.leaves, handle.row_ids, handle.inverse, handle.patch,
               step_arr)
       return cache[flags], args
 
     def run(handle: PrefetchHandle, next_ids, state, inputs, step=None):
       fn, args = prepare(handle, state, inputs, step)
+      batch_ids = None if next_ids is None else self._exchange(next_ids, "host-table step")
       outputs, new_leaves = fn(*args)
       # After the dispatch: the dedup of s+1 runs while step s computes.
-      nxt = None if next_ids is None else self._plan(next_ids, "host-table step")[0]
+      nxt = None if next_ids is None else self._plan(next_ids, "host-table step", batch_ids)[0]
       self._outstanding.remove(handle)
       handle.consumed = True
       views = {l: tuple(host_view(a) for a in self._arrays(l)) for l in self.layers}
@@ -458,8 +506,9 @@ class HostTables:
         nxt.patch = (handle.row_ids, new_leaves)
         nxt.from_step = True
         self._outstanding.append(nxt)
-      pinned = placement_sharding("pinned_host", self._device)
-      worker.submit(scatter_task, views, handle.host_ids, jax.device_put(new_leaves, pinned))
+      # Every device holds the new rows; this process writes its own from its table device.
+      mine = jax.tree.map(lambda x: jax.device_put(self._local_shard(x), pinned), new_leaves)
+      worker.submit(scatter_task, views, handle.host_ids, mine)
       return outputs, nxt
 
     def trace(handle, next_ids, state, inputs, step=None):
@@ -474,25 +523,42 @@ class HostTables:
   def compiled_gather_text(self, ids: Mapping[int, np.ndarray]) -> str:
     """Optimised HLO of `prefetch`'s gather program for these ids (tests look for table-sized
     copies)."""
-    _, gather_ids = self._plan(ids, "compiled_gather_text", gather=True)
+    _, gathers = self._plan(ids, "compiled_gather_text",
+                            self._exchange(ids, "compiled_gather_text"), gather=True)
     arrays = {l: self._arrays(l) for l in self.layers}
-    return self._gather.lower(arrays, gather_ids).compile().as_text()
+    return self._gather.lower(arrays, *gathers).compile().as_text()
+
+  def _local_shard(self, x: jax.Array) -> jax.Array:
+    """The copy of a replicated array on this process's table device."""
+    return next(s.data for s in x.addressable_shards if s.device == self._device)
+
+
+def _summed(x_DxU: jax.Array) -> jax.Array:
+  """The rows of a [D, U, ...] array of the processes' parts, on every device: each row is
+  non-zero in one part only, so the sum is exact."""
+  return jnp.sum(x_DxU, axis=0, dtype=x_DxU.dtype)
 
 
 def _step_array(step, sharding) -> jax.Array:
-  """The optimiser's step count as a device int32 (0 for None): an explicit put, since a Python
-  scalar would be an implicit transfer (transfer_guard)."""
-  return step if isinstance(step, jax.Array) else jax.device_put(
-      np.int32(0 if step is None else step), sharding)
+  """The optimiser's step count as an int32 on `sharding` (0 for None): an explicit put, since a
+  Python scalar would be an implicit transfer (transfer_guard)."""
+  if isinstance(step, jax.Array):
+    return step
+  value = np.asarray(0 if step is None else step, np.int32)
+  with _explicit_puts():
+    return jax.make_array_from_callback((), sharding, lambda idx: value[idx])
+
+
+def _explicit_puts():
+  """These global-array constructors copy NumPy shards to their devices on purpose; a
+  `transfer_guard('disallow')` around a step must not take them for implicit transfers."""
+  return jax.transfer_guard_host_to_device("allow")
 
 
 def _masked_rows_fn(w_UxE, row_ids_U, inverse_BxTxH, num_rows):
   valid_U1 = (row_ids_U < num_rows)[:, None]
   return PrefetchedRows(jnp.where(valid_U1, w_UxE, 0).astype(w_UxE.dtype), inverse_BxTxH,
                         row_ids_U)
-
-
-_masked_rows = jax.jit(_masked_rows_fn, static_argnames="num_rows")
 
 
 def _patch(row_ids_V, leaves_V, row_ids_U, new_leaves_U, num_rows):

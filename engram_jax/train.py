@@ -3,9 +3,9 @@
 The step itself (state, shardings, dense / row-sparse table updates) is in
 engram_jax/train_step.py. This loop reads step t-1's metrics after dispatching step t (no host
 sync per step), stops on a non-finite loss or gradient norm, and never saves a state holding
-NaN or Inf (checked on device right before each save: the loss and gradient norm of a step are
-computed before its update), so the latest checkpoint is always a finite one. It logs every
-`log_every` steps (stdout + workdir/metrics.jsonl: loss, tokens/s, MFU, learning rate,
+NaN or Inf (engram_jax/divergence.py, checked right before each save: the loss and gradient
+norm of a step are computed before its update), so the latest checkpoint is always a finite
+one. It logs every `log_every` steps (stdout + workdir/metrics.jsonl: loss, tokens/s, MFU, learning rate,
 gradient norm, Engram gate mean/std, router max/mean load, and under 'capacity' MoE dispatch
 the share of dropped pairs), evaluates every `eval_every` steps and at the end, and
 checkpoints every `checkpoint_every` steps, resuming automatically from `workdir`: from its
@@ -23,11 +23,14 @@ non-zero `engram/overflow` metric stops the run). Process 0 writes `workdir/run_
 state) before training, and the metrics files; every process reads its own data shard and
 writes its part of each checkpoint.
 
-With `engram.placement='pinned_host'` (`HostPlacementTrainer`) the tables stay in host memory
-and a step is driven by `_HostTableSteps`: one device program per step runs step s on its
+With `engram.placement='pinned_host'` (`HostPlacementTrainer`) the tables stay in host memory,
+each process keeping a contiguous block of the rows of every table (`host_tables.row_block`),
+and a step is driven by `_HostTableSteps`: one device program per step (over the whole mesh,
+the dense parameters and the batch sharded as with device tables) runs step s on its
 prefetched rows and updates those rows, while NumPy worker threads gather step s+1's rows from
-the host tables and write step s-1's update into them (`host_tables.HostTables.make_step`). The
-host tables are checkpointed next to the orbax checkpoint (`workdir/host_tables/<step>/`).
+the host blocks and write step s-1's update into them (`host_tables.HostTables.make_step`).
+Every process checkpoints its block next to the orbax checkpoint (`workdir/host_tables/<step>/`,
+engram_jax/host_checkpoint.py), and logs which rows it keeps.
 
 Dimension legend: B batch, T sequence length, H Engram hash heads.
 """
@@ -47,8 +50,11 @@ import numpy as np
 from engram_jax import checkpoint as checkpoint_lib
 from engram_jax import data as data_lib
 from engram_jax import distributed
+from engram_jax.divergence import (TrainingDivergedError, check_finite,  # noqa: F401
+                                   nonfinite_host_blocks, refuse_nonfinite_save)
 from engram_jax import evaluate as evaluate_lib
 from engram_jax import experiment_config
+from engram_jax import host_checkpoint
 from engram_jax import sharded_train_step
 from engram_jax import sharding as sharding_lib
 from engram_jax import table_optim
@@ -65,10 +71,6 @@ PEAK_FLOPS = (
     ("NVIDIA L4", 121e12), ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
     ("TPU v5p", 459e12), ("TPU v6", 918e12), ("cpu", 1e12),
 )
-
-
-class TrainingDivergedError(FloatingPointError):
-  """The loss or gradient norm became NaN/Inf."""
 
 
 def peak_flops_per_device(device: jax.Device) -> float:
@@ -90,8 +92,7 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   """The device mesh of `train.mesh` (axis sizes, one may be -1 = the devices the rest leave).
 
   Fewer devices than exist are taken from the front (one process only: a multi-process mesh
-  must span every process's devices). The global batch must split evenly over the batch axes,
-  and host tables (engram.placement='pinned_host') need a one-device mesh.
+  must span every process's devices). The global batch must split evenly over the batch axes.
   """
   sizes = experiment_config.mesh_axis_sizes(config)
   devices = jax.devices()
@@ -115,11 +116,6 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     raise ValueError(f"data.batch_size={config.data.batch_size} must be divisible by the "
                      f"{split} batch shards of train.mesh={dict(mesh.shape)} (data x fsdp x "
                      "expert)")
-  if (experiment_config.engram_placement(config) == "pinned_host" and config.engram.enabled
-      and mesh.size > 1):
-    raise ValueError(f"engram.placement='pinned_host' runs on one device (HostTables is "
-                     f"not sharded); train.mesh={sizes} gives {mesh.size} devices, set every "
-                     "train.mesh field to 1")
   return mesh
 
 
@@ -161,52 +157,6 @@ def _per_process_batch(config) -> int:
   return config.data.batch_size // jax.process_count()
 
 
-def _last_good(ckpt: checkpoint_lib.Checkpointer) -> str:
-  """Where a rerun resumes: every saved state was checked finite before it was written."""
-  ckpt.wait()
-  latest = ckpt.latest_step()
-  return (f"the last good checkpoint is step {latest} in {ckpt.directory} (its state was "
-          "checked finite before saving; a rerun resumes from it)" if latest is not None
-          else "no checkpoint was written")
-
-
-_ADVICE = ("Lower optim.learning_rate or table_optim.lr_multiplier, or raise "
-           "optim.warmup_steps.")
-
-
-def _check_finite(step: int, m: dict, ckpt: checkpoint_lib.Checkpointer):
-  loss, gnorm = float(m["loss"]), float(m["grad_norm"])
-  if np.isfinite(loss) and np.isfinite(gnorm):
-    return
-  raise TrainingDivergedError(
-      f"non-finite {'loss' if not np.isfinite(loss) else 'gradient norm'} at step {step} "
-      f"(loss={loss}, grad_norm={gnorm}); stopping. {_last_good(ckpt)}. {_ADVICE}")
-
-
-def _nonfinite_state(trainer: Trainer, state: TrainState) -> list[str]:
-  """Leaves of the state (params, optimiser, tables, their state; host tables too) holding
-  NaN or Inf: one fused reduction on device, plus a chunked host scan for pinned_host tables."""
-  bad = checkpoint_lib.nonfinite_leaves(
-      {"params": state.params, "opt_state": state.opt_state, "model_state": state.model_state,
-       "tables": state.tables, "table_opt": state.table_opt})
-  if isinstance(trainer, HostPlacementTrainer):
-    host = trainer.host
-    arrays = {f"host table {l}": host.tables[l] for l in host.layers}
-    for l in host.layers:
-      arrays.update({f"host table {l} {k}": v for k, v in host.states[l]._asdict().items()})
-    bad += checkpoint_lib.nonfinite_host_arrays(arrays)
-  return bad
-
-
-def _refuse_nonfinite_save(trainer: Trainer, state: TrainState, step: int,
-                           ckpt: checkpoint_lib.Checkpointer) -> None:
-  """Raises TrainingDivergedError instead of saving a state that holds NaN or Inf (the loss
-  and gradient norm of step `step` are computed before its update, so they can be finite)."""
-  bad = _nonfinite_state(trainer, state)
-  if bad:
-    raise TrainingDivergedError(
-        f"non-finite train state after step {step} ({', '.join(bad)}); not saving it, "
-        f"stopping. {_last_good(ckpt)}. {_ADVICE}")
 
 
 def _resume_step(ckpt: checkpoint_lib.Checkpointer, config, workdir: str):
@@ -319,8 +269,7 @@ def restore_latest(config: ml_collections.ConfigDict, workdir: str, step: int = 
   bad = checkpoint_lib.nonfinite_leaves(
       {"params": state.params, "model_state": state.model_state, "tables": state.tables})
   if isinstance(trainer, HostPlacementTrainer):
-    bad += checkpoint_lib.nonfinite_host_arrays(
-        {f"host table {l}": trainer.host.tables[l] for l in trainer.host.layers})
+    bad += nonfinite_host_blocks(trainer, with_state=False)
   if bad:
     raise checkpoint_lib.NonFiniteStateError(
         f"checkpoint step {step} in {ckpt.directory} holds non-finite parameters "
@@ -371,16 +320,16 @@ def _restore(trainer: Trainer, ckpt: checkpoint_lib.Checkpointer, workdir: str, 
   """
   root = _host_tables_root(workdir)
   if isinstance(trainer, HostPlacementTrainer):
-    checkpoint_lib.require_host_tables(root, step)
-  elif checkpoint_lib.has_host_tables(root, step):
+    host_checkpoint.require_host_tables(root, step)
+  elif host_checkpoint.has_host_tables(root, step):
     raise ValueError(f"checkpoint step {step} in {workdir} was trained with "
                      "engram.placement='pinned_host' (its tables are in "
-                     f"{checkpoint_lib.host_tables_directory(root, step)}, not in the orbax "
+                     f"{host_checkpoint.host_tables_directory(root, step)}, not in the orbax "
                      "state); set engram.placement='pinned_host' to resume or evaluate it")
   state = ckpt.restore(step, abstract, data_iterator)  # checks the hash fingerprint first
   if isinstance(trainer, HostPlacementTrainer):
-    trainer.set_host(checkpoint_lib.restore_host_tables(
-        root, step, trainer.exp.table_optim, trainer.host_offsets()))
+    trainer.set_host(host_checkpoint.restore_host_tables(
+        root, step, trainer.exp.table_optim, trainer.host_offsets(), **trainer.host_layout()))
   return state
 
 
@@ -425,7 +374,10 @@ class _HostTableSteps:
     def model_step(state, batch, rows):
       state, metrics, row_grads = trainer.train_step(state, batch, rows)
       return (state, metrics), row_grads, metrics["learning_rate"]
-    self._run = trainer.host.make_step(model_step, donate_state=True)
+    # Metrics replicated: every process reads them.
+    replicated = jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec())
+    self._run = trainer.host.make_step(model_step, donate_state=True,
+                                       out_shardings=(trainer.state_shardings, replicated))
 
   def __call__(self, state, step: int, lookahead: bool):
     if self._ahead is None:
@@ -504,6 +456,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, built,
   else:
     state = trainer.init_state()
   _record_start(ckpt, config, workdir, latest, aside, changes)
+  if on_host:
+    host = trainer.host
+    log(f"host tables: process {host.process[0]} of {host.process[1]} keeps rows "
+        + ", ".join(f"[{a}, {b}) of {host.num_rows(l)} (layer {l})"
+                    for l, (a, b) in host.blocks.items())
+        + f": {host.host_bytes()} bytes with the optimiser state")
   if jax.process_index() == 0:  # after the resume checks: nothing is written before them
     with open(os.path.join(workdir, "run_summary.json"), "w") as f:
       json.dump(run_summary(trainer, abstract, {k: v for k, v in summary.items()
@@ -539,7 +497,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, built,
     return m
 
   def record(step, metrics):
-    _check_finite(step, metrics, ckpt)
+    check_finite(step, metrics, ckpt)
     sharded_train_step.check_overflow(step, metrics)
     mlog.add(step, metrics)
     if step % config.train.log_every == 0 or step == num_steps:
@@ -560,14 +518,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, built,
         record(step, jax.device_get(metrics))  # never checkpoint a diverged state
         pending = None
       if save:
-        _refuse_nonfinite_save(trainer, state, step, ckpt)
+        refuse_nonfinite_save(trainer, state, step, ckpt)
         log(f"saving checkpoint step {step} ...")
-        if on_host:  # before the orbax save: every orbax step has its host tables
-          checkpoint_lib.save_host_tables(_host_tables_root(workdir), step, trainer.host)
+        if on_host:  # before the orbax save: every orbax step has all its host blocks
+          host_checkpoint.save_host_tables(_host_tables_root(workdir), step, trainer.host)
+          _sync_processes(f"engram_jax.train.save_host_tables.{step}")
         ckpt.save(step, state, train_iter, force=True)
-        if on_host:
-          checkpoint_lib.prune_host_tables(_host_tables_root(workdir),
-                                           ckpt.all_steps() + [step])
+        if on_host and jax.process_index() == 0:
+          host_checkpoint.prune_host_tables(_host_tables_root(workdir),
+                                            ckpt.all_steps() + [step])
         mlog.reset_timer()
       if do_eval and step != num_steps:
         run_eval(step)

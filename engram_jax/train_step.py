@@ -17,8 +17,9 @@ jitted steps that `engram_jax.train` drives:
   clip     one global norm over dense and row-sparse gradients (identical in both table modes).
 
 `HostPlacementTrainer` (engram.placement='pinned_host', sparse optimisers only) keeps the tables
-in a `host_tables.HostTables` outside the state; its model step takes the batch's
-`PrefetchedRows` and returns the clipped row gradients, which `HostTables.make_step` applies to
+in a `host_tables.HostTables` outside the state, each process its block of rows; its model step
+takes the batch's `PrefetchedRows` (replicated on every device of the mesh, the inverse index
+batch-sharded) and returns the clipped row gradients, which `HostTables.make_step` applies to
 the rows in the same program (engram_jax/train.py drives it).
 
 `sharded_train_step.ShardedTablesTrainer` (row-sparse optimisers on a mesh of > 1 device)
@@ -369,7 +370,8 @@ class HostPlacementTrainer(Trainer):
   """`Trainer` for `engram.placement='pinned_host'`: tables outside the jitted state.
 
   The Engram tables and their row-sparse optimiser state live in `self.host`, a
-  `host_tables.HostTables` in pinned host memory; the TrainState holds everything else
+  `host_tables.HostTables` in pinned host memory (each process its block of rows; on any mesh,
+  the dense state sharded as `Trainer` shards it); the TrainState holds everything else
   (`tables` / `table_opt` are empty). `train_step` takes the batch's `PrefetchedRows` as an
   argument and returns the globally clipped row gradients; the loop (engram_jax/train.py) runs
   it as the model step of `self.host.make_step`, which updates the rows in the same program and
@@ -388,35 +390,60 @@ class HostPlacementTrainer(Trainer):
     return abstract.replace(tables={}, table_opt={})
 
   def init_state(self) -> TrainState:
-    """Initial state as `Trainer.init_state` (same values), with the tables moved to the host.
+    """Initial state as `Trainer.init_state` (same values), with each process's block of rows
+    of every table (`host_tables.row_block`) moved to its host memory.
 
-    The tables are drawn by the model's initialiser on the device and then copied, so that a
-    host run starts from exactly the device run's tables; HBM therefore holds each table once
-    during initialisation (tables beyond HBM would need `host_memory.create_table` in both modes).
+    The tables are drawn by the model's initialiser on the devices, replicated, and each
+    process copies its block from its first device, so that a host run starts from exactly the
+    device run's tables; every device therefore holds each table once during initialisation
+    (tables beyond HBM would need `host_memory.create_table` in both modes).
     """
-    state = self._init_in(self._full_shardings)
-    host = host_memory.placement_sharding("pinned_host")
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    shardings = self._full_shardings.replace(
+        tables={k: replicated for k in self._full_shardings.tables}, table_opt={})
+    with self._context():
+      init = jax.jit(lambda r, d: nn.unbox(self._boxed_init(r, d)).replace(table_opt={}),
+                     out_shardings=shardings)
+      state = init(self._rng, self._dummy())
+    device = jax.local_devices()[0]
+    host = host_memory.placement_sharding("pinned_host", device)
     tables = {}
     for k, table in state.tables.items():
-      host_memory.check_host_allocation(table.nbytes, what=f"Engram table of layer {k}",
-                                    already_allocated=sum(t.nbytes for t in tables.values()))
-      tables[int(k)] = jax.device_put(table, host).block_until_ready()
-      table.delete()  # the device copy: from here on the host table is the only one
+      start, stop = host_tables.row_block(table.shape[0], jax.process_index(),
+                                          jax.process_count())
+      block = next(s.data for s in table.addressable_shards if s.device == device)
+      block = block[start:stop] if (start, stop) != (0, table.shape[0]) else block
+      host_memory.check_host_allocation(block.nbytes, what=f"Engram table of layer {k}",
+                                        already_allocated=sum(t.nbytes for t in tables.values()))
+      tables[int(k)] = jax.device_put(block, host).block_until_ready()
+      table.delete()  # the device copies: from here on the host blocks are the only ones
     # Zero optimiser state allocated on the host directly (== table_optim.init_table_state).
-    self.set_host(host_tables.HostTables(self.exp.table_optim, tables, self.host_offsets()))
+    self.set_host(host_tables.HostTables(self.exp.table_optim, tables, self.host_offsets(),
+                                         **self.host_layout()))
     return state.replace(tables={}, table_opt={})
 
   def host_offsets(self) -> dict:
     return {l: self.exp.hashing.offsets(l) for l in self.layer_ids}
 
+  def host_layout(self) -> dict:
+    """`HostTables` keyword arguments of this run: whole-table rows and the batch's sharding
+    over the mesh."""
+    return {"num_rows": {l: self.exp.hashing.num_rows(l) for l in self.layer_ids},
+            "batch_sharding": sharding_lib.batch_sharding(self.mesh, self.rules, ndim=3)}
+
   def set_host(self, host: host_tables.HostTables) -> None:
     if host.layers != tuple(sorted(self.layer_ids)):
       raise ValueError(f"host tables for layers {host.layers}, model has {self.layer_ids}")
+    if host.mesh != self.mesh:
+      raise ValueError("host tables were made for another mesh than the trainer's")
     for l in host.layers:
-      want = (self.exp.hashing.num_rows(l), self.exp.model.engram.head_dim)
-      if tuple(host.tables[l].shape) != want:
-        raise ValueError(f"host table of layer {l} has shape {tuple(host.tables[l].shape)}, "
-                         f"the config's hashing needs {want}")
+      start, stop = host.blocks[l]
+      want = (self.exp.hashing.num_rows(l), stop - start, self.exp.model.engram.head_dim)
+      got = (host.num_rows(l),) + tuple(host.tables[l].shape)
+      if got != want:
+        raise ValueError(f"host table of layer {l}: {got[1]} x {got[2]} rows of {got[0]} in "
+                         f"this process, the config's hashing needs rows [{start}, {stop}) "
+                         f"of {want[0]}, width {want[2]}")
     self.host = host
 
   def host_ids(self, batch: dict) -> dict:
@@ -441,16 +468,17 @@ class HostPlacementTrainer(Trainer):
     return without_engram_ids(batch_shapes)
 
   def _extra_step_args(self, batch_shapes: dict) -> tuple:
-    # Rows arrive where HostTables puts them: the first device's memory.
-    dev = host_memory.placement_sharding("device")
+    # Rows arrive as `HostTables.rows` gives them: on every device, the inverse batch-sharded.
+    rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    inv = self.host_layout()["batch_sharding"]
     b, t = batch_shapes["inputs"].shape
     h = self.exp.model.engram.num_heads
     u = b * t * h
     return ({l: PrefetchedRows(
         jax.ShapeDtypeStruct((u, self.exp.model.engram.head_dim), self._row_dtype[l],
-                             sharding=dev),
-        jax.ShapeDtypeStruct((b, t, h), jnp.int32, sharding=dev),
-        jax.ShapeDtypeStruct((u,), jnp.int32, sharding=dev)) for l in self.layer_ids},)
+                             sharding=rep),
+        jax.ShapeDtypeStruct((b, t, h), jnp.int32, sharding=inv),
+        jax.ShapeDtypeStruct((u,), jnp.int32, sharding=rep)) for l in self.layer_ids},)
 
 
 class _Contexts:

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engram_jax import checkpoint, host_memory, table_optim
-from engram_jax.host_tables import HostRowWorker, HostTables, _Staging, unique_rows_numpy
+from engram_jax import host_checkpoint, host_memory, table_optim
+from engram_jax.host_rows import HostRowWorker, _Staging
+from engram_jax.host_tables import HostTables, row_block, unique_rows_numpy
 from pallas_kernels.engram_lookup.row_sparse import (RowSparse, expand_rows, prefetch_rows,
                                                      unique_rows)
 
@@ -276,8 +277,8 @@ def test_checkpoint_round_trip_of_host_tables(tmp_path, moment_dtype):
   for s in range(len(batches)):
     _, handle = run(handle, batches[s + 1][0] if s + 1 < len(batches) else None, None, ())
   # 40-byte chunks: several chunks per table and a clipped last one.
-  checkpoint.save_host_tables(str(tmp_path), 3, trainer, chunk_bytes=40)
-  back = checkpoint.restore_host_tables(str(tmp_path), 3, cfg,
+  host_checkpoint.save_host_tables(str(tmp_path), 3, trainer, chunk_bytes=40)
+  back = host_checkpoint.restore_host_tables(str(tmp_path), 3, cfg,
                                         {l: _offsets(l) for l in LAYERS}, chunk_bytes=40)
   for l in LAYERS:
     assert back.tables[l].sharding.memory_kind == "pinned_host"
@@ -287,6 +288,44 @@ def test_checkpoint_round_trip_of_host_tables(tmp_path, moment_dtype):
       np.testing.assert_array_equal(_host_to_numpy(a).astype(np.float32),
                                     _host_to_numpy(b).astype(np.float32))
     assert np.abs(_host_to_numpy(back.states[l].mu_RxE).astype(np.float32)).max() > 0
+
+
+def test_host_table_blocks_restore_into_any_number_of_processes(tmp_path):
+  """Three processes' blocks (written as a 3-process job writes them) restore into one process
+  (the whole tables) and into either process of a 2-process job (its rows only)."""
+  full = {l: _host_to_numpy(t) for l, t in _tables().items()}
+  offsets = {l: _offsets(l) for l in LAYERS}
+  pinned = host_memory.placement_sharding("pinned_host")
+  for p in range(3):
+    blocks, states = {}, {}
+    for l in LAYERS:
+      a, b = row_block(_rows(l), p, 3)
+      blocks[l] = jax.device_put(full[l][a:b], pinned)
+      states[l] = host_memory.init_state(CFG, blocks[l])._replace(
+          mu_RxE=jax.device_put(2 * full[l][a:b], pinned))
+    host = HostTables(CFG, blocks, offsets, states, num_rows={l: _rows(l) for l in LAYERS},
+                      process=(p, 3))
+    checkpoint_dir = host_checkpoint.save_host_tables(str(tmp_path), 7, host, chunk_bytes=40)
+    assert checkpoint_dir.endswith(f"block_{p}")
+    assert host_checkpoint.has_host_tables(str(tmp_path), 7) == (p == 2)  # complete at the last
+  for index, count in [(0, 1), (0, 2), (1, 2)]:
+    back = host_checkpoint.restore_host_tables(str(tmp_path), 7, CFG, offsets,
+                                               process=(index, count), chunk_bytes=40)
+    for l in LAYERS:
+      a, b = row_block(_rows(l), index, count)
+      assert back.blocks[l] == (a, b) and back.num_rows(l) == _rows(l)
+      assert back.tables[l].sharding.memory_kind == "pinned_host"
+      np.testing.assert_array_equal(_host_to_numpy(back.tables[l]), full[l][a:b])
+      np.testing.assert_array_equal(_host_to_numpy(back.states[l].mu_RxE), 2 * full[l][a:b])
+  whole = host_checkpoint.read_host_tables(str(tmp_path), 7)
+  for l in LAYERS:
+    np.testing.assert_array_equal(whole[f"layer{l}.table"], full[l])
+  # A block of the wrong rows, or a job with more processes than rows, is refused.
+  with pytest.raises(ValueError, match=r"keeps rows \[0, 12\) of 23"):
+    HostTables(CFG, {0: jax.device_put(full[0], pinned)}, {0: _offsets(0)},
+               num_rows={0: 23}, process=(0, 2))
+  with pytest.raises(ValueError, match="cannot give each of 3 processes"):
+    row_block(2, 2, 3)
 
 
 # ---- generation ----------------------------------------------------------------------------------

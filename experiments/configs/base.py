@@ -96,7 +96,8 @@ def get_config(arg=None):
   # Where the tables and their optimiser state live: 'device' (HBM, in the train state) or
   # 'pinned_host' (host DRAM, engram_jax.host_tables.HostTables: each step is one device program
   # while NumPy worker threads gather the next step's rows and write the previous update back).
-  # pinned_host needs a row-sparse table_optim.kind, pipeline hashing and one device.
+  # pinned_host needs a row-sparse table_optim.kind and pipeline hashing; each process keeps a
+  # block of the rows in its host memory.
   c.engram.placement = "device"
   # Row-sharded tables (a mesh of > 1 device): 0 sizes the all-to-all request buffers for the
   # worst case (nothing can overflow); f > 0 sizes them for f x the expected rows per owner
