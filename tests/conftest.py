@@ -1,6 +1,18 @@
-"""Test setup: eight fake CPU devices for mesh tests, set before jax is imported."""
+"""Test setup, before jax is imported: eight fake CPU devices for mesh tests, and one JAX
+compilation cache for the whole run.
 
+The suite compiles the same programs many times (the tiny models' steps in many tests, and in
+the `experiments.*` commands the tests run as subprocesses). One persistent compilation cache
+(`JAX_COMPILATION_CACHE_DIR`, inherited by the xdist workers and every subprocess) compiles
+each once: a fresh temporary directory per run, removed at its end, or `ENGRAM_TEST_CACHE=DIR`
+to keep one across runs. A cached executable is the one the compiler would produce, so no
+result depends on it.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
@@ -8,6 +20,13 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 if not os.environ.get("ENGRAM_TEST_GPU"):
   # CPU by default so a machine with an accelerator still runs the CPU suite as CI does.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+if not os.environ.get("ENGRAM_TEST_CACHE"):
+  os.environ["ENGRAM_TEST_CACHE"] = tempfile.mkdtemp(prefix="engram-jax-jit-cache-")
+  atexit.register(shutil.rmtree, os.environ["ENGRAM_TEST_CACHE"], ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["ENGRAM_TEST_CACHE"]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
