@@ -1,7 +1,8 @@
 """What a run records about itself: parameter counts and FLOPs per token of the model
 (engram_jax.param_count), and `WORKDIR/run_summary.json` (the mesh, the job and the bytes per
 device of dense parameters, Engram tables and their optimiser state, read from the shardings of
-the abstract train state; for host tables the rows and bytes each process keeps). Written by engram_jax/train.py at the start of every run.
+the abstract train state; for host tables the rows and bytes each process keeps). Written by
+engram_jax/train.py at the start of every run.
 
 Dimension legend: none.
 """

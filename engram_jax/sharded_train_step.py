@@ -5,7 +5,8 @@
 optimiser state is split by rows over the n devices of `engram.table_row_axes` (default every
 mesh axis; `sharded_tables.TableSharding`; the stored table is padded to n*L rows that no id
 reaches), so each device holds 1/n of every table; along a mesh axis left out (only 'tensor'
-may be) every device holds the same shard. One step of one table, all inside the one jitted train step:
+may be) every device holds the same shard. One step of one table, all inside the one jitted
+train step:
 
   prefetch   `sharded_tables.prefetch`: every batch shard deduplicates its lookups and gets
              its unique rows from their owners by fixed-capacity all-to-all (no gradient);

@@ -5,13 +5,14 @@ engram_jax/train_step.py. This loop reads step t-1's metrics after dispatching s
 sync per step), stops on a non-finite loss or gradient norm, and never saves a state holding
 NaN or Inf (engram_jax/divergence.py, checked right before each save: the loss and gradient
 norm of a step are computed before its update), so the latest checkpoint is always a finite
-one. It logs every `log_every` steps (stdout + workdir/metrics.jsonl: loss, tokens/s, MFU, learning rate,
-gradient norm, Engram gate mean/std, router max/mean load, and under 'capacity' MoE dispatch
-the share of dropped pairs), evaluates every `eval_every` steps and at the end, and
-checkpoints every `checkpoint_every` steps, resuming automatically from `workdir`: from its
-newest intact checkpoint (engram_jax/checkpoint.py checksums; `train.restore_step` picks one),
-under the workdir's lock and only after the resume checks (integrity, hash fingerprint, config
-changes: engram_jax/workdir.py) passed; nothing in the workdir changes before. MFU = tokens/s x
+one. It logs every `log_every` steps (`workdir.MetricsLog`: stdout + workdir/metrics.jsonl:
+loss, tokens/s, MFU, learning rate, gradient norm, Engram gate mean/std, router max/mean load,
+and under 'capacity' MoE dispatch the share of dropped pairs), evaluates every `eval_every`
+steps and at the end, and checkpoints every `checkpoint_every` steps, resuming automatically
+from `workdir`: from its newest intact checkpoint (engram_jax/checkpoint.py checksums;
+`train.restore_step` picks one), under the workdir's lock and only after the resume checks
+(integrity, hash fingerprint, config changes: engram_jax/workdir.py) passed; nothing in the
+workdir changes before. MFU = tokens/s x
 `engram_jax.param_count.flops_per_token(...)['total']` / (peak FLOP/s x devices).
 
 The device mesh is `train.mesh` (`make_mesh`; default every device on 'fsdp'): dense
