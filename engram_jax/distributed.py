@@ -115,7 +115,8 @@ def launch_local(num_processes: int, devices_per_process: int, args: Sequence[st
                  module: str = "experiments.train", port: Optional[int] = None,
                  out=None) -> int:
   """Runs `python -m module args` as one job of local CPU processes; returns the exit status
-  (0 when all succeed, else the first failure's; a process killed by signal s gives -s)."""
+  (0 when all succeed; else a failed process's, preferring one killed by a signal s, which gives
+  -s, over one whose collectives failed after it)."""
   if num_processes < 1 or devices_per_process < 1:
     raise ValueError(f"--num_processes and --devices_per_process must be >= 1, got "
                      f"{num_processes} and {devices_per_process}")
@@ -131,20 +132,24 @@ def launch_local(num_processes: int, devices_per_process: int, args: Sequence[st
       t = threading.Thread(target=_forward, args=(p.stdout, f"[p{i}]", out), daemon=True)
       t.start()
       threads.append(t)
-    status = 0
-    while any(p.poll() is None for p in procs):
-      failed = [p for p in procs if p.poll() not in (None, 0)]
+    while True:
+      codes = [p.poll() for p in procs]
+      failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
       if failed:
-        # Every process found failed in this poll is named: when one dies its peers' collectives
-        # fail too, possibly before the next poll, and which exited first is then unknown.
-        status = failed[0].returncode
-        for p in failed:
-          out.write(f"[launch_local] process {procs.index(p)} exited with {p.returncode}\n")
-        out.write("[launch_local] stopping the others\n")
+        # Every process found failed in this poll is named (also when all have ended by now):
+        # when one dies its peers' collectives fail too, possibly before this poll, and which
+        # exited first is then unknown. A process killed by a signal is taken as the cause.
+        for i in failed:
+          out.write(f"[launch_local] process {i} exited with {codes[i]}\n")
+        signalled = [codes[i] for i in failed if codes[i] < 0]
+        status = (signalled or [codes[failed[0]]])[0]
+        if any(c is None for c in codes):
+          out.write("[launch_local] stopping the others\n")
+        break
+      if all(c is not None for c in codes):
+        status = 0
         break
       time.sleep(0.1)
-    else:
-      status = next((p.returncode for p in procs if p.returncode), 0)
     return status
   finally:
     for p in procs:
