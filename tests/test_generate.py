@@ -19,7 +19,7 @@ from engram_jax.hashing import NgramHashMapping
 from engram_jax.memory import head_offsets
 from engram_jax.model import EngramLM
 from pallas_kernels.engram_lookup import prefetch_rows
-from tests.test_model import ENGRAM, V, tiny_cfg
+from tests.test_model import ENGRAM, V, fast_jit, tiny_cfg
 from tests.windowed_decoder import WindowedDecoder
 
 B, P, NEW = 2, 4, 6
@@ -38,10 +38,17 @@ def _setup(placement, layer_ids=ENGRAM.layer_ids):
   rows = {l: prefetch_rows(init_tables[l], ids[l],
                            jnp.asarray(head_offsets(cfg.engram_head_sizes_for(l))))
           for l in cfg.engram.layer_ids}
-  variables = EngramLM(cfg).init(jax.random.key(1), x, engram_inputs=rows)
-  variables = jax.tree.map(lambda a: a.value if hasattr(a, "value") else a, variables,
-                           is_leaf=lambda a: hasattr(a, "value"))
+  variables = _init(cfg, x, rows)
   return cfg, mapping, tables, variables
+
+
+def _init(cfg, x, rows=None):
+  """Unboxed variables of EngramLM(cfg), initialised in one program (op by op, the init
+  compiles hundreds of small programs)."""
+  variables = fast_jit(lambda k, x, r: EngramLM(cfg).init(k, x, engram_inputs=r))(
+      jax.random.key(1), x, rows)
+  return jax.tree.map(lambda a: a.value if hasattr(a, "value") else a, variables,
+                      is_leaf=lambda a: hasattr(a, "value"))
 
 
 INTERPRET = jax.default_backend() == "cpu"   # fetch='direct''s GPU kernel, interpreted on CPU
@@ -222,9 +229,7 @@ def test_decoder_without_engram_layers_equals_the_oracle():
   """A model without Engram layers (an MoE baseline) decodes with no tables and no mapping."""
   cfg = tiny_cfg(engram=None)
   x = jnp.zeros((B, P + NEW), jnp.int32)
-  variables = EngramLM(cfg).init(jax.random.key(1), x)
-  variables = jax.tree.map(lambda a: a.value if hasattr(a, "value") else a, variables,
-                           is_leaf=lambda a: hasattr(a, "value"))
+  variables = _init(cfg, x)
   model = EngramLM(cfg)
   prompt = np.random.default_rng(3).integers(0, V, (B, P)).astype(np.int32)
   windowed = WindowedDecoder(lambda tok, rows: model.apply(variables, tok)[0], {}, None)
