@@ -33,7 +33,14 @@ import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-  """Skips tests marked `gpu` unless a GPU backend is present."""
+  """Runs the modules that hold `slow` tests first, and skips tests marked `gpu` unless a GPU
+  backend is present.
+
+  pytest.ini's `--dist loadfile` gives each xdist worker whole modules (so a module-scoped
+  fixture, e.g. a training run shared by a module's tests, is computed once) in collection
+  order: the long modules first leave the short ones to even out the workers at the end."""
+  slow = {item.module.__name__ for item in items if "slow" in item.keywords}
+  items.sort(key=lambda item: item.module.__name__ not in slow)   # stable: order kept within
   try:
     has_gpu = any(d.platform == "gpu" for d in jax.devices())
   except RuntimeError:

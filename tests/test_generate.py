@@ -22,6 +22,8 @@ from pallas_kernels.engram_lookup import prefetch_rows
 from tests.test_model import ENGRAM, V, fast_jit, tiny_cfg
 from tests.windowed_decoder import WindowedDecoder
 
+pytestmark = pytest.mark.slow
+
 B, P, NEW = 2, 4, 6
 
 

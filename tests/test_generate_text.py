@@ -22,7 +22,6 @@ from engram_jax import train
 from experiments.configs import tiny_test
 from tests.windowed_decoder import WindowedDecoder
 
-pytestmark = pytest.mark.xdist_group("test_generate_text")
 
 PROMPT = "The history of the"
 

@@ -29,7 +29,7 @@ from engram_jax import train
 from engram_jax import workdir as workdir_lib
 from experiments.configs import tiny_test
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_launch_local")]
+pytestmark = pytest.mark.slow
 
 STEPS = 10
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

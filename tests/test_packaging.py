@@ -19,8 +19,6 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = ("pyproject.toml", "README.md", "engram_jax", "pallas_kernels", "experiments")
 
-pytestmark = pytest.mark.xdist_group("test_packaging")
-
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):

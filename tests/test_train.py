@@ -29,9 +29,6 @@ from experiments.configs import tiny_test
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# One xdist worker runs this module (pytest.ini: --dist loadgroup), so its module-scoped
-# training runs are computed once, not once per worker.
-pytestmark = pytest.mark.xdist_group("test_train")
 
 STEPS = 20
 

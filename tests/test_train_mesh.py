@@ -21,7 +21,7 @@ from engram_jax import sharded_train_step
 from engram_jax import train
 from experiments.configs import tiny_test
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_train_mesh")]
+pytestmark = pytest.mark.slow
 
 STEPS = 20
 MESHES = {"fsdp8": {"fsdp": 8}, "data2_fsdp2_expert2": {"data": 2, "fsdp": 2, "expert": 2},

@@ -24,9 +24,8 @@ from engram_jax import host_checkpoint
 from engram_jax import train
 from tests.test_train import _config, _losses
 
-# One xdist worker runs this module (pytest.ini: --dist loadgroup), so its module-scoped
-# training runs are computed once, not once per worker.
-pytestmark = pytest.mark.xdist_group("test_train_offload")
+pytestmark = pytest.mark.slow
+
 
 STEPS = 6
 CHECKPOINT_EVERY = 3
