@@ -8,6 +8,7 @@ recomputes the full causal forward every step.
 Dimension legend: B batch, P prompt length, T tokens, V vocab.
 """
 
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,10 +48,8 @@ def _setup(placement, layer_ids=ENGRAM.layer_ids):
 def _init(cfg, x, rows=None):
   """Unboxed variables of EngramLM(cfg), initialised in one program (op by op, the init
   compiles hundreds of small programs)."""
-  variables = fast_jit(lambda k, x, r: EngramLM(cfg).init(k, x, engram_inputs=r))(
-      jax.random.key(1), x, rows)
-  return jax.tree.map(lambda a: a.value if hasattr(a, "value") else a, variables,
-                      is_leaf=lambda a: hasattr(a, "value"))
+  return nn.unbox(fast_jit(lambda k, x, r: EngramLM(cfg).init(k, x, engram_inputs=r))(
+      jax.random.key(1), x, rows))
 
 
 INTERPRET = jax.default_backend() == "cpu"   # fetch='direct''s GPU kernel, interpreted on CPU
